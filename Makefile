@@ -1,0 +1,54 @@
+# One-command setup: every target below creates .venv/ and installs what it needs when missing.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSDEPS_STAMP := $(VENV)/.sysdeps
+PYTEST := $(PY) -m pytest -q
+
+.PHONY: all setup sysdeps test test-all test-slurm demo golden lint clean dist
+
+all: test
+
+setup: $(STAMP) $(SYSDEPS_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned first: an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): setup.py requirements.txt requirements_minimal.txt | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[dev]"
+	touch $(STAMP)
+
+$(SYSDEPS_STAMP): tools/install_sysdeps.sh | $(PY)
+	bash tools/install_sysdeps.sh
+	touch $(SYSDEPS_STAMP)
+
+sysdeps: $(SYSDEPS_STAMP)
+
+test: setup
+	$(PYTEST) -m "not slow and not slurm"
+
+test-all: setup
+	$(PYTEST) -m "not slurm"
+
+test-slurm: setup
+	$(PYTEST) -m slurm
+
+demo: setup
+	$(PY) -m tools.demo
+
+golden: setup
+	$(PY) ../shared/golden/check.py
+
+lint: setup
+	$(PY) -m flake8 demucs tools tests
+
+dist: setup
+	$(PY) setup.py sdist
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+"""Demucs: music source separation (time-domain, hybrid and hybrid transformer models)."""
+
+__version__ = "4.1.0"

@@ -1,0 +1,42 @@
+"""Packaging for the demucs music source separation project."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def read_requirements(name: str) -> list:
+    """Requirement lines of `name`, without comments and `-r` includes."""
+    lines = (HERE / name).read_text().splitlines()
+    return [line.strip() for line in lines
+            if line.strip() and not line.startswith(("#", "-r"))]
+
+
+def read_version() -> str:
+    for line in (HERE / "demucs" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip("\"'")
+    raise RuntimeError("demucs/__init__.py defines no __version__")
+
+
+setup(
+    name="demucs",
+    version=read_version(),
+    description="Music source separation in the waveform domain.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["demucs", "demucs.*", "tools"]),
+    package_data={"demucs": ["py.typed", "remote/*.txt", "remote/*.yaml"]},
+    include_package_data=True,
+    install_requires=read_requirements("requirements_minimal.txt"),
+    extras_require={"dev": read_requirements("requirements.txt")},
+    entry_points={"console_scripts": ["demucs=demucs.separate:main"]},
+    license="MIT",
+    classifiers=[
+        "Topic :: Multimedia :: Sound/Audio",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: MIT License",
+    ],
+)

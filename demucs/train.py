@@ -1,0 +1,270 @@
+"""Training entry point (`dora run`, `dora grid`): builds model, optimizer, datasets and the Solver.
+
+The Hydra configuration lives in `conf/config.yaml`; every experiment (XP) is identified by the
+signature Dora computes from its config delta. The model, dataset and solver modules are imported
+inside the functions that need them, so that `import demucs.train` (done by every grid file just to
+compute signatures) stays fast.
+"""
+import logging
+import os
+from pathlib import Path
+import shutil
+import sys
+import typing as tp
+
+from dora import hydra_main
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset
+
+from . import distrib
+from .states import capture_init
+from .utils import random_subset
+
+logger = logging.getLogger(__name__)
+
+TORCHAUDIO_HINT = (
+    "model=torch_hdemucs needs torchaudio, which is not installed. Install the torchaudio release "
+    "matching your torch ({torch}), e.g. `pip install \"torch=={torch}\" torchaudio`, or pick "
+    "model=hdemucs, which is the same architecture implemented in Demucs itself.")
+
+
+class TorchHDemucsWrapper(nn.Module):
+    """Hybrid Demucs as implemented in torchaudio (`torchaudio.models.HDemucs`), kept as child
+    `torch_hdemucs` so that checkpoints use torchaudio's parameter names.
+
+    Args:
+        samplerate: sample rate the model is trained at (kept as an attribute, like other models).
+        segment: training segment length in seconds (attribute only).
+        **kwargs: forwarded to `torchaudio.models.HDemucs` (`sources`, `audio_channels`, `channels`,
+            `growth`, `nfft`, `depth`, ...).
+    """
+
+    @capture_init
+    def __init__(self, **kwargs):
+        super().__init__()
+        try:
+            from torchaudio.models import HDemucs as TorchHDemucs
+        except ImportError as error:
+            raise ImportError(TORCHAUDIO_HINT.format(torch=torch.__version__.split("+")[0])) from error
+        self.samplerate = kwargs.pop("samplerate")
+        self.segment = kwargs.pop("segment")
+        self.sources = kwargs["sources"]
+        self.audio_channels = kwargs.get("audio_channels", 2)
+        self.torch_hdemucs = TorchHDemucs(**kwargs)
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """Separate `mix` [B, C, T] into [B, S, C, T]."""
+        return self.torch_hdemucs(mix)
+
+
+def _model_classes() -> tp.Dict[str, type]:
+    from .demucs import Demucs
+    from .hdemucs import HDemucs
+    from .htdemucs import HTDemucs
+    return {"demucs": Demucs, "hdemucs": HDemucs, "htdemucs": HTDemucs,
+            "torch_hdemucs": TorchHDemucsWrapper}
+
+
+def get_model(args: DictConfig) -> nn.Module:
+    """Instantiate `args.model` with the kwargs of its config section plus the dataset settings.
+
+    The model is built for `args.dset.sources`, `args.dset.channels` audio channels and
+    `args.dset.samplerate`; its `segment` is `args.model_segment`, or 4 times the training segment.
+    """
+    classes = _model_classes()
+    if args.model not in classes:
+        raise ValueError(f"Unknown model={args.model!r}, expected one of {sorted(classes)}.")
+    kwargs = OmegaConf.to_container(args[args.model], resolve=True)
+    assert isinstance(kwargs, dict)
+    extra = {
+        "sources": list(args.dset.sources),
+        "audio_channels": args.dset.channels,
+        "samplerate": args.dset.samplerate,
+        "segment": args.model_segment or 4 * args.dset.segment,
+    }
+    return classes[args.model](**extra, **kwargs)
+
+
+def get_optimizer(model: nn.Module, args: DictConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over the model, with one param group per submodule that defines
+    `make_optim_group()` (e.g. the transformer's own weight decay / lr) and group 0 for the rest."""
+    seen: tp.Set[nn.Parameter] = set()
+    groups = []
+    for name, module in model.named_modules():
+        if hasattr(module, "make_optim_group"):
+            group = module.make_optim_group()
+            params = set(group["params"])
+            if not params.isdisjoint(seen):
+                raise RuntimeError(f"Parameters of {name} already belong to another optim group.")
+            seen |= params
+            groups.append(group)
+    others = [param for param in model.parameters() if param not in seen]
+    groups.insert(0, {"params": others})
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if args.optim.optim not in optimizers:
+        raise ValueError(f"Unknown optim.optim={args.optim.optim!r}, expected adam or adamw.")
+    return optimizers[args.optim.optim](
+        groups, lr=args.optim.lr, betas=(args.optim.momentum, args.optim.beta2),
+        weight_decay=args.optim.weight_decay)
+
+
+def _is_toy_dataset(args: DictConfig) -> bool:
+    """True for `dset=toy` (the generated toy MusDB), read from Hydra's group choice or `dset.toy`."""
+    if args.dset.get("toy", False):
+        return True
+    from hydra.core.hydra_config import HydraConfig
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("dset") == "toy"
+    return False
+
+
+def _ensure_toy_dataset(args: DictConfig) -> None:
+    from tools.toy_musdb import ensure_toy_musdb
+    ensure_toy_musdb(Path(args.dset.musdb))
+
+
+def _check_soundstretch(args: DictConfig) -> None:
+    if args.augment.repitch.proba and shutil.which("soundstretch") is None:
+        raise RuntimeError(
+            f"augment.repitch.proba={args.augment.repitch.proba} needs the `soundstretch` program "
+            "(SoundTouch), which is not on PATH. Install it (e.g. `apt-get install soundstretch`) "
+            "or disable pitch/tempo augmentation with augment.repitch.proba=0.")
+
+
+def _add_wav2(args: DictConfig, train_set, valid_set):
+    """Append the `dset.wav2` dataset, repeating the main train set so wav2 has weight `wav2_weight`."""
+    from .wav import get_wav_datasets
+    extra_train, extra_valid = get_wav_datasets(args.dset, "wav2")
+    weight = args.dset.get("wav2_weight")
+    repeats = 1
+    if weight is not None:
+        repeats = max(1, round(len(extra_train) / len(train_set) * (1 / weight - 1)))
+    train_set = ConcatDataset([train_set] * repeats + [extra_train])
+    if args.dset.get("wav2_valid"):
+        if weight is not None:
+            kept = int(round(weight * len(valid_set) / (1 - weight)))
+            extra_valid = random_subset(extra_valid, kept)
+        valid_set = ConcatDataset([valid_set, extra_valid])
+    return train_set, valid_set
+
+
+def get_datasets(args: DictConfig):
+    """Train and valid datasets: MusDB (if `dset.use_musdb`), plus `dset.wav`/`dset.wav2` folders,
+    the train set wrapped for pitch/tempo augmentation when `augment.repitch.proba` > 0."""
+    from .repitch import RepitchedWrapper
+    from .wav import get_musdb_wav_datasets, get_wav_datasets
+    _check_soundstretch(args)
+    if _is_toy_dataset(args):
+        _ensure_toy_dataset(args)
+    train_set: tp.Any = []
+    valid_set: tp.Any = []
+    if args.dset.use_musdb:
+        train_set, valid_set = get_musdb_wav_datasets(args.dset)
+    if args.dset.wav:
+        extra_train, extra_valid = get_wav_datasets(args.dset)
+        if len(args.dset.sources) <= 4:
+            train_set = ConcatDataset([train_set, extra_train])
+            valid_set = ConcatDataset([valid_set, extra_valid])
+        else:
+            train_set, valid_set = extra_train, extra_valid
+    if args.dset.get("wav2"):
+        train_set, valid_set = _add_wav2(args, train_set, valid_set)
+    if args.dset.valid_samples is not None:
+        valid_set = random_subset(valid_set, args.dset.valid_samples)
+    if len(train_set) == 0:
+        raise ValueError(f"No training data: check dset.musdb={args.dset.musdb} / dset.wav={args.dset.wav}.")
+    if args.augment.repitch.proba:
+        sources = list(args.dset.sources)
+        vocals = [sources.index("vocals")] if "vocals" in sources else []
+        if not vocals:
+            logger.warning("No vocals source, repitch will not use the speech mode for any source.")
+        repitch = OmegaConf.to_container(args.augment.repitch, resolve=True)
+        assert isinstance(repitch, dict)
+        train_set = RepitchedWrapper(train_set, vocals=vocals, **repitch)
+    return train_set, valid_set
+
+
+def _show_model(model: nn.Module, args: DictConfig) -> None:
+    """Log the model, its size and receptive field (`misc.show`)."""
+    logger.info("Model:\n%s", model)
+    size_mb = sum(p.numel() for p in model.parameters()) * 4 / 2 ** 20
+    logger.info("Size: %.1f MB", size_mb)
+    if hasattr(model, "valid_length"):
+        field = model.valid_length(1)
+        logger.info("Field: %.1f ms", field / args.dset.samplerate * 1000)
+
+
+def get_solver(args: DictConfig, model_only: bool = False):
+    """Build the Solver of the current XP: model, optimizer and (unless `model_only`) loaders."""
+    from .solver import Solver
+    distrib.init()
+    torch.manual_seed(args.seed)
+    model = get_model(args)
+    if args.misc.show:
+        _show_model(model, args)
+        sys.exit(0)
+    if torch.cuda.is_available():
+        model.cuda()
+    optimizer = get_optimizer(model, args)
+    if args.batch_size % distrib.world_size:
+        raise ValueError(f"batch_size={args.batch_size} must be divisible by the number of "
+                         f"workers ({distrib.world_size}).")
+    args.batch_size //= distrib.world_size
+    if model_only:
+        return Solver(None, model, optimizer, args)
+    train_set, valid_set = get_datasets(args)
+    logger.info("train/valid set size: %d %d", len(train_set), len(valid_set))
+    num_workers = args.misc.num_workers
+    train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
+                                  num_workers=num_workers, drop_last=True)
+    if args.dset.full_cv:
+        valid_loader = distrib.loader(valid_set, batch_size=1, shuffle=False, num_workers=num_workers)
+    else:
+        valid_loader = distrib.loader(valid_set, batch_size=args.batch_size, shuffle=False,
+                                      num_workers=num_workers, drop_last=True)
+    return Solver({"train": train_loader, "valid": valid_loader}, model, optimizer, args)
+
+
+def get_solver_from_sig(sig: str, model_only: bool = False):
+    """The Solver of the XP with signature `sig` (e.g. for export or evaluation)."""
+    instance = GlobalHydra.instance()
+    previous = instance.hydra if instance.is_initialized() else None
+    instance.clear()
+    xp = main.get_xp_from_sig(sig)
+    if previous is not None:
+        instance.clear()
+        instance.initialize(previous)
+    with xp.enter():
+        return get_solver(xp.cfg, model_only)
+
+
+def _absolutize_paths(args: DictConfig) -> None:
+    for key in ["musdb", "wav", "wav2", "metadata"]:
+        value = args.dset.get(key)
+        if value is not None:
+            args.dset[key] = hydra.utils.to_absolute_path(value)
+
+
+@hydra_main(config_path="../conf", config_name="config", version_base="1.1")
+def main(args: DictConfig) -> None:
+    """Train the XP described by `args` (resuming from its checkpoint when there is one)."""
+    _absolutize_paths(args)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    if args.misc.verbose:
+        logger.setLevel(logging.DEBUG)
+    logger.info("For logs, checkpoints and samples check %s", os.getcwd())
+    logger.debug(args)
+    get_solver(args).train()
+
+
+if "_DORA_TEST_PATH" in os.environ:
+    main.dora.dir = Path(os.environ["_DORA_TEST_PATH"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,68 @@
-"""Model state utilities: constructor capture, packages (save/load), state copies and swaps."""
+"""Model state utilities: constructor capture, model packages (save/load), state copies and swaps.
+
+A *package* is the dict `{klass, args, kwargs, state, training_args}` from which a model is rebuilt:
+`klass(*args, **kwargs)` then `set_state`. It is stored with `torch.save` (`.th`, the official Demucs
+format) or as `.safetensors` (tensors + JSON metadata, as Demucs 4.1 publishes its models).
+
+Loading never runs arbitrary pickled code: `.th` files are read with `torch.load(weights_only=True)`
+and only the globals listed in `ALLOWED_GLOBALS` (model classes, `fractions.Fraction`, numpy scalars
+of saved metrics, diffq quantizer classes) may appear in them.
+"""
+import argparse
+from contextlib import contextmanager
 import functools
+import hashlib
+import importlib
 import inspect
+import io
+import json
+from fractions import Fraction
+import logging
+from pathlib import Path
+import pickle
+import typing as tp
+import warnings
+import zipfile
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PathLike = tp.Union[str, Path]
+Package = tp.Dict[str, tp.Any]
+
+# Pickled name -> (module, attribute) of every global a model package may reference
+# ("a|b": the first of these modules that imports, for names that moved between versions).
+ALLOWED_GLOBALS: tp.Dict[str, tp.Tuple[str, str]] = {
+    "demucs.demucs.Demucs": ("demucs.demucs", "Demucs"),
+    "demucs.hdemucs.HDemucs": ("demucs.hdemucs", "HDemucs"),
+    "demucs.wdemucs.WDemucs": ("demucs.wdemucs", "WDemucs"),
+    "demucs.htdemucs.HTDemucs": ("demucs.htdemucs", "HTDemucs"),
+    "demucs.train.TorchHDemucsWrapper": ("demucs.train", "TorchHDemucsWrapper"),
+    "fractions.Fraction": ("fractions", "Fraction"),
+    # numpy scalars (e.g. metrics stored next to the model), numpy 1.x and 2.x names.
+    "numpy.core.multiarray.scalar": ("numpy._core.multiarray|numpy.core.multiarray", "scalar"),
+    "numpy._core.multiarray.scalar": ("numpy._core.multiarray|numpy.core.multiarray", "scalar"),
+    "numpy.dtype": ("numpy", "dtype"),
+    # diffq quantized states reference the quantizer class that rebuilds the weights.
+    "diffq.diffq.DiffQuantizer": ("diffq.diffq", "DiffQuantizer"),
+    "diffq.uniform.UniformQuantizer": ("diffq.uniform", "UniformQuantizer"),
+    "diffq.lsq.LSQ": ("diffq.lsq", "LSQ"),
+}
+# Classes the unpickler may rebuild with a state (BUILD) without naming them as a global.
+_NUMPY_DTYPE_CLASSES = ["Float64DType", "Float32DType", "Float16DType", "Int64DType",
+                        "Int32DType", "BoolDType"]
+# Model classes a package (in particular a `.safetensors` one) may name as `klass`.
+MODEL_CLASSES = [name for name in ALLOWED_GLOBALS if name.startswith("demucs.")]
+
+
+class ModelPackageError(Exception):
+    """A model package cannot be turned into a model (bad structure, class, keys or shapes)."""
+
+
+class UnsafeCheckpointError(ModelPackageError):
+    """A checkpoint references a pickled global outside the allow-list; it was not unpickled."""
 
 
 def capture_init(init):
@@ -16,3 +78,290 @@ def capture_init(init):
 
     __init__.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
     return __init__
+
+
+def _check_diffq() -> None:
+    try:
+        import diffq  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("Quantized models need diffq: run `pip install diffq`.") from exc
+
+
+def get_quantizer(model: nn.Module, args: tp.Any, optimizer: tp.Optional[torch.optim.Optimizer] = None):
+    """Quantizer from the `quant` config section: DiffQ when `args.diffq` (a penalty weight),
+    uniform quantization-aware training with `args.qat` bits, else None."""
+    if args.diffq:
+        _check_diffq()
+        from diffq import DiffQuantizer
+        quantizer = DiffQuantizer(model, min_size=args.min_size, group_size=args.group_size)
+        if optimizer is not None:
+            quantizer.setup_optimizer(optimizer)
+        return quantizer
+    if args.qat:
+        _check_diffq()
+        from diffq import UniformQuantizer
+        return UniformQuantizer(model, bits=args.qat, min_size=args.min_size)
+    return None
+
+
+def get_state(model: nn.Module, quantizer: tp.Any = None, half: bool = False) -> dict:
+    """State of `model` on CPU: fp16 tensors when `half`, or the quantizer's packed state
+    (marked with `__quantized`) when a quantizer is given."""
+    if quantizer is not None:
+        state = quantizer.get_quantized_state()
+        state["__quantized"] = True
+        return state
+    dtype = torch.half if half else None
+    return {key: value.data.to(device="cpu", dtype=dtype) for key, value in model.state_dict().items()}
+
+
+def set_state(model: nn.Module, state: dict, quantizer: tp.Any = None) -> dict:
+    """Load a state produced by `get_state` (plain, half or quantized) into `model`."""
+    if state.get("__quantized"):
+        if quantizer is not None:
+            quantizer.restore_quantized_state(state)
+        else:
+            _check_diffq()
+            from diffq import restore_quantized_state
+            restore_quantized_state(model, state)
+    else:
+        _load_checked_state(model, state)
+    return state
+
+
+def _load_checked_state(model: nn.Module, state: tp.Mapping[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state)` with errors that name the missing/unexpected/mis-shaped keys."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        name = type(model).__name__
+        raise ModelPackageError(f"The checkpoint state does not fit {name}: {exc}. Check that the "
+                                "package's klass/kwargs match the weights it holds.") from exc
+
+
+def copy_state(state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, torch.Tensor]:
+    """Detached CPU copy of a state dict (e.g. to keep the best weights while training goes on)."""
+    return {key: value.cpu().clone() for key, value in state.items()}
+
+
+@contextmanager
+def swap_state(model: nn.Module, state: tp.Mapping[str, torch.Tensor]):
+    """Temporarily load `state` into `model`; the previous weights are restored on exit.
+
+        with swap_state(model, ema_state):
+            evaluate(model)
+    """
+    old_state = copy_state(model.state_dict())
+    model.load_state_dict(state, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(old_state)
+
+
+def _plain_training_args(training_args: tp.Any) -> tp.Any:
+    """Training arguments as plain containers (an OmegaConf config is resolved)."""
+    if isinstance(training_args, argparse.Namespace):
+        return vars(training_args)
+    from omegaconf import OmegaConf
+    if OmegaConf.is_config(training_args):
+        return OmegaConf.to_container(training_args, resolve=True)
+    return training_args
+
+
+def serialize_model(model: nn.Module, training_args: tp.Any, quantizer: tp.Any = None,
+                    half: bool = True) -> Package:
+    """Package `model` (decorated with `capture_init`) so that `load_model` can rebuild it."""
+    args, kwargs = model._init_args_kwargs
+    return {
+        "klass": model.__class__,
+        "args": args,
+        "kwargs": kwargs,
+        "state": get_state(model, quantizer, half),
+        "training_args": _plain_training_args(training_args),
+    }
+
+
+def save_with_checksum(content: tp.Any, path: PathLike) -> Path:
+    """`torch.save` `content` to `<stem>-<first 8 hex of sha256><suffix>` next to `path`."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    data = buffer.getvalue()
+    signature = hashlib.sha256(data).hexdigest()[:8]
+    target = path.parent / f"{path.stem}-{signature}{path.suffix}"
+    target.write_bytes(data)
+    return target
+
+
+def _resolve_global(name: str) -> tp.Any:
+    modules, attribute = ALLOWED_GLOBALS[name]
+    *fallbacks, last = modules.split("|")
+    for module in fallbacks:
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except ImportError:
+            continue
+    return getattr(importlib.import_module(last), attribute)
+
+
+def _safe_globals(names: tp.Iterable[str]) -> list:
+    """`(object, pickled name)` pairs for the allowed `names` whose module imports here."""
+    pairs: list = []
+    for name in names:
+        try:
+            pairs.append((_resolve_global(name), name))
+        except (ImportError, AttributeError) as exc:
+            logger.debug("allowed global %s is not importable: %s", name, exc)
+    try:
+        import numpy.dtypes
+        pairs += [getattr(numpy.dtypes, cls) for cls in _NUMPY_DTYPE_CLASSES]
+    except ImportError:
+        pass
+    return pairs
+
+
+def _referenced_globals(path: Path) -> tp.Optional[tp.List[str]]:
+    """Globals (other than torch's own) named by the pickle in `path`, read without unpickling;
+    None when the file is not in torch's zip format."""
+    if not zipfile.is_zipfile(path):
+        return None
+    return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+
+
+def _torch_load_safe(path: Path) -> tp.Any:
+    """`torch.load(path, weights_only=True)` allowing only `ALLOWED_GLOBALS`."""
+    referenced = _referenced_globals(path)
+    if referenced is not None:
+        forbidden = [name for name in referenced if name not in ALLOWED_GLOBALS]
+        if forbidden:
+            raise UnsafeCheckpointError(
+                f"{path} references pickled globals outside the allow-list: {', '.join(forbidden)}. "
+                "It was not loaded because unpickling them could run arbitrary code; only load "
+                "model packages made by Demucs (see demucs.states.ALLOWED_GLOBALS).")
+        names: tp.Iterable[str] = referenced
+    else:
+        names = ALLOWED_GLOBALS
+    try:
+        with torch.serialization.safe_globals(_safe_globals(names)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(f"{path} could not be loaded safely: {exc}") from exc
+
+
+def _json_default(value: tp.Any) -> tp.Any:
+    if isinstance(value, Fraction):
+        return {"__fraction__": [value.numerator, value.denominator]}
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} in safetensors metadata")
+
+
+def _json_object_hook(obj: dict) -> tp.Any:
+    if set(obj) == {"__fraction__"}:
+        numerator, denominator = obj["__fraction__"]
+        return Fraction(numerator, denominator)
+    return obj
+
+
+def _class_path(klass: type) -> str:
+    return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def save_safetensors(package: Package, path: PathLike) -> Path:
+    """Write a (non quantized) package as `.safetensors`: the state as tensors and `klass`
+    (dotted path), `args`, `kwargs`, `training_args` as JSON strings in the metadata."""
+    state = package["state"]
+    if state.get("__quantized"):
+        raise ModelPackageError(f"cannot write {path}: diffq quantized states need the .th format")
+    metadata = {
+        "klass": _class_path(package["klass"]),
+        "args": json.dumps(list(package["args"]), default=_json_default),
+        "kwargs": json.dumps(package["kwargs"], default=_json_default),
+        "training_args": json.dumps(package.get("training_args"), default=_json_default),
+    }
+    from safetensors.torch import save_file
+    tensors = {key: value.contiguous() for key, value in state.items()}
+    save_file(tensors, str(path), metadata=metadata)
+    return Path(path)
+
+
+def load_safetensors(path: PathLike) -> Package:
+    """Read a package written by `save_safetensors`; `klass` must be one of `MODEL_CLASSES`."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    missing = [key for key in ["klass", "args", "kwargs"] if key not in metadata]
+    if missing:
+        raise ModelPackageError(f"{path} is not a Demucs model package: metadata lacks {missing}")
+    klass_name = metadata["klass"]
+    if klass_name not in MODEL_CLASSES:
+        raise ModelPackageError(f"{path} names an unknown model class {klass_name!r}; "
+                                f"expected one of {MODEL_CLASSES}")
+
+    def decode(key: str) -> tp.Any:
+        return json.loads(metadata.get(key, "null"), object_hook=_json_object_hook)
+
+    return {"klass": _resolve_global(klass_name), "args": decode("args"), "kwargs": decode("kwargs"),
+            "state": state, "training_args": decode("training_args")}
+
+
+def _read_package(path: Path) -> Package:
+    if not path.is_file():
+        raise FileNotFoundError(f"model package {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    package = _torch_load_safe(path)
+    if not isinstance(package, dict):
+        raise ModelPackageError(f"{path} holds a {type(package).__name__}, not a model package dict")
+    return package
+
+
+def _check_package(package: Package, origin: str) -> None:
+    missing = [key for key in ["klass", "args", "kwargs", "state"] if key not in package]
+    if missing:
+        raise ModelPackageError(f"{origin} is not a model package: missing {missing} "
+                                f"(found keys {sorted(package)})")
+    klass = package["klass"]
+    if not (isinstance(klass, type) and issubclass(klass, nn.Module)):
+        raise ModelPackageError(f"{origin}: klass {klass!r} is not a model class")
+
+
+def _known_kwargs(klass: type, kwargs: dict) -> dict:
+    """`kwargs` without the names that `klass`'s constructor does not accept (with a warning)."""
+    parameters = inspect.signature(klass).parameters
+    if any(param.kind == param.VAR_KEYWORD for param in parameters.values()):
+        return dict(kwargs)
+    kept = {}
+    for key, value in kwargs.items():
+        if key in parameters:
+            kept[key] = value
+        else:
+            warnings.warn(f"Dropping inexistant parameter {key} (not an argument of {klass.__name__})")
+    return kept
+
+
+def load_model(path_or_package: tp.Union[PathLike, Package], strict: bool = False) -> nn.Module:
+    """Rebuild a model from a package dict or a `.th` / `.safetensors` package file.
+
+    With `strict=False`, constructor kwargs unknown to the class (from another Demucs version)
+    are dropped with a warning. Raises `UnsafeCheckpointError` for a `.th` file referencing
+    a forbidden global and `ModelPackageError` for a malformed package or mismatched weights.
+    """
+    if isinstance(path_or_package, dict):
+        package, origin = path_or_package, "package"
+    elif isinstance(path_or_package, (str, Path)):
+        origin = str(path_or_package)
+        package = _read_package(Path(path_or_package))
+    else:
+        raise TypeError(f"load_model expects a path or a package dict, got {type(path_or_package)}")
+    _check_package(package, origin)
+    klass = package["klass"]
+    kwargs = package["kwargs"] if strict else _known_kwargs(klass, package["kwargs"])
+    model = klass(*package["args"], **kwargs)
+    try:
+        set_state(model, package["state"])
+    except ModelPackageError as exc:
+        raise ModelPackageError(f"{origin}: {exc}") from exc
+    return model

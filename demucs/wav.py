@@ -1,0 +1,446 @@
+"""Datasets of multi-stem wav tracks (MusDB HQ and custom folders) with a validated metadata cache.
+
+A *track* is a leaf folder holding one `{source}.wav` per stem and a `mixture.wav` (created as the
+sum of the stems when missing). Per-track metadata (`length`, `mean`, `std`, `samplerate`) is cached
+as JSON in `dset.metadata`. Unlike upstream Demucs, the cache also records the size and modification
+time of every audio file so that it is refreshed automatically, and only for the tracks that changed,
+when a track is added, removed or modified. Bad data is reported before training starts, all
+problems at once, in a single `DatasetError`.
+"""
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+import bisect
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+import tempfile
+import typing as tp
+
+import julius
+import numpy as np
+import soundfile
+import torch
+from torch.nn import functional as F
+import yaml
+
+from .audio import convert_audio_channels
+
+logger = logging.getLogger(__name__)
+
+MIXTURE = "mixture"
+EXT = ".wav"
+METADATA_THREADS = 8
+CACHE_FORMAT = 2
+TrackMeta = tp.Dict[str, tp.Any]
+Metadata = tp.Dict[str, TrackMeta]
+
+
+class DatasetError(ValueError):
+    """One or more tracks of a dataset cannot be used; `problems` lists each as a sentence."""
+
+    def __init__(self, problems: tp.Sequence[str], context: str = "dataset"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(
+            f"{len(self.problems)} problem(s) found in {context}, fix them and start again:\n{lines}")
+
+
+class TrackError(Exception):
+    """A single track is unusable; the message names the file and the problem."""
+
+
+@dataclass
+class _StemInfo:
+    path: Path
+    frames: int
+    samplerate: int
+    channels: int
+
+
+def _audio_info(path: Path) -> _StemInfo:
+    """Read the header of one audio file (no samples), raising `TrackError` when it is unusable."""
+    try:
+        info = soundfile.info(str(path))
+    except (RuntimeError, OSError) as error:
+        raise TrackError(f"{path}: unreadable audio file ({error})") from error
+    if info.frames == 0:
+        raise TrackError(f"{path}: empty audio file (0 frames)")
+    return _StemInfo(path, info.frames, info.samplerate, info.channels)
+
+
+def _read_audio(path: Path, offset: int = 0, frames: int = -1) -> torch.Tensor:
+    """Read `frames` frames (all when -1) of `path` starting at `offset`, as a float `[C, T]` tensor."""
+    data, _ = soundfile.read(str(path), start=offset, frames=frames, dtype="float32", always_2d=True)
+    return torch.from_numpy(data.T.copy())
+
+
+def _write_audio_atomic(path: Path, wav: torch.Tensor, samplerate: int) -> None:
+    """Write a float `[C, T]` tensor as a 32-bit float wav through a temporary file and a rename."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=path.suffix)
+    os.close(handle)
+    try:
+        soundfile.write(tmp, wav.t().numpy(), samplerate, subtype="FLOAT")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _find_tracks(root: Path) -> tp.List[str]:
+    """Names (paths relative to `root`) of the leaf, non hidden folders under `root`, sorted."""
+    names = []
+    for folder, subfolders, _ in os.walk(root, followlinks=True):
+        folder_path = Path(folder)
+        hidden = any(part.startswith(".") for part in folder_path.relative_to(root).parts)
+        if subfolders or hidden or folder_path == root:
+            continue
+        names.append(str(folder_path.relative_to(root)))
+    return sorted(names)
+
+
+def _fingerprint(track: Path, ext: str) -> tp.Dict[str, tp.List[int]]:
+    """`{file name: [size, mtime_ns]}` for each audio file of a track folder (a stat, no reading)."""
+    prints = {}
+    for entry in os.scandir(track):
+        if entry.name.endswith(ext) and not entry.name.startswith("."):
+            stat = entry.stat()
+            prints[entry.name] = [stat.st_size, stat.st_mtime_ns]
+    return prints
+
+
+def _check_stems(track: Path, stems: tp.Sequence[str], ext: str) -> tp.List[_StemInfo]:
+    """Headers of the stems of `track`; `TrackError` listing missing or mismatched stems."""
+    missing = [stem + ext for stem in stems if not (track / (stem + ext)).is_file()]
+    if missing:
+        raise TrackError(f"{track}: missing stem file(s) {', '.join(missing)}")
+    infos = [_audio_info(track / (stem + ext)) for stem in stems]
+    reference = infos[0]
+    for info in infos[1:]:
+        if info.samplerate != reference.samplerate:
+            raise TrackError(
+                f"{info.path}: sample rate {info.samplerate} Hz differs from "
+                f"{reference.path.name} ({reference.samplerate} Hz); resample the stems to one rate")
+        if info.frames != reference.frames:
+            raise TrackError(
+                f"{info.path}: length {info.frames} frames differs from {reference.path.name} "
+                f"({reference.frames} frames); all stems of a track must have the same length")
+    return infos
+
+
+def _create_mixture(track: Path, sources: tp.Sequence[str], ext: str) -> None:
+    """Write `mixture.wav` as the sum of the stems, as upstream does for folders without one."""
+    infos = _check_stems(track, sources, ext)
+    channels = max(info.channels for info in infos)
+    total = sum(convert_audio_channels(_read_audio(info.path), channels) for info in infos)
+    logger.info("%s: no %s%s, writing the sum of the stems", track, MIXTURE, ext)
+    _write_audio_atomic(track / (MIXTURE + ext), total, infos[0].samplerate)
+
+
+def track_metadata(track: Path, sources: tp.Sequence[str], normalize: bool = True,
+                   ext: str = EXT) -> TrackMeta:
+    """Validate one track folder and return its metadata.
+
+    Keys: `length` and `samplerate` of the stems, `mean` and `std` of the mono mixture (0 and 1
+    when not `normalize`), and `files`, the fingerprint used to detect later changes.
+    Raises `TrackError` naming the file and the problem.
+    """
+    if not (track / (MIXTURE + ext)).exists():
+        _create_mixture(track, sources, ext)
+    infos = _check_stems(track, [MIXTURE] + list(sources), ext)
+    mean, std = 0., 1.
+    if normalize:
+        mono = _read_audio(infos[0].path).mean(dim=0)
+        mean, std = mono.mean().item(), mono.std().item()
+        if not std > 0 or not math.isfinite(std):
+            raise TrackError(f"{infos[0].path}: the mixture is silent or not finite (std={std}), "
+                             "it cannot be normalized; remove the track")
+    return {"length": infos[0].frames, "mean": mean, "std": std,
+            "samplerate": infos[0].samplerate, "files": _fingerprint(track, ext)}
+
+
+def _is_fresh(meta: tp.Optional[TrackMeta], track: Path, ext: str) -> bool:
+    return meta is not None and meta.get("files") == _fingerprint(track, ext)
+
+
+def build_metadata(path: tp.Union[str, Path], sources: tp.Sequence[str], normalize: bool = True,
+                   ext: str = EXT, previous: tp.Optional[Metadata] = None) -> Metadata:
+    """Metadata of every track under `path`, built with a pool of threads.
+
+    Entries of `previous` whose file fingerprints still match are reused without reading any audio.
+    Every bad track is collected and reported in one `DatasetError`.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError([f"{root}: folder does not exist"], context=str(root))
+    previous = previous or {}
+    names = _find_tracks(root)
+    problems: tp.List[str] = []
+    metadata: Metadata = {}
+
+    def process(name: str) -> tp.Tuple[str, tp.Optional[TrackMeta], tp.Optional[str]]:
+        track = root / name
+        if _is_fresh(previous.get(name), track, ext):
+            return name, previous[name], None
+        try:
+            return name, track_metadata(track, sources, normalize, ext), None
+        except TrackError as error:
+            return name, None, str(error)
+
+    with ThreadPoolExecutor(METADATA_THREADS) as pool:
+        for name, meta, problem in pool.map(process, names):
+            if problem is not None:
+                problems.append(problem)
+            else:
+                metadata[name] = meta
+    if problems:
+        raise DatasetError(problems, context=str(root))
+    return metadata
+
+
+def _stale_reason(cached: tp.Optional[dict], roots: tp.Dict[str, Path], sources: tp.Sequence[str],
+                  normalize: bool, ext: str) -> tp.Optional[str]:
+    """Why the cached metadata cannot be used as is (None when it is up to date)."""
+    if cached is None:
+        return "no cache yet"
+    if not isinstance(cached, dict) or cached.get("format") != CACHE_FORMAT:
+        return "written in an older format"
+    if cached.get("sources") != list(sources) or cached.get("normalize") != normalize:
+        return "sources or normalize setting changed"
+    reasons = []
+    for split, root in roots.items():
+        known = cached["splits"].get(split, {})
+        present = set(_find_tracks(root)) if root.is_dir() else set()
+        added = sorted(present - set(known))
+        removed = sorted(set(known) - present)
+        changed = sorted(name for name in present & set(known)
+                         if not _is_fresh(known[name], root / name, ext))
+        for label, names in [("added", added), ("removed", removed), ("changed", changed)]:
+            if names:
+                reasons.append(f"{split}: {len(names)} track(s) {label} ({', '.join(names[:3])}"
+                               f"{', ...' if len(names) > 3 else ''})")
+    return "; ".join(reasons) or None
+
+
+def _load_json(path: Path) -> tp.Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        logger.warning("Metadata cache %s is unreadable (%s), rebuilding it", path, error)
+        return None
+
+
+def _write_json_atomic(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_" + path.name)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(content, file)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _distributed() -> tp.Tuple[int, tp.Callable[[], None]]:
+    """This process's rank and a barrier; rank 0 and no-op barrier outside distributed runs."""
+    try:
+        from . import distrib
+    except ImportError:
+        return 0, lambda: None
+    return distrib.rank, distrib.barrier
+
+
+def cached_metadata(cache_file: tp.Union[str, Path], roots: tp.Dict[str, Path],
+                    sources: tp.Sequence[str], normalize: bool = True,
+                    ext: str = EXT) -> tp.Dict[str, Metadata]:
+    """Metadata of each split folder in `roots`, through the JSON cache file `cache_file`.
+
+    Rank 0 checks the cache against the files on disk (stat only) and rebuilds the tracks that were
+    added or changed, logging why; other ranks wait at a barrier and read the result.
+    """
+    cache_file = Path(cache_file)
+    rank, barrier = _distributed()
+    if rank == 0:
+        cached = _load_json(cache_file)
+        reason = _stale_reason(cached, roots, sources, normalize, ext)
+        if reason is not None:
+            logger.info("Building metadata cache %s: %s", cache_file, reason)
+            cached = _rebuild(cached, roots, sources, normalize, ext)
+            _write_json_atomic(cache_file, cached)
+    barrier()
+    if rank != 0:
+        cached = _load_json(cache_file)
+    assert cached is not None
+    return cached["splits"]
+
+
+def _reusable_splits(cached: tp.Optional[dict], sources: tp.Sequence[str],
+                     normalize: bool) -> tp.Dict[str, Metadata]:
+    """Entries of an old cache that may be reused (only when built with the same settings)."""
+    if (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT
+            and cached.get("sources") == list(sources) and cached.get("normalize") == normalize):
+        return cached["splits"]
+    return {}
+
+
+def _rebuild(cached: tp.Optional[dict], roots: tp.Dict[str, Path], sources: tp.Sequence[str],
+             normalize: bool, ext: str) -> dict:
+    """New cache content; problems of all splits are gathered into one `DatasetError`."""
+    reuse = _reusable_splits(cached, sources, normalize)
+    splits, problems = {}, []
+    for split, root in roots.items():
+        try:
+            splits[split] = build_metadata(root, sources, normalize, ext, previous=reuse.get(split))
+        except DatasetError as error:
+            problems += error.problems
+    if problems:
+        raise DatasetError(problems, context=", ".join(str(root) for root in roots.values()))
+    return {"format": CACHE_FORMAT, "sources": list(sources), "normalize": normalize,
+            "splits": splits}
+
+
+class Wavset:
+    """Examples cut from multi-stem tracks, each a `[sources, channels, time]` tensor.
+
+    A track of duration `d` seconds gives `ceil((d - segment) / shift) + 1` examples (one when no
+    `segment` or when shorter than it). Example `k` starts `k * shift` seconds in; only the needed
+    frames are read. Stems are converted to `channels`, resampled to `samplerate`, normalized by the
+    track's mixture statistics when `normalize`, and cropped or zero padded to
+    `int(segment * samplerate)`.
+    """
+
+    def __init__(self, root: tp.Union[str, Path], metadata: Metadata, sources: tp.Sequence[str],
+                 segment: tp.Optional[float] = None, shift: tp.Optional[float] = None,
+                 normalize: bool = True, samplerate: int = 44100, channels: int = 2,
+                 ext: str = EXT):
+        self.root = Path(root)
+        self.metadata = OrderedDict(metadata)
+        self.segment = segment
+        self.shift = shift or segment
+        self.normalize = normalize
+        self.sources = list(sources)
+        self.channels = channels
+        self.samplerate = samplerate
+        self.ext = ext
+        self.num_examples = [self._examples_in(meta) for meta in self.metadata.values()]
+        self._ends = list(np.cumsum(self.num_examples))
+
+    def _examples_in(self, meta: TrackMeta) -> int:
+        duration = meta["length"] / meta["samplerate"]
+        if self.segment is None or duration < self.segment:
+            return 1
+        return int(math.ceil((duration - self.segment) / self.shift) + 1)
+
+    def __len__(self) -> int:
+        return sum(self.num_examples)
+
+    def get_file(self, name: str, source: str) -> Path:
+        """Path of the `source` stem of track `name`."""
+        return self.root / name / (source + self.ext)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a Wavset of {len(self)} examples")
+        track_index = bisect.bisect_right(self._ends, index)
+        name = list(self.metadata)[track_index]
+        start = self._ends[track_index - 1] if track_index else 0
+        return self._example(name, index - start)
+
+    def _example(self, name: str, index: int) -> torch.Tensor:
+        meta = self.metadata[name]
+        offset, frames = 0, -1
+        if self.segment is not None:
+            offset = int(meta["samplerate"] * self.shift * index)
+            frames = int(math.ceil(meta["samplerate"] * self.segment))
+        wavs = [convert_audio_channels(_read_audio(self.get_file(name, source), offset, frames),
+                                 self.channels) for source in self.sources]
+        example = torch.stack(wavs)
+        if meta["samplerate"] != self.samplerate:
+            example = julius.resample_frac(example, meta["samplerate"], self.samplerate)
+        if self.normalize:
+            example = (example - meta["mean"]) / meta["std"]
+        if self.segment is not None:
+            length = int(self.segment * self.samplerate)
+            example = example[..., :length]
+            example = F.pad(example, (0, length - example.shape[-1]))
+        return example
+
+
+def _hash_path(path: tp.Union[str, Path]) -> str:
+    return hashlib.sha1(str(path).encode()).hexdigest()[:8]
+
+
+def _check_folder(path: Path, key: str) -> None:
+    if not path.is_dir():
+        raise DatasetError([f"{path}: folder does not exist; set `{key}` to the right path "
+                            f"(e.g. `{key}=/path/to/data`)"], context=key)
+
+
+def _valid_kwargs(dset) -> dict:
+    """Validation examples are whole tracks when `full_cv`, training-sized segments otherwise."""
+    return {} if dset.full_cv else {"segment": dset.segment, "shift": dset.shift}
+
+
+def get_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
+    """Train and valid `Wavset`s for the folders `<dset.wav>/train` and `<dset.wav>/valid`.
+
+    Validation items start with the mixture: `[mixture] + sources`.
+    """
+    wav_root = Path(dset.wav)
+    _check_folder(wav_root, "dset.wav")
+    for split in ["train", "valid"]:
+        _check_folder(wav_root / split, "dset.wav")
+    roots = {"train": wav_root / "train", "valid": wav_root / "valid"}
+    cache_file = Path(dset.metadata) / f"wav_{_hash_path(dset.wav)}.json"
+    metadata = cached_metadata(cache_file, roots, list(dset.sources), dset.normalize)
+    if not metadata["train"]:
+        raise DatasetError([f"{roots['train']}: no track folder found"], context="dset.wav")
+    if not metadata["valid"]:
+        logger.warning("%s holds no track: this dataset adds nothing to validation", roots["valid"])
+    common = {"samplerate": dset.samplerate, "channels": dset.channels,
+              "normalize": dset.normalize}
+    train_set = Wavset(roots["train"], metadata["train"], list(dset.sources),
+                       segment=dset.segment, shift=dset.shift, **common)
+    valid_set = Wavset(roots["valid"], metadata["valid"], [MIXTURE] + list(dset.sources),
+                       **common, **_valid_kwargs(dset))
+    return train_set, valid_set
+
+
+def _get_musdb_valid() -> tp.List[str]:
+    """Names of the 14 MusDB training tracks that the musdb package reserves for validation."""
+    import musdb
+    config = Path(musdb.__file__).parent / "configs" / "mus.yaml"
+    with open(config) as file:
+        return list(yaml.safe_load(file)["validation_tracks"])
+
+
+def get_musdb_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
+    """Train and valid `Wavset`s from MusDB HQ at `dset.musdb`.
+
+    Training uses `train/` minus the musdb validation tracks (all of them if `dset.train_valid`);
+    validation uses those tracks, as `[mixture] + sources`.
+    """
+    root = Path(dset.musdb) / "train"
+    _check_folder(Path(dset.musdb), "dset.musdb")
+    _check_folder(root, "dset.musdb")
+    cache_file = Path(dset.metadata) / f"musdb_{_hash_path(dset.musdb)}.json"
+    metadata = cached_metadata(cache_file, {"train": root}, list(dset.sources),
+                               dset.normalize)["train"]
+    valid_tracks = set(_get_musdb_valid())
+    train_meta = {name: meta for name, meta in metadata.items()
+                  if dset.train_valid or name not in valid_tracks}
+    valid_meta = {name: meta for name, meta in metadata.items() if name in valid_tracks}
+    common = {"samplerate": dset.samplerate, "channels": dset.channels,
+              "normalize": dset.normalize}
+    train_set = Wavset(root, train_meta, list(dset.sources), segment=dset.segment,
+                       shift=dset.shift, **common)
+    valid_set = Wavset(root, valid_meta, [MIXTURE] + list(dset.sources),
+                       **common, **_valid_kwargs(dset))
+    return train_set, valid_set

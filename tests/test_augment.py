@@ -1,0 +1,117 @@
+"""Tests for demucs.augment: each augmentation's effect on [batch, sources, channels, time]."""
+from hypothesis import given, settings, strategies as st
+import pytest
+import torch
+
+from demucs import augment
+
+
+def batch(b=8, s=4, c=2, t=64, seed=0):
+    return torch.randn(b, s, c, t, generator=torch.Generator().manual_seed(seed))
+
+
+def is_window_of(out: torch.Tensor, wav: torch.Tensor) -> bool:
+    """True when `out` is a contiguous time window of `wav`."""
+    length = out.shape[-1]
+    return any(torch.equal(out, wav[..., k:k + length]) for k in range(wav.shape[-1] - length + 1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(shift=st.integers(1, 16), seed=st.integers(0, 1000))
+def test_shift_windows(shift, seed):
+    torch.manual_seed(seed)
+    wav = batch(b=3, s=2, t=40)
+    out = augment.Shift(shift)(wav)
+    assert out.shape == (3, 2, 2, 40 - shift)
+    for b in range(3):
+        for s in range(2):
+            assert is_window_of(out[b, s], wav[b, s])
+
+
+def test_shift_same_keeps_sources_aligned():
+    torch.manual_seed(1)
+    wav = batch(b=16, s=1).expand(-1, 4, -1, -1).contiguous()
+    same = augment.Shift(10, same=True)(wav)
+    assert all(torch.equal(same[:, 0], same[:, s]) for s in range(4))
+    torch.manual_seed(1)
+    independent = augment.Shift(10, same=False)(wav)
+    assert not all(torch.equal(independent[:, 0], independent[:, s]) for s in range(4))
+
+
+def test_shift_eval_trims_and_zero_is_identity():
+    wav = batch()
+    module = augment.Shift(5).eval()
+    assert torch.equal(module(wav), wav[..., :-5])
+    assert torch.equal(augment.Shift(0)(wav), wav)
+
+
+def test_flip_channels_swaps_or_keeps():
+    torch.manual_seed(0)
+    wav = batch(b=16)
+    out = augment.FlipChannels()(wav)
+    swapped = kept = 0
+    for b in range(16):
+        for s in range(4):
+            if torch.equal(out[b, s], wav[b, s]):
+                kept += 1
+            else:
+                assert torch.equal(out[b, s], wav[b, s].flip(0))
+                swapped += 1
+    assert swapped and kept
+    mono = batch(c=1)
+    assert torch.equal(augment.FlipChannels()(mono), mono)
+
+
+def test_flip_sign():
+    torch.manual_seed(0)
+    wav = batch(b=16)
+    out = augment.FlipSign()(wav)
+    ratio = (out / wav)[..., 0, 0]
+    assert set(ratio.round().unique().tolist()) == {-1., 1.}
+    assert torch.equal(out.abs(), wav.abs())
+    assert torch.equal(augment.FlipSign().eval()(wav), wav)
+
+
+def test_scale_range_and_proba():
+    torch.manual_seed(0)
+    wav = batch(b=32).abs() + 0.1
+    out = augment.Scale(proba=1, min=0.25, max=1.25)(wav)
+    gains = out / wav
+    per_source = gains[..., 0, 0]
+    torch.testing.assert_close(gains, per_source[..., None, None].expand_as(gains))
+    assert per_source.min() >= 0.25 and per_source.max() <= 1.25
+    assert per_source.std() > 0.1
+    assert torch.equal(augment.Scale(proba=0)(wav), wav)
+
+
+def test_remix_permutes_sources_within_groups():
+    torch.manual_seed(0)
+    b, s = 8, 4
+    wav = torch.arange(b * s, dtype=torch.float32).view(b, s, 1, 1).expand(b, s, 2, 16)
+    out = augment.Remix(proba=1, group_size=4)(wav)
+    ids = out[..., 0, 0].long()
+    for group in range(2):
+        rows = ids[group * 4:(group + 1) * 4]
+        for source in range(s):
+            expected = {(group * 4 + k) * s + source for k in range(4)}
+            assert set(rows[:, source].tolist()) == expected
+    assert not torch.equal(out, wav)
+
+
+def test_remix_errors_on_indivisible_batch():
+    with pytest.raises(ValueError, match="group_size=4"):
+        augment.Remix(group_size=4)(batch(b=6))
+    assert augment.Remix(group_size=0)(batch(b=6)).shape == (6, 4, 2, 64)
+
+
+def test_training_pipeline_shape_and_determinism():
+    def pipeline():
+        return torch.nn.Sequential(augment.Shift(8, same=False), augment.FlipChannels(),
+                                   augment.FlipSign(), augment.Scale(), augment.Remix())
+
+    torch.manual_seed(3)
+    first = pipeline()(batch())
+    torch.manual_seed(3)
+    second = pipeline()(batch())
+    assert first.shape == (8, 4, 2, 56)
+    assert torch.equal(first, second)

@@ -1,0 +1,156 @@
+"""Test-set evaluation: MDX nSDR on every test, and the museval (BSS Eval v4) SDR at the end.
+
+Each worker separates its share of the MusDB test tracks; the scores are computed in a process pool
+(`test.workers`) and gathered on every worker.
+"""
+from concurrent import futures
+import logging
+import typing as tp
+
+import musdb
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import distrib
+from .apply import apply_model
+from .audio import convert_audio, save_audio
+from .utils import DummyPoolExecutor
+
+logger = logging.getLogger(__name__)
+
+# Scores of one track: {source: {metric: [value per frame (or one value for nsdr)]}}.
+TrackScores = tp.Dict[str, tp.Dict[str, tp.List[float]]]
+
+
+def new_sdr(references: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
+    """MDX-challenge SDR `10 log10((sum ref^2 + eps) / (sum (ref - est)^2 + eps))`, eps = 1e-7.
+
+    Inputs are `[B, S, *, *]` (e.g. `[B, S, T, C]`); the sums run over the last two dimensions,
+    giving one score per item and source, `[B, S]`.
+    """
+    if references.dim() != 4 or estimates.dim() != 4:
+        raise ValueError(f"new_sdr needs 4-D tensors, got {tuple(references.shape)} and "
+                         f"{tuple(estimates.shape)}")
+    delta = 1e-7
+    signal = references.square().sum(dim=(2, 3)) + delta
+    noise = (references - estimates).square().sum(dim=(2, 3)) + delta
+    return 10 * torch.log10(signal / noise)
+
+
+def eval_track(references: torch.Tensor, estimates: torch.Tensor, win: int, hop: int,
+               compute_sdr: bool = True) -> tp.Tuple[tp.Optional[tuple], torch.Tensor]:
+    """Score the `[S, C, T]` estimates of one track against its references.
+
+    Returns `(bss_scores, nsdr)`: `bss_scores` is museval's `(SDR, ISR, SIR, SAR)`, each `[S, frames]`
+    over `win`-sample windows every `hop` samples (None unless `compute_sdr`), and `nsdr` is `[S]`.
+    """
+    references = references.transpose(1, 2).double()
+    estimates = estimates.transpose(1, 2).double()
+    nsdr = new_sdr(references.cpu()[None], estimates.cpu()[None])[0]
+    if not compute_sdr:
+        return None, nsdr
+    import museval
+    scores = museval.metrics.bss_eval(
+        references.numpy(), estimates.numpy(), compute_permutation=False, window=win, hop=hop,
+        framewise_filters=False, bsseval_sources_version=False)[:-1]
+    return scores, nsdr
+
+
+def _test_set(args) -> musdb.DB:
+    if args.test.nonhq is None:
+        return musdb.DB(args.dset.musdb, subsets=["test"], is_wav=True)
+    return musdb.DB(args.test.nonhq, subsets=["test"], is_wav=False)
+
+
+def _separate_track(solver, track) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """Separate one MusDB track with the solver's model; returns (references, estimates) [S, C, T]."""
+    args = solver.args
+    model = solver.model
+    src_rate = args.dset.musdb_samplerate
+    mix = torch.from_numpy(track.audio).t().float()
+    if mix.dim() == 1:
+        mix = mix[None]
+    mix = mix.to(solver.device)
+    mono = mix.mean(dim=0)
+    mean, std = mono.mean(), mono.std()
+    mix = (mix - mean) / (std + 1e-8)
+    mix = convert_audio(mix, src_rate, model.samplerate, model.audio_channels)
+    estimates = apply_model(model, mix[None], shifts=args.test.shifts, split=args.test.split,
+                            overlap=args.test.overlap)[0]
+    estimates = (estimates * std + mean).cpu()
+    references = torch.stack(
+        [torch.from_numpy(track.targets[name].audio).t().float() for name in model.sources])
+    if references.dim() == 2:
+        references = references[:, None]
+    references = convert_audio(references, src_rate, model.samplerate, model.audio_channels)
+    return references, estimates
+
+
+def _save_estimates(solver, name: str, estimates: torch.Tensor) -> None:
+    folder = solver.folder / "wav" / name
+    folder.mkdir(exist_ok=True, parents=True)
+    for source, estimate in zip(solver.model.sources, estimates):
+        save_audio(estimate, folder / f"{source}.mp3", solver.model.samplerate)
+
+
+def _track_scores(sources: tp.Sequence[str], result) -> TrackScores:
+    bss, nsdr = result
+    scores: TrackScores = {source: {"nsdr": [float(nsdr[idx])]} for idx, source in enumerate(sources)}
+    if bss is not None:
+        sdr, isr, sir, sar = bss
+        for idx, source in enumerate(sources):
+            scores[source].update({"SDR": sdr[idx].tolist(), "SIR": sir[idx].tolist(),
+                                   "ISR": isr[idx].tolist(), "SAR": sar[idx].tolist()})
+    return scores
+
+
+def summarize(tracks: tp.Dict[str, TrackScores], sources: tp.Sequence[str]) -> tp.Dict[str, float]:
+    """Aggregate per-track scores: for each metric `m`, the per-track median over frames, then
+    `m_<src>` (mean over tracks), `m_med_<src>` (median over tracks), and `m`, `m_med` (averaged
+    over sources)."""
+    result: tp.Dict[str, float] = {}
+    first = next(iter(tracks.values()))[sources[0]]
+    for metric in first:
+        name = metric.lower()
+        means, medians = [], []
+        for source in sources:
+            per_track = [np.nanmedian(tracks[track][source][metric]) for track in tracks]
+            means.append(float(np.mean(per_track)))
+            medians.append(float(np.median(per_track)))
+            result[f"{name}_{source}"] = means[-1]
+            result[f"{name}_med_{source}"] = medians[-1]
+        result[name] = float(np.mean(means))
+        result[f"{name}_med"] = float(np.mean(medians))
+    return result
+
+
+def evaluate(solver, compute_sdr: bool = False) -> tp.Dict[str, float]:
+    """Separate the MusDB test set with `solver.model` and return the aggregated scores
+    (`nsdr*` always, `sdr*`, `isr*`, `sir*`, `sar*` when `compute_sdr`)."""
+    args = solver.args
+    model = solver.model
+    test_set = _test_set(args)
+    if len(test_set) == 0:
+        location = args.test.nonhq or args.dset.musdb
+        raise FileNotFoundError(f"No MusDB test tracks found under {location}/test.")
+    win = hop = int(1. * model.samplerate)
+    indexes = range(distrib.rank, len(test_set), distrib.world_size)
+    pool_class = futures.ProcessPoolExecutor if args.test.workers else DummyPoolExecutor
+    pendings = []
+    with pool_class(args.test.workers) as pool:
+        for index in tqdm(indexes, desc="Eval (separation)", disable=distrib.rank != 0, leave=False):
+            track = test_set.tracks[index]
+            references, estimates = _separate_track(solver, track)
+            if args.test.save:
+                _save_estimates(solver, track.name, estimates)
+            pendings.append((track.name, pool.submit(eval_track, references, estimates, win=win,
+                                                     hop=hop, compute_sdr=compute_sdr)))
+        tracks = {}
+        for name, pending in tqdm(pendings, desc="Eval (scores)", disable=distrib.rank != 0,
+                                  leave=False):
+            tracks[name] = _track_scores(model.sources, pending.result())
+    all_tracks: tp.Dict[str, TrackScores] = {}
+    for src in range(distrib.world_size):
+        all_tracks.update(distrib.share(tracks, src))
+    return summarize(all_tracks, model.sources)

@@ -313,3 +313,25 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     train, _ = wav.get_wav_datasets(dset)
     assert len(train) == 2
     assert cache.read_text().startswith("{")
+
+
+# Config groups
+
+DSET_GROUPS = ["musdb44", "extra44", "extra_test", "extra_mmi_goodclean", "auto_mus", "auto_extra",
+               "auto_extra_test", "aetl", "sdx23_bleeding", "sdx23_labelnoise"]
+
+
+def test_dset_groups_compose():
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    if not (conf / "config.yaml").exists():
+        pytest.skip("conf/config.yaml (helper D1) not available yet")
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(conf), version_base="1.1"):
+        base = compose(config_name="config")
+        for group in DSET_GROUPS:
+            cfg = compose(config_name="config", overrides=[f"dset={group}"])
+            extra = set(cfg.dset) - set(base.dset)
+            assert extra <= {"wav2_weight", "wav2_valid"}, group
+            if group != "musdb44":
+                assert cfg.dset.wav, group
+    assert cfg.dset.use_musdb is False and cfg.dset.backend == "soundfile"

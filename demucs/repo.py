@@ -1,0 +1,195 @@
+"""Model repositories: where pre-trained models and bags of models are found by name.
+
+A single model is identified by its XP signature (e.g. `955717e8`) and stored as `SIG.th` or
+`SIG-HASH8.th` (HASH8 = first 8 hex digits of the file's sha256, checked on load). A bag is a
+`NAME.yaml` file listing member signatures (`models`), optional per-source `weights` and `segment`.
+"""
+from hashlib import sha256
+import logging
+from pathlib import Path
+import re
+import typing as tp
+from urllib.error import URLError
+
+import torch
+import yaml
+
+from .apply import BagOfModels, Model
+from .states import load_model
+
+logger = logging.getLogger(__name__)
+
+AnyModel = tp.Union[Model, BagOfModels]
+_CHECKSUM = re.compile(r"^[0-9a-f]{8}$")
+
+
+class ModelLoadingError(RuntimeError):
+    """A model could not be found, downloaded or verified."""
+
+
+def check_checksum(path: Path, checksum: str) -> None:
+    """Raise `ModelLoadingError` unless the sha256 of `path` starts with `checksum`."""
+    digest = sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2 ** 20), b""):
+            digest.update(block)
+    actual = digest.hexdigest()[:len(checksum)]
+    if actual != checksum:
+        raise ModelLoadingError(
+            f"invalid checksum for file {path}: expected {checksum} but got {actual}; "
+            "the file is corrupted or was modified, delete it and export or download it again")
+
+
+class ModelOnlyRepo:
+    """Interface of a repository of single models, indexed by signature."""
+
+    def has_model(self, sig: str) -> bool:
+        raise NotImplementedError()
+
+    def get_model(self, sig: str) -> Model:
+        raise NotImplementedError()
+
+    def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:
+        raise NotImplementedError()
+
+
+class RemoteRepo(ModelOnlyRepo):
+    """Models downloaded on demand (into the torch hub cache) from `{sig: url}`."""
+
+    def __init__(self, models: tp.Dict[str, str]):
+        self._models = models
+
+    def has_model(self, sig: str) -> bool:
+        return sig in self._models
+
+    def get_model(self, sig: str) -> Model:
+        try:
+            url = self._models[sig]
+        except KeyError:
+            raise ModelLoadingError(f"could not find a pre-trained model with signature {sig}.")
+        return load_model(self._download(sig, url))
+
+    def _download(self, sig: str, url: str) -> Path:
+        filename = url.rsplit("/", 1)[-1]
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checksum = Path(filename).stem.rsplit("-", 1)[-1]
+        logger.info("downloading %s to %s", url, path)
+        try:
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=checksum, progress=True)
+        except (URLError, OSError) as error:
+            raise ModelLoadingError(
+                f"could not download model {sig} from {url} ({error}). Without network access, "
+                f"put the model files (e.g. {filename}) and the bag's .yaml in a folder and pass "
+                "it with `--repo FOLDER` (or `repo=Path(FOLDER)` in Python).") from error
+        except RuntimeError as error:  # hash mismatch
+            raise ModelLoadingError(f"the download of {url} is corrupted: {error}") from error
+        return path
+
+    def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:
+        return dict(self._models)
+
+
+def _split_signature(stem: str) -> tp.Tuple[str, tp.Optional[str]]:
+    """`SIG-HASH8` -> (SIG, HASH8); a stem without a checksum suffix is the signature itself."""
+    if "-" in stem:
+        sig, suffix = stem.rsplit("-", 1)
+        if _CHECKSUM.match(suffix):
+            return sig, suffix
+    return stem, None
+
+
+class LocalRepo(ModelOnlyRepo):
+    """Models stored as `SIG.th` or `SIG-HASH8.th` files in a folder."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.scan()
+
+    def scan(self) -> None:
+        self._models: tp.Dict[str, Path] = {}
+        self._checksums: tp.Dict[str, str] = {}
+        for file in sorted(self.root.iterdir()):
+            if file.suffix != ".th":
+                continue
+            sig, checksum = _split_signature(file.stem)
+            if sig in self._models:
+                raise ModelLoadingError(
+                    f"duplicate pre-trained models for signature {sig} in {self.root}: "
+                    f"{self._models[sig].name} and {file.name}; delete all but one.")
+            if checksum is not None:
+                self._checksums[sig] = checksum
+            self._models[sig] = file
+
+    def has_model(self, sig: str) -> bool:
+        return sig in self._models
+
+    def get_model(self, sig: str) -> Model:
+        try:
+            file = self._models[sig]
+        except KeyError:
+            raise ModelLoadingError(f"could not find pre-trained model {sig} in {self.root} "
+                                    f"(available: {', '.join(sorted(self._models)) or 'none'}).")
+        if sig in self._checksums:
+            check_checksum(file, self._checksums[sig])
+        return load_model(file)
+
+    def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:
+        return dict(self._models)
+
+
+class BagOnlyRepo:
+    """Bags of models described by `NAME.yaml` files, members fetched from `model_repo`."""
+
+    def __init__(self, root: Path, model_repo: ModelOnlyRepo):
+        self.root = Path(root)
+        self.model_repo = model_repo
+        self.scan()
+
+    def scan(self) -> None:
+        self._bags = {file.stem: file for file in sorted(self.root.iterdir())
+                      if file.suffix == ".yaml"}
+
+    def has_model(self, name: str) -> bool:
+        return name in self._bags
+
+    def get_model(self, name: str) -> BagOfModels:
+        try:
+            yaml_file = self._bags[name]
+        except KeyError:
+            raise ModelLoadingError(f"{name} is neither a single pre-trained model nor a bag of "
+                                    f"models (looked in {self.root}).")
+        bag = yaml.safe_load(yaml_file.read_text())
+        if not isinstance(bag, dict) or "models" not in bag:
+            raise ModelLoadingError(f"{yaml_file} must be a mapping with a `models` list.")
+        models = [self.model_repo.get_model(sig) for sig in bag["models"]]
+        try:
+            return BagOfModels(models, bag.get("weights"), bag.get("segment"))
+        except ValueError as error:
+            raise ModelLoadingError(f"invalid bag {yaml_file}: {error}") from error
+
+    def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:
+        return dict(self._bags)
+
+
+class AnyModelRepo:
+    """Single models first, then bags."""
+
+    def __init__(self, model_repo: ModelOnlyRepo, bag_repo: BagOnlyRepo):
+        self.model_repo = model_repo
+        self.bag_repo = bag_repo
+
+    def has_model(self, name_or_sig: str) -> bool:
+        return self.model_repo.has_model(name_or_sig) or self.bag_repo.has_model(name_or_sig)
+
+    def get_model(self, name_or_sig: str) -> AnyModel:
+        if self.model_repo.has_model(name_or_sig):
+            return self.model_repo.get_model(name_or_sig)
+        return self.bag_repo.get_model(name_or_sig)
+
+    def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:
+        models = self.model_repo.list_model()
+        models.update(self.bag_repo.list_model())
+        return models

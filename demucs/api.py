@@ -1,0 +1,305 @@
+"""Python API for music source separation.
+
+    from demucs.api import Separator
+    separator = Separator(model="htdemucs")
+    origin, stems = separator.separate_audio_file("song.mp3")   # stems: {"drums": tensor, ...}
+
+`Separator.separate_audio_file_in_blocks` does the same with memory bounded independently of the
+track's duration: the decoded track is kept in a temporary file and separated block by block.
+"""
+from concurrent.futures import ThreadPoolExecutor
+import logging
+from pathlib import Path
+import subprocess
+import tempfile
+import typing as tp
+
+import numpy as np
+import torch
+
+from .apply import BagOfModels, _is_htdemucs, _replace_dict, apply_model, apply_model_streaming
+from .audio import AudioFile, AudioReadError, convert_audio, convert_audio_channels, save_audio
+from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
+from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
+from .utils import DummyPoolExecutor
+
+__all__ = ["Separator", "list_models", "save_audio", "LoadAudioError", "LoadModelError"]
+
+logger = logging.getLogger(__name__)
+_BLOCK_FRAMES = 2 ** 16
+
+
+class LoadAudioError(Exception):
+    """The input audio could not be read."""
+
+
+class LoadModelError(Exception):
+    """The requested model could not be loaded."""
+
+
+class _NotProvidedType:
+    pass
+
+
+NotProvided = _NotProvidedType()
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def max_allowed_segment(model) -> float:
+    """Longest segment in seconds a model (or bag) can be applied with."""
+    if isinstance(model, BagOfModels):
+        return model.max_allowed_segment
+    if _is_htdemucs(model):
+        return float(model.segment)
+    return float("inf")
+
+
+class Normalisation(tp.NamedTuple):
+    """Per-track normalisation: mean and standard deviation of the mono mix."""
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, wav: torch.Tensor) -> "Normalisation":
+        ref = wav.mean(0)
+        return cls(float(ref.mean()), float(ref.std()))
+
+    def apply(self, wav: torch.Tensor) -> torch.Tensor:
+        return (wav - self.mean) / (self.std + 1e-8)
+
+    def revert(self, wav: torch.Tensor) -> torch.Tensor:
+        return wav * (self.std + 1e-8) + self.mean
+
+
+class DecodedTrack:
+    """A track decoded once into a temporary raw float32 file, read back in blocks.
+
+    Indexing `track[..., a:b]` gives the normalised mix `[1, C, b - a]`, so the object can be fed
+    to `apply_model_streaming`; `original(a, b)` gives the un-normalised audio `[C, b - a]`.
+    Use as a context manager: the temporary file is removed on exit.
+    """
+
+    def __init__(self, path: Path, samplerate: int, channels: int):
+        self.path = Path(path)
+        self.samplerate = samplerate
+        self.channels = channels
+        self._raw = tempfile.TemporaryFile()
+        self.length = 0
+        self._sum = 0.
+        self._sum_squares = 0.
+        self._decode()
+        if self.length < 2:
+            raise LoadAudioError(f"{self.path} holds no audio samples.")
+        mean = self._sum / self.length
+        variance = max(self._sum_squares - self.length * mean ** 2, 0.) / (self.length - 1)
+        self.normalisation = Normalisation(mean, variance ** 0.5)
+
+    def __enter__(self) -> "DecodedTrack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._raw.close()
+
+    @property
+    def shape(self) -> tp.Tuple[int, int, int]:
+        return (1, self.channels, self.length)
+
+    def _append(self, block: torch.Tensor) -> None:
+        block = convert_audio_channels(block, self.channels)
+        mono = block.double().mean(0)
+        self._sum += float(mono.sum())
+        self._sum_squares += float((mono * mono).sum())
+        self._raw.write(block.t().contiguous().numpy().tobytes())
+        self.length += block.shape[-1]
+
+    def _decode(self) -> None:
+        try:
+            audio = AudioFile(self.path)
+            info = audio.info
+            stream = audio._audio_streams[0]
+            native_channels = audio.channels(0)
+        except AudioReadError as error:
+            raise LoadAudioError(str(error)) from error
+        if info.get("backend") == "soundfile" or native_channels <= 0:
+            self._append_all(audio)
+            return
+        command = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(self.path),
+                   "-map", f"0:{int(stream['index'])}", "-threads", "1", "-f", "f32le",
+                   "-ac", str(native_channels), "-ar", str(self.samplerate), "-"]
+        frame_bytes = 4 * native_channels
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+            assert process.stdout is not None and process.stderr is not None
+            while True:
+                data = process.stdout.read(_BLOCK_FRAMES * frame_bytes)
+                if not data:
+                    break
+                data = data[:len(data) - len(data) % frame_bytes]
+                samples = np.frombuffer(data, dtype=np.float32).reshape(-1, native_channels)
+                self._append(torch.from_numpy(samples.T.copy()))
+            errors = process.stderr.read().decode(errors="replace").strip()
+        if process.returncode != 0:
+            raise LoadAudioError(f"ffmpeg cannot decode {self.path}: {errors.splitlines()[-1:]}")
+
+    def _append_all(self, audio: AudioFile) -> None:
+        """Fallback without ffmpeg: decode in one go (memory grows with the duration)."""
+        try:
+            wav = audio.read(streams=0, samplerate=self.samplerate, channels=self.channels)
+        except AudioReadError as error:
+            raise LoadAudioError(str(error)) from error
+        for start in range(0, wav.shape[-1], _BLOCK_FRAMES):
+            self._append(wav[:, start:start + _BLOCK_FRAMES])
+
+    def original(self, start: int, end: int) -> torch.Tensor:
+        """Decoded audio `[C, end - start]` (before normalisation)."""
+        self._raw.seek(4 * self.channels * start)
+        count = (end - start) * self.channels
+        samples = np.fromfile(self._raw, dtype=np.float32, count=count)
+        return torch.from_numpy(samples).view(-1, self.channels).t()
+
+    def __getitem__(self, index) -> torch.Tensor:
+        time = index[-1] if isinstance(index, tuple) else index
+        if not isinstance(time, slice) or time.step not in (None, 1):
+            raise IndexError("a DecodedTrack is indexed with a contiguous slice on time")
+        start, end, _ = time.indices(self.length)
+        return self.normalisation.apply(self.original(start, max(start, end)))[None]
+
+
+class Separator:
+    """Separate audio with a pre-trained model (or bag of models).
+
+    Args:
+        model: model or bag name, or XP signature (default `htdemucs`).
+        repo: folder of local models (`SIG[-HASH8].th`, `NAME.yaml`); None for the release.
+        device: where to run the model (default: cuda, else mps, else cpu).
+        shifts: random shifts averaged (shift trick); 0 disables it.
+        overlap: overlap between segments.
+        split: process the track in segments (needed for long tracks).
+        segment: segment length in seconds (default: the model's); transformer models cannot
+            use more than their training segment.
+        jobs: threads processing segments in parallel.
+        progress: show a progress bar.
+        callback, callback_arg: see `demucs.apply.apply_model`.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[Path] = None,
+                 device: str = _default_device(), shifts: int = 1, overlap: float = 0.25,
+                 split: bool = True, segment: tp.Optional[float] = None, jobs: int = 0,
+                 progress: bool = False, callback: tp.Optional[tp.Callable[[dict], None]] = None,
+                 callback_arg: tp.Optional[dict] = None):
+        self._name = model
+        self._repo = repo
+        self._load_model()
+        self._pool: tp.Any = DummyPoolExecutor()
+        self._jobs = 0
+        self.update_parameter(device=device, shifts=shifts, overlap=overlap, split=split,
+                              segment=segment, jobs=jobs, progress=progress, callback=callback,
+                              callback_arg=callback_arg)
+
+    def update_parameter(self, device: tp.Any = NotProvided, shifts: tp.Any = NotProvided,
+                         overlap: tp.Any = NotProvided, split: tp.Any = NotProvided,
+                         segment: tp.Any = NotProvided, jobs: tp.Any = NotProvided,
+                         progress: tp.Any = NotProvided, callback: tp.Any = NotProvided,
+                         callback_arg: tp.Any = NotProvided) -> None:
+        """Change some separation parameters; those not given keep their value."""
+        given = {key: value for key, value in locals().items()
+                 if key != "self" and value is not NotProvided}
+        if "segment" in given and given["segment"] is not None:
+            limit = max_allowed_segment(self._model)
+            if given["segment"] > limit:
+                raise ValueError(f"segment {given['segment']} s is longer than model "
+                                 f"{self._name} allows: at most {limit} s.")
+        if "overlap" in given and not 0 <= given["overlap"] < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {given['overlap']}")
+        for key, value in given.items():
+            setattr(self, f"_{key}", value)
+        if "jobs" in given:
+            self._pool = ThreadPoolExecutor(self._jobs) if self._jobs > 0 else DummyPoolExecutor()
+
+    def _load_model(self) -> None:
+        try:
+            self._model = get_model(name=self._name, repo=self._repo)
+        except ModelLoadingError as error:
+            raise LoadModelError(str(error)) from error
+        self._audio_channels = self._model.audio_channels
+        self._samplerate = self._model.samplerate
+
+    def _load_audio(self, track: Path) -> torch.Tensor:
+        try:
+            return AudioFile(track).read(streams=0, samplerate=self._samplerate,
+                                         channels=self._audio_channels)
+        except (AudioReadError, OSError) as error:
+            raise LoadAudioError(f"could not load {track}: {error}") from error
+
+    def _apply_kwargs(self) -> dict:
+        return dict(segment=self._segment, shifts=self._shifts, overlap=self._overlap,
+                    device=self._device, progress=self._progress)
+
+    def separate_tensor(self, wav: torch.Tensor, sr: tp.Optional[int] = None
+                        ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
+        """Separate `wav` `[C, T]` (at `sr`, default the model's rate); `wav` is not modified.
+
+        Returns the (resampled, channel-converted) input and `{source: [C, T]}`.
+        """
+        if sr is not None and sr != self.samplerate:
+            wav = convert_audio(wav, sr, self._samplerate, self._audio_channels)
+        norm = Normalisation.of(wav)
+        callback_arg = _replace_dict(self._callback_arg, ("audio_length", wav.shape[1]))
+        out = apply_model(self._model, norm.apply(wav)[None], split=self._split,
+                          num_workers=self._jobs, pool=self._pool, callback=self._callback,
+                          callback_arg=callback_arg, **self._apply_kwargs())
+        out = norm.revert(out)
+        return wav, dict(zip(self._model.sources, out[0]))
+
+    def separate_audio_file(self, file: Path) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
+        """Read `file` (any format ffmpeg knows) and separate it."""
+        return self.separate_tensor(self._load_audio(Path(file)), self.samplerate)
+
+    def separate_audio_file_in_blocks(self, file: Path, block_seconds: float = 30.
+                                      ) -> tp.Iterator[tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]]:
+        """Like `separate_audio_file`, but yield consecutive `(origin, {source: stem})` blocks.
+
+        Memory stays bounded whatever the duration: the decoded track lives in a temporary
+        file. Needs `split=True`. Gives the same result as `separate_audio_file`.
+        """
+        if not self._split:
+            raise ValueError("separating in blocks needs split=True")
+        with DecodedTrack(Path(file), self._samplerate, self._audio_channels) as track:
+            blocks = apply_model_streaming(self._model, track, block_seconds=block_seconds,
+                                           **self._apply_kwargs())
+            for start, out in blocks:
+                out = track.normalisation.revert(out)
+                origin = track.original(start, start + out.shape[-1])
+                yield origin, dict(zip(self._model.sources, out[0]))
+
+    @property
+    def samplerate(self) -> int:
+        return self._samplerate
+
+    @property
+    def audio_channels(self) -> int:
+        return self._audio_channels
+
+    @property
+    def model(self):
+        return self._model
+
+
+def list_models(repo: tp.Optional[Path] = None) -> tp.Dict[str, tp.Dict[str, tp.Union[str, Path]]]:
+    """Available models: `{"single": {sig: location}, "bag": {name: yaml}}`."""
+    model_repo: ModelOnlyRepo
+    if repo is None:
+        model_repo = RemoteRepo(_parse_remote_files(REMOTE_ROOT / "files.txt"))
+        bag_repo = BagOnlyRepo(REMOTE_ROOT, model_repo)
+    else:
+        if not Path(repo).is_dir():
+            raise LoadModelError(f"model repository {repo} must exist and be a directory.")
+        model_repo = LocalRepo(Path(repo))
+        bag_repo = BagOnlyRepo(Path(repo), model_repo)
+    return {"single": model_repo.list_model(), "bag": bag_repo.list_model()}

@@ -1,0 +1,298 @@
+"""The `demucs` command: separate tracks into stems written as wav, flac or mp3 files.
+
+With the default `split`, each track is decoded once into a temporary file, separated block by
+block and every stem is streamed to disk, so memory does not grow with the track's duration.
+Each stem is written under a temporary name and renamed only when the whole track succeeded,
+so a failure never leaves partial outputs behind; other tracks are still processed.
+"""
+import argparse
+import logging
+import os
+from pathlib import Path
+import sys
+import tempfile
+import typing as tp
+
+import lameenc
+import numpy as np
+import soundfile
+import torch
+
+from .api import LoadAudioError, LoadModelError, Separator, _default_device, list_models, \
+    max_allowed_segment
+from .audio import _soundfile_subtype, i16_pcm, prevent_clip
+from .pretrained import DEFAULT_MODEL, add_model_flags
+
+logger = logging.getLogger(__name__)
+_WRITE_FRAMES = 2 ** 16
+
+
+class SeparationError(Exception):
+    """A track could not be separated (reported, then the next track is processed)."""
+
+
+class OutputFormat(tp.NamedTuple):
+    """How stems are encoded."""
+    ext: str
+    samplerate: int
+    clip: str
+    bits_per_sample: int
+    as_float: bool
+    bitrate: int
+    preset: int
+
+
+class StemWriter:
+    """Accumulates one stem block by block in a temporary raw file, then encodes it.
+
+    The raw float32 file lets `rescale` clipping use the peak of the whole stem, as when
+    the stem is saved in one go, while memory holds only one block at a time.
+    """
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        self._raw = tempfile.TemporaryFile()
+        self.length = 0
+        self.peak = 0.
+
+    def append(self, block: torch.Tensor) -> None:
+        block = block.detach().cpu().float()
+        if block.numel():
+            self.peak = max(self.peak, float(block.abs().max()))
+        self._raw.write(block.t().contiguous().numpy().tobytes())
+        self.length += block.shape[-1]
+
+    def _blocks(self, fmt: OutputFormat) -> tp.Iterator[torch.Tensor]:
+        self._raw.seek(0)
+        for _ in range(0, self.length, _WRITE_FRAMES):
+            samples = np.fromfile(self._raw, dtype=np.float32, count=_WRITE_FRAMES * self.channels)
+            block = torch.from_numpy(samples).view(-1, self.channels).t()
+            if fmt.clip == "rescale":
+                yield block / max(1.01 * self.peak, 1.)
+            else:
+                yield prevent_clip(block, fmt.clip)
+
+    def encode(self, path: Path, fmt: OutputFormat) -> None:
+        """Write the stem to `path` in the format `fmt`."""
+        if fmt.ext == "mp3":
+            self._encode_mp3(path, fmt)
+        else:
+            subtype = _soundfile_subtype(fmt.bits_per_sample, fmt.as_float, "." + fmt.ext)
+            with soundfile.SoundFile(str(path), "w", fmt.samplerate, self.channels, subtype,
+                                     format=fmt.ext.upper()) as file:
+                for block in self._blocks(fmt):
+                    file.write(block.t().contiguous().numpy())
+
+    def _encode_mp3(self, path: Path, fmt: OutputFormat) -> None:
+        encoder = lameenc.Encoder()
+        encoder.set_bit_rate(fmt.bitrate)
+        encoder.set_in_sample_rate(fmt.samplerate)
+        encoder.set_channels(self.channels)
+        encoder.set_quality(fmt.preset)
+        encoder.silence()
+        with open(path, "wb") as file:
+            for block in self._blocks(fmt):
+                file.write(encoder.encode(i16_pcm(block).t().contiguous().numpy().tobytes()))
+            file.write(encoder.flush())
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("demucs", description="Separate the sources for the given tracks")
+    parser.add_argument("tracks", nargs="*", type=Path, default=[], help="Path to tracks")
+    add_model_flags(parser)
+    parser.add_argument("--list-models", action="store_true",
+                        help="List available models from current repo and exit")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-o", "--out", type=Path, default=Path("separated"),
+                        help="Folder where to put extracted tracks. A subfolder with the model "
+                             "name will be created.")
+    parser.add_argument("--filename", default="{track}/{stem}.{ext}",
+                        help="Set the name of output file. Use \"{track}\", \"{trackext}\", "
+                             "\"{stem}\", \"{ext}\" to use variables of track name without "
+                             "extension, track extension, stem name and default output file "
+                             "extension. Default is \"{track}/{stem}.{ext}\".")
+    parser.add_argument("-d", "--device", default=_default_device(),
+                        help="Device to use, default is cuda if available, else mps, else cpu.")
+    parser.add_argument("--shifts", default=1, type=int,
+                        help="Number of random shifts for equivariant stabilization. Increase "
+                             "separation time but improves quality for Demucs. 10 was used in "
+                             "the original paper.")
+    parser.add_argument("--overlap", default=0.25, type=float, help="Overlap between the splits.")
+    split_group = parser.add_mutually_exclusive_group()
+    split_group.add_argument("--no-split", action="store_false", dest="split", default=True,
+                             help="Doesn't split audio in chunks. This can use large amounts "
+                                  "of memory.")
+    split_group.add_argument("--segment", type=int,
+                             help="Set split size of each chunk. This can help save memory of "
+                                  "graphic card.")
+    parser.add_argument("--two-stems", dest="stem", metavar="STEM",
+                        help="Only separate audio into {STEM} and no_{STEM}. ")
+    parser.add_argument("--other-method", dest="other_method", choices=["none", "add", "minus"],
+                        default="add",
+                        help="Decide how to get \"no_{STEM}\". \"none\" will not save "
+                             "\"no_{STEM}\". \"add\" will add all the other stems. \"minus\" "
+                             "will use the original track minus the selected stem.")
+    depth_group = parser.add_mutually_exclusive_group()
+    depth_group.add_argument("--int24", action="store_true", help="Save wav output as 24 bits wav.")
+    depth_group.add_argument("--float32", action="store_true",
+                             help="Save wav output as float32 (2x bigger).")
+    parser.add_argument("--clip-mode", default="rescale", choices=["rescale", "clamp", "none"],
+                        help="Strategy for avoiding clipping: rescaling entire signal if "
+                             "necessary  (rescale) or hard clipping (clamp).")
+    format_group = parser.add_mutually_exclusive_group()
+    format_group.add_argument("--flac", action="store_true", help="Convert the output wavs to flac.")
+    format_group.add_argument("--mp3", action="store_true", help="Convert the output wavs to mp3.")
+    parser.add_argument("--mp3-bitrate", default=320, type=int, help="Bitrate of converted mp3.")
+    parser.add_argument("--mp3-preset", choices=range(2, 8), type=int, default=2,
+                        help="Encoder preset of MP3, 2 for highest quality, 7 for fastest speed. "
+                             "Default is 2")
+    parser.add_argument("-j", "--jobs", default=0, type=int,
+                        help="Number of jobs. This can increase memory usage but will be much "
+                             "faster when multiple cores are available.")
+    return parser
+
+
+def _output_format(args: argparse.Namespace, samplerate: int) -> OutputFormat:
+    ext = "mp3" if args.mp3 else "flac" if args.flac else "wav"
+    return OutputFormat(ext=ext, samplerate=samplerate, clip=args.clip_mode,
+                        bits_per_sample=24 if args.int24 else 16, as_float=args.float32,
+                        bitrate=args.mp3_bitrate, preset=args.mp3_preset)
+
+
+def _stem_names(sources: tp.List[str], stem: tp.Optional[str], other_method: str) -> tp.List[str]:
+    if stem is None:
+        return list(sources)
+    extra = {"add": ["no_" + stem], "minus": ["minus_" + stem], "none": []}[other_method]
+    return [stem] + extra
+
+
+def _stems_of_block(origin: torch.Tensor, sources: tp.Dict[str, torch.Tensor],
+                    stem: tp.Optional[str], other_method: str) -> tp.Dict[str, torch.Tensor]:
+    """The stems to write for one block, following `--two-stems` and `--other-method`."""
+    if stem is None:
+        return sources
+    out = {stem: sources[stem]}
+    if other_method == "add":
+        others = [source for name, source in sources.items() if name != stem]
+        out["no_" + stem] = torch.stack(others).sum(0)
+    elif other_method == "minus":
+        out["minus_" + stem] = origin - sources[stem]
+    return out
+
+
+def _output_path(out: Path, pattern: str, track: Path, stem: str, ext: str) -> Path:
+    name, _, trackext = track.name.rpartition(".")
+    if not name:
+        name, trackext = trackext, ""
+    try:
+        return out / pattern.format(track=name, trackext=trackext, stem=stem, ext=ext)
+    except (KeyError, IndexError) as error:
+        raise SeparationError(f"invalid --filename {pattern!r}: unknown field {error}; use "
+                              "{track}, {trackext}, {stem} and {ext}") from None
+
+
+def _blocks(separator: Separator, track: Path, split: bool):
+    if split:
+        yield from separator.separate_audio_file_in_blocks(track)
+    else:
+        yield separator.separate_audio_file(track)
+
+
+def separate_track(separator: Separator, track: Path, out: Path, args: argparse.Namespace,
+                   fmt: OutputFormat) -> tp.List[Path]:
+    """Separate one track and write its stems; returns the written paths."""
+    names = _stem_names(separator.model.sources, args.stem, args.other_method)
+    paths = {name: _output_path(out, args.filename, track, name, fmt.ext) for name in names}
+    writers = {name: StemWriter(separator.audio_channels) for name in names}
+    partials: tp.List[Path] = []
+    try:
+        for origin, sources in _blocks(separator, track, args.split):
+            for name, block in _stems_of_block(origin, sources, args.stem, args.other_method).items():
+                writers[name].append(block)
+        for name, path in paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
+                                               dir=path.parent)
+            os.close(handle)
+            partials.append(Path(partial))
+            writers[name].encode(Path(partial), fmt)
+        for partial, path in zip(partials, paths.values()):
+            os.replace(partial, path)
+        partials = []
+    finally:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        for writer in writers.values():
+            writer.close()
+    return list(paths.values())
+
+
+def _print_models(repo: tp.Optional[Path]) -> None:
+    models = list_models(repo)
+    print("Bag of models:", end="\n    ")
+    print("\n    ".join(models["bag"]))
+    print("Single models:", end="\n    ")
+    print("\n    ".join(models["single"]))
+
+
+def _fatal(message: str) -> tp.NoReturn:
+    logger.error(message)
+    sys.exit(1)
+
+
+def _make_separator(args: argparse.Namespace) -> Separator:
+    try:
+        separator = Separator(model=args.name, repo=args.repo, device=args.device,
+                              shifts=args.shifts, overlap=args.overlap, split=args.split,
+                              segment=None, jobs=args.jobs, progress=True)
+    except LoadModelError as error:
+        _fatal(str(error))
+    limit = max_allowed_segment(separator.model)
+    if args.segment is not None and args.segment > limit:
+        _fatal("Cannot use a Transformer model with a longer segment than it was trained for. "
+               f"Maximum segment is: {limit}")
+    separator.update_parameter(segment=args.segment)
+    if args.stem is not None and args.stem not in separator.model.sources:
+        _fatal(f'error: stem "{args.stem}" is not in selected model. '
+               f"STEM must be one of {', '.join(separator.model.sources)}.")
+    return separator
+
+
+def main(opts: tp.Optional[tp.List[str]] = None) -> None:
+    """Entry point of the `demucs` command; exits with status 1 if any track failed."""
+    args = get_parser().parse_args(opts)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s")
+    if args.list_models:
+        _print_models(args.repo)
+        return
+    if not args.tracks:
+        _fatal("error: no tracks given; pass the audio files to separate.")
+    if args.name is None:
+        args.name = args.sig or DEFAULT_MODEL
+    separator = _make_separator(args)
+    out = args.out / args.name
+    logger.info("Separated tracks will be stored in %s", out.resolve())
+    fmt = _output_format(args, separator.samplerate)
+    failures = 0
+    for track in args.tracks:
+        if not track.exists():
+            logger.error("File %s does not exist. If the path contains spaces, please try again "
+                         "after surrounding the entire path with quotes \"\".", track)
+            failures += 1
+            continue
+        logger.info("Separating track %s", track)
+        try:
+            separate_track(separator, track, out, args, fmt)
+        except (LoadAudioError, SeparationError, ValueError, OSError) as error:
+            logger.error("Could not separate %s: %s", track, error)
+            failures += 1
+    if failures:
+        _fatal(f"{failures} of {len(args.tracks)} track(s) could not be separated.")
+
+
+if __name__ == "__main__":
+    main()

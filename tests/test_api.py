@@ -1,0 +1,125 @@
+"""The Separator API: in-memory and block-wise separation, parameters, errors."""
+from pathlib import Path
+import random
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from demucs.api import LoadAudioError, LoadModelError, Separator, list_models
+from demucs.htdemucs import HTDemucs
+from demucs.pretrained import SOURCES, demucs_unittest
+from demucs.states import serialize_model
+
+SAMPLERATE = 44100
+torch.set_num_threads(1)  # tiny models: extra threads only add contention
+
+
+def _save(model, path: Path) -> None:
+    torch.save(serialize_model(model, {}, half=False), path)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    torch.manual_seed(0)
+    _save(demucs_unittest(), root / "tiny.th")
+    _save(HTDemucs(SOURCES, channels=4, depth=2, t_layers=1, t_heads=1, segment=1,
+                   dconv_mode=0), root / "transformer.th")
+    (root / "duo.yaml").write_text("models: ['tiny', 'transformer']\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def track(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    time = np.arange(int(1.3 * SAMPLERATE)) / SAMPLERATE
+    wav = 0.3 * np.sin(2 * np.pi * 220 * time)[:, None] + 0.05 * rng.standard_normal((len(time), 2))
+    path = tmp_path_factory.mktemp("audio") / "song.wav"
+    soundfile.write(str(path), wav.astype(np.float32), SAMPLERATE, subtype="FLOAT")
+    return path
+
+
+def test_separate_tensor_keeps_input_and_shapes(repo: Path):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    assert (separator.samplerate, separator.audio_channels) == (SAMPLERATE, 2)
+    assert separator.model.sources == SOURCES
+    wav = torch.randn(2, 30000, generator=torch.Generator().manual_seed(0))
+    original = wav.clone()
+    origin, stems = separator.separate_tensor(wav)
+    assert torch.equal(wav, original)
+    assert torch.equal(origin, original)
+    assert list(stems) == SOURCES
+    assert all(stem.shape == (2, 30000) for stem in stems.values())
+
+
+def test_separate_tensor_resamples_and_upmixes(repo: Path):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    origin, stems = separator.separate_tensor(torch.randn(1, 11025), sr=22050)
+    assert origin.shape == (2, 22050)
+    assert stems["vocals"].shape == (2, 22050)
+
+
+def test_normalisation_is_undone(repo: Path):
+    """Scaling the input scales the output: the model sees the normalised mix either way."""
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    wav = torch.randn(2, 20000, generator=torch.Generator().manual_seed(1))
+    _, stems = separator.separate_tensor(wav)
+    _, scaled = separator.separate_tensor(3 * wav)
+    assert torch.allclose(scaled["bass"], 3 * stems["bass"], atol=1e-4)
+
+
+def test_file_in_blocks_matches_in_memory(repo: Path, track: Path):
+    separator = Separator("duo", repo=repo, device="cpu", shifts=1, overlap=0.3, segment=0.5)
+    random.seed(3)
+    origin, stems = separator.separate_audio_file(track)
+    random.seed(3)
+    blocks = list(separator.separate_audio_file_in_blocks(track, block_seconds=0.2))
+    assert len(blocks) > 2
+    streamed_origin = torch.cat([block for block, _ in blocks], dim=-1)
+    assert torch.equal(streamed_origin, origin)
+    for name in SOURCES:
+        streamed = torch.cat([sources[name] for _, sources in blocks], dim=-1)
+        error = (streamed - stems[name]).norm() / stems[name].norm()
+        assert error < 1e-4
+
+
+def test_parameters(repo: Path):
+    separator = Separator("transformer", repo=repo, device="cpu")
+    with pytest.raises(ValueError, match="segment 2 s is longer than model transformer allows"):
+        separator.update_parameter(segment=2)
+    with pytest.raises(ValueError, match="overlap"):
+        separator.update_parameter(overlap=1.)
+    separator.update_parameter(segment=0.5, jobs=2, shifts=0)
+    _, stems = separator.separate_tensor(torch.randn(2, 30000))
+    assert stems["drums"].shape == (2, 30000)
+
+
+def test_callback_receives_progress(repo: Path):
+    events = []
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0, segment=0.25,
+                          callback=events.append, callback_arg={"track": "x"})
+    separator.separate_tensor(torch.randn(2, 20000))
+    assert events and all(event["track"] == "x" and event["audio_length"] == 20000
+                          for event in events)
+    assert {event["state"] for event in events} == {"start", "end"}
+
+
+def test_errors(repo: Path, tmp_path: Path):
+    with pytest.raises(LoadModelError, match="nothere"):
+        Separator("nothere", repo=repo, device="cpu")
+    separator = Separator("tiny", repo=repo, device="cpu")
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"this is not audio at all" * 10)
+    with pytest.raises(LoadAudioError, match="bad.wav"):
+        separator.separate_audio_file(bad)
+    with pytest.raises(LoadAudioError, match="bad.wav"):
+        list(separator.separate_audio_file_in_blocks(bad))
+
+
+def test_list_models(repo: Path):
+    models = list_models(repo)
+    assert sorted(models["single"]) == ["tiny", "transformer"]
+    assert list(models["bag"]) == ["duo"]
+    assert "htdemucs" in list_models()["bag"]

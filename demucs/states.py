@@ -232,21 +232,35 @@ def _referenced_globals(path: Path) -> tp.Optional[tp.List[str]]:
 def _torch_load_safe(path: Path) -> tp.Any:
     """`torch.load(path, weights_only=True)` allowing only `ALLOWED_GLOBALS`."""
     referenced = _referenced_globals(path)
-    if referenced is not None:
-        forbidden = [name for name in referenced if name not in ALLOWED_GLOBALS]
-        if forbidden:
-            raise UnsafeCheckpointError(
-                f"{path} references pickled globals outside the allow-list: {', '.join(forbidden)}. "
-                "It was not loaded because unpickling them could run arbitrary code; only load "
-                "model packages made by Demucs (see demucs.states.ALLOWED_GLOBALS).")
-        names: tp.Iterable[str] = referenced
-    else:
-        names = ALLOWED_GLOBALS
+    if referenced is None:
+        return _torch_load_legacy(path)
+    forbidden = [name for name in referenced if name not in ALLOWED_GLOBALS]
+    if forbidden:
+        raise UnsafeCheckpointError(
+            f"{path} references pickled globals outside the allow-list: {', '.join(forbidden)}. "
+            "It was not loaded because unpickling them could run arbitrary code; only load "
+            "model packages made by Demucs (see demucs.states.ALLOWED_GLOBALS).")
     try:
-        with torch.serialization.safe_globals(_safe_globals(names)):
+        with torch.serialization.safe_globals(_safe_globals(referenced)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(f"{path} could not be loaded safely: {exc}") from exc
+
+
+def _torch_load_legacy(path: Path) -> tp.Any:
+    """Safe load of a file in torch's legacy (pre-1.6, non-zip) format.
+
+    Its globals cannot be listed beforehand, so every allowed global that is cheap to import
+    is allowed; model classes pickled in this format are refused by torch itself.
+    """
+    light = [name for name in ALLOWED_GLOBALS if not name.startswith(("demucs.train", "diffq."))]
+    try:
+        with torch.serialization.safe_globals(_safe_globals(light)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path} is in torch's legacy (non-zip) format and could not be loaded safely: {exc}. "
+            "If you trust its origin, re-save it with a recent torch (zip format).") from exc
 
 
 def _json_default(value: tp.Any) -> tp.Any:

@@ -40,9 +40,14 @@ def repitch(wav: torch.Tensor, pitch: float, tempo: float, voice: bool = False,
     The output length is about `time / (1 + tempo / 100)`. `voice` tunes the algorithm for speech,
     `quick` trades quality for speed.
     """
+    peak = wav.detach().abs().max().item()
+    gain = 1 / (1.01 * peak) if peak > 0 else 1.
     with tempfile.TemporaryDirectory(prefix="repitch_") as folder:
         infile, outfile = Path(folder) / "in.wav", Path(folder) / "out.wav"
-        soundfile.write(str(infile), wav.detach().cpu().t().numpy(), samplerate, subtype="FLOAT")
+        # soundstretch misreads float wavs, so use 24-bit PCM, scaled to avoid clipping
+        # (normalized training examples often exceed 1).
+        soundfile.write(str(infile), (gain * wav.detach().cpu()).t().numpy(), samplerate,
+                        subtype="PCM_24")
         command = [SOUNDSTRETCH, str(infile), str(outfile),
                    f"-pitch={pitch}", f"-tempo={tempo:.6f}"]
         if voice:
@@ -58,7 +63,7 @@ def repitch(wav: torch.Tensor, pitch: float, tempo: float, voice: bool = False,
             raise RepitchError(f"`{' '.join(command)}` failed with code {result.returncode}: "
                                f"{result.stderr.strip()[-500:]}")
         data, _ = soundfile.read(str(outfile), dtype="float32", always_2d=True)
-    return torch.from_numpy(data.T.copy()).to(wav)
+    return torch.from_numpy(data.T.copy() / gain).to(wav)
 
 
 class RepitchedWrapper:

@@ -76,3 +76,12 @@ def test_missing_soundstretch_fails_early(monkeypatch):
     with pytest.raises(rp.SoundstretchMissingError, match="apt-get install soundstretch"):
         rp.check_soundstretch()
     assert len(rp.RepitchedWrapper(Stems(), proba=0)) == 4
+
+
+@needs_soundstretch
+def test_repitch_keeps_loud_signals_intact():
+    """Normalized examples exceed 1: no clipping, no garbage (soundstretch misreads float wavs)."""
+    wav = 5 * torch.randn(2, SR, generator=torch.Generator().manual_seed(0))
+    out = rp.repitch(wav, 0, 0, samplerate=SR)
+    assert out.shape == wav.shape
+    assert ((out - wav).norm() / wav.norm()).item() < 0.01

@@ -297,6 +297,8 @@ class MultiWrap(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: tp.Optional[torch.Tensor] = None,
                 length: tp.Optional[int] = None):
+        """Same call as the wrapped layer: `(x, inject)` for an encoder (no injection supported),
+        `(x, skip, length)` for a decoder, which returns `(out, None)`."""
         if self.conv:
             return self._encode(x)
         return self._decode(x, skip)

@@ -78,10 +78,9 @@ def expectation_maximization(y: torch.Tensor, x: torch.Tensor, iterations: int =
     """
     sources = _to_complex(y.transpose(-1, -2))  # T, F, C, S
     mix = _to_complex(x)
-    frames = mix.shape[0]
-    v = torch.zeros(sources.shape[:2] + sources.shape[-1:], dtype=x.dtype, device=x.device)
-    R = torch.zeros(sources.shape[1:2] + sources.shape[2:3] * 2 + sources.shape[-1:],
-                    dtype=sources.dtype, device=x.device)
+    frames, bins, channels, num_sources = sources.shape
+    v = x.new_zeros(frames, bins, num_sources)
+    R = sources.new_zeros(bins, channels, channels, num_sources)
     step = batch_size or frames
     for _ in range(iterations):
         v, R = _source_model(sources, eps)

@@ -1,0 +1,177 @@
+"""The `demucs` command on a local model repository: flags, output names, formats and errors."""
+import logging
+from pathlib import Path
+import random
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from demucs.api import Separator
+from demucs.audio import AudioFile
+from demucs.htdemucs import HTDemucs
+from demucs.pretrained import SOURCES, demucs_unittest
+from demucs.separate import main
+from demucs.states import serialize_model
+
+SAMPLERATE = 44100
+LENGTH = int(1.2 * SAMPLERATE)
+torch.set_num_threads(1)  # tiny models: extra threads only add contention
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    torch.manual_seed(0)
+    torch.save(serialize_model(demucs_unittest(), {}), root / "tiny.th")
+    torch.save(serialize_model(HTDemucs(SOURCES, channels=4, depth=2, t_layers=1, t_heads=1,
+                                        segment=1, dconv_mode=0), {}), root / "transformer.th")
+    return root
+
+
+@pytest.fixture(scope="module")
+def track(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    time = np.arange(LENGTH) / SAMPLERATE
+    wav = 0.5 * np.sin(2 * np.pi * 330 * time)[:, None] + 0.1 * rng.standard_normal((LENGTH, 2))
+    path = tmp_path_factory.mktemp("audio") / "my song.wav"
+    soundfile.write(str(path), wav.astype(np.float32), SAMPLERATE)
+    return path
+
+
+def _run(repo: Path, out: Path, *flags: str, name: str = "tiny") -> None:
+    random.seed(0)
+    main(["-n", name, "--repo", str(repo), "-o", str(out), "-d", "cpu", *flags])
+
+
+def _read(path: Path) -> np.ndarray:
+    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    assert rate == SAMPLERATE
+    return data.T
+
+
+def test_default_outputs_wav_stems(repo: Path, track: Path, tmp_path: Path):
+    _run(repo, tmp_path, str(track))
+    folder = tmp_path / "tiny" / "my song"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}.wav" for s in SOURCES)
+    info = soundfile.info(str(folder / "drums.wav"))
+    assert (info.frames, info.channels, info.subtype) == (LENGTH, 2, "PCM_16")
+
+
+def test_streamed_cli_output_matches_in_memory_separation(repo: Path, track: Path, tmp_path: Path):
+    _run(repo, tmp_path, "--float32", "--clip-mode", "none", "--shifts", "2", "--overlap", "0.4",
+         "--segment", "1", str(track))
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=2, overlap=0.4, segment=1)
+    random.seed(0)
+    _, stems = separator.separate_audio_file(track)
+    for name, stem in stems.items():
+        written = torch.from_numpy(_read(tmp_path / "tiny" / "my song" / f"{name}.wav"))
+        assert (written - stem).norm() / stem.norm() < 1e-4
+
+
+def test_no_split_jobs_and_verbose(repo: Path, track: Path, tmp_path: Path):
+    _run(repo, tmp_path / "a", "--float32", "--no-split", "--shifts", "0", "-v", str(track))
+    _run(repo, tmp_path / "b", "--float32", "-j", "2", "--shifts", "0", str(track))
+    for name in SOURCES:
+        whole = _read(tmp_path / "a" / "tiny" / "my song" / f"{name}.wav")
+        split = _read(tmp_path / "b" / "tiny" / "my song" / f"{name}.wav")
+        assert whole.shape == split.shape == (2, LENGTH)
+        # The track is shorter than the model's segment: splitting gives one whole-track chunk.
+        assert np.allclose(whole, split, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags,suffix,subtype", [
+    (["--flac"], "flac", "PCM_16"),
+    (["--flac", "--int24"], "flac", "PCM_24"),
+    (["--int24", "--clip-mode", "clamp"], "wav", "PCM_24"),
+    (["--float32"], "wav", "FLOAT"),
+])
+def test_lossless_formats(repo, track, tmp_path, flags, suffix, subtype):
+    _run(repo, tmp_path, "--shifts", "0", "--filename", "{stem}-{track}.{trackext}.{ext}",
+         *flags, str(track))
+    path = tmp_path / "tiny" / f"bass-my song.wav.{suffix}"
+    info = soundfile.info(str(path))
+    assert (info.frames, info.channels, info.subtype) == (LENGTH, 2, subtype)
+
+
+def test_mp3(repo: Path, track: Path, tmp_path: Path):
+    _run(repo, tmp_path, "--mp3", "--mp3-bitrate", "128", "--mp3-preset", "7", "--shifts", "0",
+         "--filename", "{track}/{stem}.{ext}", str(track))
+    path = tmp_path / "tiny" / "my song" / "vocals.mp3"
+    audio = AudioFile(path)
+    wav = audio.read(streams=0, samplerate=SAMPLERATE)
+    assert wav.shape[0] == 2
+    assert abs(wav.shape[1] - LENGTH) < 2 * 1152 + 529  # encoder delay and last frame padding
+    assert 120_000 < 8 * path.stat().st_size / audio.duration() < 140_000
+
+
+@pytest.mark.parametrize("method,names", [
+    ("add", ["no_vocals", "vocals"]),
+    ("minus", ["minus_vocals", "vocals"]),
+    ("none", ["vocals"]),
+])
+def test_two_stems(repo, track, tmp_path, method, names):
+    flags = ["--float32", "--clip-mode", "none", "--shifts", "0"]
+    _run(repo, tmp_path / "two", "--two-stems", "vocals", "--other-method", method, *flags,
+         str(track))
+    folder = tmp_path / "two" / "tiny" / "my song"
+    assert sorted(p.stem for p in folder.iterdir()) == names
+    vocals = _read(folder / "vocals.wav")
+    if method == "minus":
+        origin = _read(track)
+        assert np.allclose(vocals + _read(folder / "minus_vocals.wav"), origin, atol=1e-5)
+    if method == "add":
+        _run(repo, tmp_path / "all", *flags, str(track))
+        full = tmp_path / "all" / "tiny" / "my song"
+        others = sum(_read(full / f"{name}.wav") for name in SOURCES if name != "vocals")
+        assert np.allclose(_read(folder / "no_vocals.wav"), others, atol=1e-5)
+        assert np.allclose(vocals, _read(full / "vocals.wav"), atol=1e-6)
+
+
+def test_bad_tracks_are_reported_and_others_processed(repo, track, tmp_path, caplog):
+    bad = tmp_path / "broken.mp3"
+    bad.write_bytes(b"\x00garbage" * 100)
+    missing = tmp_path / "missing.wav"
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        _run(repo, tmp_path / "out", "--shifts", "0", str(bad), str(missing), str(track))
+    assert exit_info.value.code == 1
+    assert "broken.mp3" in caplog.text and "missing.wav does not exist" in caplog.text
+    assert "2 of 3 track(s) could not be separated" in caplog.text
+    outputs = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
+                     if p.is_file())
+    assert outputs == sorted(Path("tiny/my song") / f"{s}.wav" for s in SOURCES)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--two-stems", "guitar"], 'stem "guitar" is not in selected model'),
+    (["-n", "transformer", "--segment", "2"], "Maximum segment is: 1"),
+    (["-n", "unknown"], "unknown"),
+    (["--filename", "{song}.{ext}"], "invalid --filename"),
+])
+def test_fatal_errors(repo, track, tmp_path, caplog, flags, message):
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        main(["-n", "tiny", "--repo", str(repo), "-o", str(tmp_path), "-d", "cpu", *flags,
+              str(track)])
+    assert exit_info.value.code == 1
+    assert message in caplog.text
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_no_tracks_and_list_models(repo, capsys, caplog):
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        main(["--repo", str(repo)])
+    assert exit_info.value.code == 1 and "no tracks" in caplog.text
+    main(["--list-models", "--repo", str(repo)])
+    out = capsys.readouterr().out
+    assert "tiny" in out and "transformer" in out
+
+
+def test_golden_unittest_package(golden_dir, tmp_path, track):
+    repo = tmp_path / "release_models"
+    repo.mkdir()
+    shutil.copy(golden_dir / "demucs_unittest" / "model.th", repo / "unittest_official.th")
+    _run(repo, tmp_path, "--shifts", "0", str(track), name="unittest_official")
+    info = soundfile.info(str(tmp_path / "unittest_official" / "my song" / "other.wav"))
+    assert (info.frames, info.channels) == (LENGTH, 2)

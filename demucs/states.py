@@ -295,7 +295,7 @@ def save_safetensors(package: Package, path: PathLike) -> Path:
         "training_args": json.dumps(package.get("training_args"), default=_json_default),
     }
     from safetensors.torch import save_file
-    tensors = {key: value.contiguous() for key, value in state.items()}
+    tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
     save_file(tensors, str(path), metadata=metadata)
     return Path(path)
 
@@ -321,7 +321,9 @@ def load_safetensors(path: PathLike) -> Package:
             "state": state, "training_args": decode("training_args")}
 
 
-def _read_package(path: Path) -> Package:
+def load_package(path: PathLike) -> Package:
+    """Read a package file (`.th` safely unpickled, or `.safetensors`) without building the model."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model package {path} does not exist")
     if path.suffix == ".safetensors":
@@ -367,7 +369,7 @@ def load_model(path_or_package: tp.Union[PathLike, Package], strict: bool = Fals
         package, origin = path_or_package, "package"
     elif isinstance(path_or_package, (str, Path)):
         origin = str(path_or_package)
-        package = _read_package(Path(path_or_package))
+        package = load_package(path_or_package)
     else:
         raise TypeError(f"load_model expects a path or a package dict, got {type(path_or_package)}")
     _check_package(package, origin)

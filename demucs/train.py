@@ -123,8 +123,11 @@ def _is_toy_dataset(args: DictConfig) -> bool:
 
 
 def _ensure_toy_dataset(args: DictConfig) -> None:
+    """Generate the toy MusDB at `dset.musdb` when missing (by worker 0, the others wait)."""
     from tools.toy_musdb import ensure_toy_musdb
-    ensure_toy_musdb(Path(args.dset.musdb))
+    if distrib.rank == 0:
+        ensure_toy_musdb(Path(args.dset.musdb))
+    distrib.barrier()
 
 
 def _check_soundstretch(args: DictConfig) -> None:

@@ -1,0 +1,156 @@
+"""Solver internals on in-memory data: batches per epoch, losses, EMAs and best state, SVD
+penalty, checkpoint atomicity and resume, checkpoint errors."""
+from pathlib import Path
+import typing as tp
+
+from omegaconf import OmegaConf
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from demucs import solver as solver_module
+from demucs.solver import CheckpointError, load_checkpoint, write_and_rename
+
+RATE = 8000
+SOURCES = ["drums", "bass", "other", "vocals"]
+
+
+class Stems(Dataset):
+    """Random stems `[S, C, T]` (with the mixture first when `with_mix`), counting reads."""
+
+    def __init__(self, items: int, with_mix: bool, length: int = RATE):
+        generator = torch.Generator().manual_seed(items)
+        self.stems = 0.1 * torch.randn(items, len(SOURCES), 2, length, generator=generator)
+        self.with_mix = with_mix
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.reads += 1
+        stems = self.stems[index]
+        return torch.cat([stems.sum(0, keepdim=True), stems]) if self.with_mix else stems
+
+
+@pytest.fixture
+def make_solver(tmp_path, monkeypatch) -> tp.Callable[..., tp.Any]:
+    """Build a Solver for `overrides` with in-memory loaders, inside a Dora XP under tmp_path."""
+    from demucs.train import get_solver, main
+    monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
+    monkeypatch.setattr(solver_module, "evaluate",
+                        lambda solver, compute_sdr=False: {"nsdr": 1.5, "sdr_called": compute_sdr})
+
+    def build(*overrides: str, train_items: int = 8):
+        argv = [f"dset.musdb={tmp_path / 'none'}", f"dset.samplerate={RATE}", "dset.segment=1",
+                "dset.shift=0.25", "model=demucs", "demucs.channels=4", "demucs.depth=2",
+                "batch_size=2", "augment.remix.group_size=2", "test.sdr=false", *overrides]
+        xp = main.get_xp(argv)
+        main.init_xp(xp)
+        with xp.enter():
+            solver = get_solver(xp.cfg, model_only=True)
+        solver.xp = xp
+        solver.loaders = {
+            "train": DataLoader(Stems(train_items, with_mix=False), batch_size=2, shuffle=True,
+                                drop_last=True),
+            "valid": DataLoader(Stems(2, with_mix=True), batch_size=1)}
+        return solver
+
+    return build
+
+
+@pytest.mark.parametrize("max_batches,expected", [(None, 4), (1, 1), (3, 3), (10, 4)])
+def test_epoch_runs_exactly_max_batches(make_solver, max_batches, expected):
+    solver = make_solver(f"max_batches={'null' if max_batches is None else max_batches}")
+    metrics = solver._run_one_epoch(0, train=True)
+    assert solver.loaders["train"].dataset.reads == 2 * expected
+    assert {"loss", "reco", "grad", "ms", "reco_drums"} <= set(metrics)
+
+
+def test_l1_and_mse_losses_match_hand_computation(make_solver):
+    solver = make_solver("optim.loss=mse")
+    torch.manual_seed(0)
+    estimate, sources = torch.randn(3, 4, 2, 10), torch.randn(3, 4, 2, 10)
+    weights = torch.tensor([1., 2., 0., 1.])
+    loss, reco = solver._loss(estimate, sources, weights)
+    per_item = ((estimate - sources) ** 2).mean(dim=(2, 3))
+    assert torch.allclose(loss, (per_item.sum(0) * weights).sum() / weights.sum())
+    assert torch.allclose(reco, per_item.sqrt().mean(0))
+    solver.args.optim.loss = "l1"
+    loss, reco = solver._loss(estimate, sources, weights)
+    per_source = (estimate - sources).abs().mean(dim=(2, 3)).mean(0)
+    assert torch.allclose(reco, per_source)
+    assert torch.allclose(loss, (per_source * weights).sum() / weights.sum())
+    solver.args.optim.loss = "huber"
+    with pytest.raises(ValueError, match="optim.loss='huber'"):
+        solver._loss(estimate, sources, weights)
+
+
+def test_train_validates_emas_keeps_best_and_resumes(make_solver):
+    overrides = ["epochs=2", "max_batches=2", "ema.batch=[0.9]", "ema.epoch=[0.5]",
+                 "svd.penalty=1e-4", "svd.min_size=0", "test.every=1", "save_every=1"]
+    solver = make_solver(*overrides)
+    with solver.xp.enter():
+        solver.train()
+    history = solver.history
+    assert len(history) == 2
+    valid = history[-1]["valid"]
+    assert {"main", "ema_batch_0", "ema_epoch_0", "bname", "best", "penalty"} <= set(valid)
+    assert valid["best"] == min(epoch["valid"]["loss"] for epoch in history)
+    assert history[0]["train"]["penalty"] > 0
+    assert history[-1]["test"] == {"nsdr": 1.5, "sdr_called": False}
+    folder = solver.folder
+    assert (folder / "checkpoint_1.th").exists() and not (folder / "checkpoint_2.th").exists()
+    assert not list(folder.glob(".*.tmp"))
+    package = load_checkpoint(folder / "checkpoint.th")
+    assert package["ema_batch_0"]["count"] > 0
+
+    resumed = make_solver(*overrides)
+    assert resumed.history == history
+    for key, value in resumed.emas["batch"][0].state.items():
+        assert torch.equal(value, solver.emas["batch"][0].state[key].cpu())
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, solver.model.state_dict()[key])
+    with resumed.xp.enter():
+        resumed.train()  # nothing left to do
+    assert len(resumed.history) == 2
+
+
+def test_nsdr_metric_prefers_higher(make_solver):
+    solver = make_solver("test.metric=nsdr")
+    assert solver._is_better(2., 1.) and not solver._is_better(1., 2.)
+    solver = make_solver()
+    assert solver._is_better(1., 2.)
+
+
+def test_write_and_rename_is_all_or_nothing(tmp_path):
+    target = tmp_path / "checkpoint.th"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with write_and_rename(target) as tmp:
+            tmp.write_text("half written")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+    with write_and_rename(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def _valid_package() -> dict:
+    return {"state": {"w": torch.ones(2)}, "optimizer": {}, "history": [], "best_state": None}
+
+
+def test_load_checkpoint_reports_truncation_and_foreign_files(tmp_path):
+    path = tmp_path / "checkpoint.th"
+    torch.save(_valid_package(), path)
+    assert torch.equal(load_checkpoint(path)["state"]["w"], torch.ones(2))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="corrupted or truncated") as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value) and "delete it" in str(error.value)
+    torch.save({"state": {}}, path)
+    with pytest.raises(CheckpointError, match="lacks the entries"):
+        load_checkpoint(path)

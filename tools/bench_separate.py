@@ -1,0 +1,75 @@
+"""Peak memory of the `demucs` command on long generated tracks (is it bounded by the duration?).
+
+    python -m tools.bench_separate [--minutes 10 60] [-n demucs_unittest] [--workdir DIR]
+
+Each track (stereo 44.1 kHz 16-bit wav, a few tones plus noise) is written in blocks, then
+separated by `python -m demucs` in a fresh process on CPU; the peak resident memory of that
+process (ru_maxrss) and the wall time are reported. Streaming separation should give about the
+same peak for every duration.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+import tempfile
+import time
+import typing as tp
+
+import numpy as np
+import soundfile
+
+SAMPLERATE = 44100
+_BLOCK_SECONDS = 60
+
+
+def generate_track(path: Path, minutes: float, seed: int = 0) -> None:
+    """Write a `minutes` long stereo track without holding it in memory."""
+    rng = np.random.default_rng(seed)
+    total = int(minutes * 60 * SAMPLERATE)
+    frequencies = np.array([55., 220., 440., 1320.])
+    with soundfile.SoundFile(str(path), "w", SAMPLERATE, 2, "PCM_16") as file:
+        for start in range(0, total, _BLOCK_SECONDS * SAMPLERATE):
+            count = min(total - start, _BLOCK_SECONDS * SAMPLERATE)
+            time_s = (start + np.arange(count)) / SAMPLERATE
+            tones = 0.1 * np.sin(2 * np.pi * frequencies[:, None] * time_s).sum(0)
+            noise = 0.05 * rng.standard_normal((count, 2))
+            file.write((tones[:, None] + noise).astype(np.float32))
+
+
+def measure(track: Path, out: Path, model: str, extra: tp.List[str]) -> tp.Dict[str, float]:
+    """Run the separation in a child process; its peak RSS (MiB) and wall time (s)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    command = [sys.executable, "-m", "demucs", "-n", model, "-d", "cpu", "-o", str(out),
+               *extra, str(track)]
+    begin = time.time()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with status {process.returncode}")
+    return {"peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": time.time() - begin}
+
+
+def main(argv: tp.Optional[tp.List[str]] = None) -> None:
+    parser = argparse.ArgumentParser("tools.bench_separate", description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[10., 60.])
+    parser.add_argument("-n", "--name", default="demucs_unittest")
+    parser.add_argument("--workdir", type=Path, help="Where tracks and outputs go (default: tmp).")
+    parser.add_argument("extra", nargs="*", help="Extra flags for `demucs` (after --).")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        results = {}
+        for minutes in args.minutes:
+            track = Path(tmp) / f"track_{minutes:g}min.wav"
+            generate_track(track, minutes)
+            results[f"{minutes:g}min"] = measure(track, Path(tmp) / "out", args.name, args.extra)
+            track.unlink()
+            print(f"{minutes:g} min: {json.dumps(results[f'{minutes:g}min'])}", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -154,7 +154,8 @@ class AudioFile:
     """An audio file on disk, described by ffprobe and decoded by ffmpeg (soundfile as fallback).
 
     `info` is the ffprobe JSON (`format`, `streams`), computed once. `len(AudioFile(p))` is the
-    number of audio streams; `channels(stream)`, `samplerate(stream)` and `duration()` describe them.
+    number of audio streams, described by `channels(stream)`, `samplerate(stream)` and
+    `duration()`.
     """
 
     def __init__(self, path: PathLike):
@@ -252,7 +253,8 @@ class AudioFile:
                      channels: tp.Optional[int]) -> torch.Tensor:
         native_channels = self.channels(position)
         if native_channels <= 0:
-            raise AudioReadError(f"Audio file {self.path} has no audio channels (stream {position}).")
+            raise AudioReadError(
+                f"Audio file {self.path} has no audio channels (stream {position}).")
         rate = samplerate or self.samplerate(position)
         wav = self._decode(position, native_channels, seek_time, duration, samplerate)
         self._check_not_truncated(wav, rate, seek_time, duration)
@@ -507,9 +509,11 @@ def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int 
     if wav.dim() == 1:
         wav = wav[None]
     if wav.dim() != 2:
-        raise ValueError(f"save_audio expects [channels, time] audio, got shape {tuple(wav.shape)}.")
+        raise ValueError(
+            f"save_audio expects [channels, time] audio, got shape {tuple(wav.shape)}.")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"Cannot save audio to {path}: folder {path.parent} does not exist.")
+        raise FileNotFoundError(
+            f"Cannot save audio to {path}: folder {path.parent} does not exist.")
     wav = prevent_clip(f32_pcm(wav.detach().cpu()), mode=clip)
     temp_path = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:

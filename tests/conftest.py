@@ -13,3 +13,17 @@ def golden_dir() -> Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"reference vectors not found at {GOLDEN} (they live in the team's shared/ folder)")
     return GOLDEN
+
+
+# A small toy MusDB: 4 train songs (2 named after MusDB validation tracks) and 2 test songs of 6 s.
+TOY_MUSDB = dict(tracks=4, valid_tracks=2, test_tracks=2, seconds=6.0, seed=1234)
+
+
+@pytest.fixture(scope="session")
+def toy_musdb(tmp_path_factory) -> Path:
+    """Root of a toy MusDB HQ (`train/`, `test/`, see TOY_MUSDB), generated once per session.
+
+    Shared by every test of the session: read it, never modify it.
+    """
+    from tools.toy_musdb import generate
+    return generate(tmp_path_factory.mktemp("toy") / "musdb", **TOY_MUSDB)

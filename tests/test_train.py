@@ -228,3 +228,72 @@ def test_ddp_two_workers_on_cpu(tiny_musdb, dora_dir):
     reference = [epoch["train"]["loss"] for epoch in history(xp_folder(dora_dir, argv + ["dummy=single"]))]
     # same data, same model: the curves have the same scale and direction
     assert losses[-1] == pytest.approx(reference[-1], rel=0.5)
+
+
+def _config(*overrides: str):
+    from demucs.train import main
+    return main.get_xp(list(overrides)).cfg
+
+
+def test_get_model_uses_config_section_and_dataset_settings():
+    from demucs.train import get_model
+    args = _config("model=hdemucs", "hdemucs.channels=4", "dset.segment=3", "dset.channels=1",
+                   "dset.sources=[a,b]")
+    model = get_model(args)
+    assert type(model).__name__ == "HDemucs"
+    assert model.sources == ["a", "b"] and model.audio_channels == 1
+    assert model.segment == 12 and model.samplerate == 44100
+    assert get_model(_config("model=demucs", "model_segment=44")).segment == 44
+
+
+def test_get_optimizer_gives_the_transformer_its_own_group():
+    from demucs.train import get_model, get_optimizer
+    args = _config("model=htdemucs", *TINY_MODELS["htdemucs"], "htdemucs.t_weight_decay=0.05",
+                   "htdemucs.t_lr=1e-4", "optim.optim=adamw", "optim.beta2=0.99")
+    model = get_model(args)
+    optimizer = get_optimizer(model, args)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    rest, transformer = optimizer.param_groups
+    assert transformer["weight_decay"] == 0.05 and transformer["lr"] == 1e-4
+    assert rest["lr"] == 3e-4 and rest["betas"] == (0.9, 0.99)
+    ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert len(transformer["params"]) == len(list(model.crosstransformer.parameters()))
+
+
+def test_torch_hdemucs_without_torchaudio_says_how_to_install(monkeypatch):
+    from demucs.train import TorchHDemucsWrapper
+    monkeypatch.setitem(sys.modules, "torchaudio", None)
+    monkeypatch.setitem(sys.modules, "torchaudio.models", None)
+    with pytest.raises(ImportError, match="torchaudio") as error:
+        TorchHDemucsWrapper(sources=SOURCES, samplerate=44100, segment=10)
+    assert torch.__version__.split("+")[0] in str(error.value)
+
+
+def test_missing_soundstretch_fails_before_loading_data(monkeypatch, tmp_path):
+    import shutil
+    from demucs.train import get_datasets
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    args = _config(f"dset.musdb={tmp_path}", "augment.repitch.proba=0.2")
+    with pytest.raises(RuntimeError, match="soundstretch.*augment.repitch.proba=0"):
+        get_datasets(args)
+
+
+def test_toy_dataset_is_generated_when_missing(monkeypatch, tmp_path):
+    import tools.toy_musdb
+    from demucs import train
+    calls = []
+    monkeypatch.setattr(tools.toy_musdb, "ensure_toy_musdb", lambda path: calls.append(path))
+    args = _config(f"dset.musdb={tmp_path / 'toy'}", "+dset.toy=true")
+    assert train._is_toy_dataset(args)
+    train._ensure_toy_dataset(args)
+    assert calls == [tmp_path / "toy"]
+    assert not train._is_toy_dataset(_config())
+
+
+def test_misc_show_logs_model_size_and_exits(caplog):
+    from demucs.train import get_solver
+    args = _config("model=demucs", *TINY_MODELS["demucs"], "misc.show=true")
+    with caplog.at_level("INFO"), pytest.raises(SystemExit):
+        get_solver(args)
+    assert "Size:" in caplog.text and "Field:" in caplog.text

@@ -526,7 +526,8 @@ class CrossTransformerEncoder(nn.Module):
 
         T2 = xt.shape[-1]
         xt = self.norm_in_t(xt.transpose(1, 2))
-        xt = xt + self.weight_pos_embed * self._get_pos_embedding(T2, B, C, x.device).transpose(0, 1)
+        pos_1d = self._get_pos_embedding(T2, B, C, x.device).transpose(0, 1)
+        xt = xt + self.weight_pos_embed * pos_1d
 
         for index in range(self.num_layers):
             if self._is_self_attention(index):

@@ -48,7 +48,8 @@ def test_children_order_and_shapes():
                      "channel_upsampler", "channel_downsampler", "channel_upsampler_t",
                      "channel_downsampler_t", "crosstransformer"]
     assert not any(layer.empty for layer in model.tencoder)
-    assert model.crosstransformer.layers[0].self_attn.embed_dim == 16 and model.channel_upsampler.in_channels == 64
+    assert model.channel_upsampler.in_channels == 64
+    assert model.crosstransformer.layers[0].self_attn.embed_dim == 16
 
 
 def test_branches_merging_before_the_transformer():

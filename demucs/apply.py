@@ -339,6 +339,9 @@ def _apply_leaf(model, mix, device, segment, lock, callback, callback_arg: dict)
 # Streaming: the same computation, yielding the output block by block.
 
 
+_STREAM_LOCK = Lock()
+
+
 class _ShiftedSplitRun:
     """One (model, shift) pass of the split computation, accumulated over a sliding window.
 
@@ -347,8 +350,9 @@ class _ShiftedSplitRun:
     """
 
     def __init__(self, model, length: int, shift_offset: int, max_shift: int,
-                 segment_length: int, stride: int, weight: torch.Tensor):
+                 segment_length: int, stride: int, weight: torch.Tensor, report_info: dict):
         self.model = model
+        self.report_info = report_info
         self.base = shift_offset - max_shift  # start of the shifted view in track coordinates
         self.view_length = length + max_shift - shift_offset
         self.segment_length = segment_length
@@ -364,15 +368,19 @@ class _ShiftedSplitRun:
         position = self.next_index * self.stride
         return self.base + position if position < self.view_length else float("inf")
 
-    def process_next(self, source, segment: tp.Optional[float], device) -> None:
+    def process_next(self, source, segment: tp.Optional[float], device,
+                     callback: tp.Optional[Callback] = None) -> None:
         position = self.next_index * self.stride
         chunk_length = min(self.segment_length, self.view_length - position)
         start = self.base + position
         input_length = leaf_input_length(self.model, chunk_length, segment)
         context = (input_length - chunk_length) // 2
         mix = read_padded(source, start - context, input_length)
+        info = _replace_dict(self.report_info, ("segment_offset", position))
+        _report(callback, info, _STREAM_LOCK, "start")
         with torch.no_grad():
             chunk_out = center_trim(self.model(mix.to(device)), chunk_length).cpu()
+        _report(callback, info, _STREAM_LOCK, "end")
         self._accumulate(chunk_out * self.weight[:chunk_length].cpu(), start - self.window_start,
                          self.weight[:chunk_length].cpu())
         self.next_index += 1
@@ -410,20 +418,24 @@ def _leaves_and_weights(model: nn.Module) -> tp.Tuple[tp.List[nn.Module], tp.Lis
 def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: float = 0.25,
                           transition_power: float = 1., device=None,
                           segment: tp.Optional[float] = None, progress: bool = False,
-                          block_seconds: float = 30.) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
+                          block_seconds: float = 30., callback: tp.Optional[Callback] = None,
+                          callback_arg: tp.Optional[dict] = None
+                          ) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
     """Yield `(start, estimates [1, S, C, n])` blocks of `apply_model(model, mix, split=True, ...)`.
 
     `source` gives the mixture `[1, C, T]` lazily: it needs `shape` and slicing on the last
     dimension (e.g. `source[..., a:b]`). Memory use depends on the segment length and the number
     of models and shifts, not on the duration. Random shifts are drawn from `random` in the same
-    order as `apply_model`, so both give the same result for the same seed.
+    order as `apply_model`, so both give the same result for the same seed. `callback` receives
+    the same dicts as with `apply_model` (in processing order, interleaved between models).
     """
     if transition_power < 1:
         raise ValueError(f"transition_power must be >= 1, got {transition_power}")
     device = torch.device("cpu") if device is None else torch.device(device)
     length = source.shape[-1]
     leaves, weights = _leaves_and_weights(model)
-    runs = _make_runs(leaves, length, shifts, overlap, transition_power, segment)
+    runs = _make_runs(leaves, length, shifts, overlap, transition_power, segment,
+                      _replace_dict(callback_arg, ("models", len(leaves))))
     for leaf in leaves:
         leaf.to(device)
         leaf.eval()
@@ -437,7 +449,7 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
     emitted = 0
     while emitted < length:
         _, index = heapq.heappop(heap)
-        flat[index][1].process_next(source, segment, device)
+        flat[index][1].process_next(source, segment, device, callback)
         heapq.heappush(heap, (flat[index][1].next_start(), index))
         frontier = min(length, heap[0][0])
         if frontier - emitted >= block_length or frontier >= length:
@@ -448,9 +460,10 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
 
 
 def _make_runs(leaves, length: int, shifts: int, overlap: float, transition_power: float,
-               segment: tp.Optional[float]) -> tp.List[tp.List[_ShiftedSplitRun]]:
+               segment: tp.Optional[float], report_info: dict
+               ) -> tp.List[tp.List[_ShiftedSplitRun]]:
     runs = []
-    for leaf in leaves:
+    for leaf_index, leaf in enumerate(leaves):
         segment_length = _segment_length(leaf, segment)
         stride = int((1 - overlap) * segment_length)
         if stride <= 0:
@@ -462,7 +475,10 @@ def _make_runs(leaves, length: int, shifts: int, overlap: float, transition_powe
         else:
             max_shift, offsets = 0, [0]
         runs.append([_ShiftedSplitRun(leaf, length, offset, max_shift, segment_length, stride,
-                                      weight) for offset in offsets])
+                                      weight, _replace_dict(report_info,
+                                                            ("model_idx_in_bag", leaf_index),
+                                                            ("shift_idx", shift_idx)))
+                     for shift_idx, offset in enumerate(offsets)])
     return runs
 
 

@@ -287,7 +287,7 @@ def main(opts: tp.Optional[tp.List[str]] = None) -> None:
         logger.info("Separating track %s", track)
         try:
             separate_track(separator, track, out, args, fmt)
-        except (LoadAudioError, SeparationError, ValueError, OSError) as error:
+        except (LoadAudioError, SeparationError, ValueError, OSError, RuntimeError) as error:
             logger.error("Could not separate %s: %s", track, error)
             failures += 1
     if failures:

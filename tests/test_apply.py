@@ -176,3 +176,19 @@ def test_streaming_matches_in_memory(length, shifts, overlap, block, seed):
     streamed = _streamed(bag, mix, shifts=shifts, overlap=overlap, block_seconds=block)
     assert streamed.shape == expected.shape
     assert torch.allclose(streamed, expected, atol=1e-6)
+
+
+def test_streaming_reports_the_same_evaluations_as_apply_model():
+    bag = BagOfModels([Scaler(1.), Scaler(2.)])
+    mix = _mix(230)
+    events, streamed_events = [], []
+    random.seed(5)
+    apply_model(bag, mix, shifts=2, overlap=0.25, callback=events.append)
+    random.seed(5)
+    list(apply_model_streaming(bag, mix, shifts=2, overlap=0.25, callback=streamed_events.append))
+
+    def keyed(items):
+        return sorted((e["model_idx_in_bag"], e["shift_idx"], e["segment_offset"], e["state"],
+                       e["models"]) for e in items)
+
+    assert keyed(streamed_events) == keyed(events)

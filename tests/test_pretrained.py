@@ -65,3 +65,9 @@ def test_local_repo_and_flags(tmp_path: Path):
         get_model("mymodel", repo=tmp_path / "missing")
     with pytest.raises(SystemExit):
         parser.parse_args(["-n", "a", "-s", "b"])
+
+
+def test_hubconf_exposes_get_model():
+    import hubconf
+    assert hubconf.get_model is get_model
+    assert "torch" in hubconf.dependencies

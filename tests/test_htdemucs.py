@@ -155,3 +155,14 @@ def test_golden_forward_matches_official(golden_dir):
         out = model(io["forward_mix"].clone())
     ref = io["forward_out"]
     assert float((out - ref).norm() / ref.norm()) <= 1e-4
+
+
+def test_package_round_trip_keeps_fraction_segment(tmp_path):
+    states = pytest.importorskip("demucs.states")
+    model = tiny(segment=Fraction(1, 4)).eval()
+    path = tmp_path / "htdemucs.th"
+    torch.save(states.serialize_model(model, {"name": "test"}, half=False), path)
+    loaded = states.load_model(str(path)).eval()
+    assert loaded.segment == Fraction(1, 4) and isinstance(loaded.segment, Fraction)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(mix(1900)), model(mix(1900)))

@@ -161,14 +161,13 @@ def test_missing_dataset(tmp_path):
 
 
 @pytest.mark.slow
-def test_automix_on_toy_musdb(request, tmp_path):
-    try:
-        toy = request.getfixturevalue("toy_musdb")
-    except pytest.FixtureLookupError:
-        pytest.skip("toy_musdb fixture (helper A's conftest) not available yet")
+def test_automix_on_toy_musdb(tmp_path):
+    """The documented command on a default-sized toy set (6 usable train tracks)."""
+    toy_musdb = pytest.importorskip("tools.toy_musdb")
+    toy = toy_musdb.generate(tmp_path / "toy", tracks=8, seconds=8.0, seed=42)
     out = tmp_path / "automix_toy"
     automix.main(["--musdb", str(toy), "--out", str(out), "--cache", str(tmp_path / "cache"),
-                  "-j", "2"])
+                  "--copies", "2", "-j", "2"])
     songs = [p for p in (out / "train").iterdir() if not p.name.startswith("rej_")]
     assert songs, "no song mixed from the toy set"
     for folder in songs:

@@ -113,20 +113,19 @@ def get_optimizer(model: nn.Module, args: DictConfig) -> torch.optim.Optimizer:
 
 
 def _is_toy_dataset(args: DictConfig) -> bool:
-    """True for `dset=toy` (the generated toy MusDB), read from Hydra's group choice or `dset.toy`."""
-    if args.dset.get("toy", False):
-        return True
-    from hydra.core.hydra_config import HydraConfig
-    if HydraConfig.initialized():
-        return HydraConfig.get().runtime.choices.get("dset") == "toy"
-    return False
+    """True for `dset=toy` (the generated toy MusDB), whose config has a `dset.toy` section."""
+    return args.dset.get("toy") is not None
 
 
 def _ensure_toy_dataset(args: DictConfig) -> None:
-    """Generate the toy MusDB at `dset.musdb` when missing (by worker 0, the others wait)."""
+    """Generate the toy MusDB at `dset.musdb` with the `dset.toy` settings when it is missing
+    (by worker 0, the others wait)."""
     from tools.toy_musdb import ensure_toy_musdb
+    settings = OmegaConf.to_container(args.dset.toy, resolve=True)
+    if not isinstance(settings, dict):
+        raise ValueError(f"dset.toy must hold the toy generation settings, got {settings!r}")
     if distrib.rank == 0:
-        ensure_toy_musdb(Path(args.dset.musdb))
+        ensure_toy_musdb(Path(args.dset.musdb), **settings)
     distrib.barrier()
 
 

@@ -283,11 +283,12 @@ def test_toy_dataset_is_generated_when_missing(monkeypatch, tmp_path):
     import tools.toy_musdb
     from demucs import train
     calls = []
-    monkeypatch.setattr(tools.toy_musdb, "ensure_toy_musdb", lambda path: calls.append(path))
-    args = _config(f"dset.musdb={tmp_path / 'toy'}", "+dset.toy=true")
+    monkeypatch.setattr(tools.toy_musdb, "ensure_toy_musdb",
+                        lambda path, **kwargs: calls.append((path, kwargs)))
+    args = _config("dset=toy", f"dset.musdb={tmp_path / 'toy'}", "dset.toy.tracks=3")
     assert train._is_toy_dataset(args)
     train._ensure_toy_dataset(args)
-    assert calls == [tmp_path / "toy"]
+    assert calls[0][0] == tmp_path / "toy" and calls[0][1]["tracks"] == 3
     assert not train._is_toy_dataset(_config())
 
 
@@ -297,3 +298,15 @@ def test_misc_show_logs_model_size_and_exits(caplog):
     with caplog.at_level("INFO"), pytest.raises(SystemExit):
         get_solver(args)
     assert "Size:" in caplog.text and "Field:" in caplog.text
+
+
+def test_dset_toy_generates_the_missing_set_and_trains(tmp_path, dora_dir):
+    musdb = tmp_path / "toy_musdb"
+    argv = ["dset=toy", f"dset.musdb={musdb}", f"dset.metadata={tmp_path / 'metadata'}",
+            "dset.toy.tracks=3", "dset.toy.valid_tracks=1", "dset.toy.test_tracks=1",
+            "dset.toy.seconds=2", "dset.segment=1", "epochs=1", "batch_size=2", "max_batches=1",
+            "misc.num_workers=0", "test.workers=0", "test.sdr=false", "augment.repitch.proba=0",
+            "augment.remix.group_size=2", "model=demucs", *TINY_MODELS["demucs"]]
+    dora_run(dora_dir, argv)
+    assert len(list((musdb / "train").iterdir())) == 3
+    assert len(history(xp_folder(dora_dir, argv))) == 1

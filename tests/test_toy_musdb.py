@@ -2,13 +2,14 @@
 import inspect
 from pathlib import Path
 
+from hypothesis import given, settings, strategies as st
 import numpy as np
 from omegaconf import OmegaConf
 import pytest
 import soundfile
 
 from tests.conftest import TOY_MUSDB
-from tools import toy_musdb
+from tools import demo as demo_tool, toy_musdb
 from tools.toy_musdb import (MUSDB_VALID_TRACKS, SOURCES, ensure_toy_musdb, generate,
                              make_track)
 
@@ -91,6 +92,17 @@ def test_same_seed_same_audio_other_seed_other_audio():
     assert not np.array_equal(first["mixture"], other["mixture"])
 
 
+@settings(max_examples=8, deadline=None)
+@given(seconds=st.floats(0.01, 1.5), seed=st.integers(0, 2 ** 31), samplerate=st.sampled_from(
+    [22050, 44100, 48000]))
+def test_any_duration_gives_consistent_stems(seconds, seed, samplerate):
+    track = make_track(seed, number=0, seconds=seconds, samplerate=samplerate)
+    length = int(round(seconds * samplerate))
+    assert {wav.shape for wav in track.values()} == {(2, length)}
+    total = sum(track[source].astype(np.int32) for source in SOURCES)
+    np.testing.assert_array_equal(track["mixture"], total)
+
+
 def test_generate_is_deterministic_on_disk(tmp_path):
     kwargs = dict(tracks=2, test_tracks=1, seconds=0.5, seed=7)
     one, two = generate(tmp_path / "one", **kwargs), generate(tmp_path / "two", **kwargs)
@@ -160,3 +172,14 @@ def test_toy_dset_config_matches_the_generator():
     assert (conf.dset.samplerate, conf.dset.channels) == (SR, 2)
     assert conf.dset.segment < conf.dset.toy.seconds
     inspect.signature(generate).bind("out", **conf.dset.toy)
+
+
+def test_demo_generates_then_reuses(tmp_path, capsys, monkeypatch):
+    small = dict(musdb="data/toy_musdb", toy=dict(tracks=2, test_tracks=1, seconds=0.3, seed=1))
+    monkeypatch.setattr(demo_tool.Demo, "toy_settings", property(lambda self: small))
+    assert demo_tool.main(["--workdir", str(tmp_path)]) == 0
+    first = capsys.readouterr().out
+    assert "[1/1] Generate the toy MusDB" in first and "Generated." in first
+    assert (tmp_path / "data" / "toy_musdb" / "train").is_dir()
+    assert demo_tool.main(["--workdir", str(tmp_path)]) == 0
+    assert "Already present" in capsys.readouterr().out

@@ -467,7 +467,8 @@ def early_reflections(mono: np.ndarray, rng: np.random.Generator, samplerate: in
     gains /= np.sqrt(np.sum(gains ** 2))
     out = np.zeros_like(mono)
     for delay, gain in zip(delays, gains):
-        out[delay:] += gain * mono[:len(mono) - delay]
+        if delay < len(mono):
+            out[delay:] += gain * mono[:len(mono) - delay]
     return out
 
 

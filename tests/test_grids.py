@@ -88,6 +88,13 @@ def test_grid_lists_the_documented_signatures(dry_run, grid):
     assert registered == sorted(listed), "--init must register exactly the listed XPs"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("grid, count", [("repro", 12), ("sdx23", 2)])
+def test_grids_without_reference_signatures_run(dry_run, grid, count):
+    listed, _ = dry_run(grid)
+    assert len(set(listed)) == count
+
+
 @pytest.mark.parametrize("grid", ["mdx", "mmi", "mmi_ft"])
 def test_grid_matches_upstream_listing(dry_run, grid):
     if not UPSTREAM_GRIDS.exists():
@@ -188,8 +195,6 @@ def test_outputs_tarball_makes_info_work_for_documented_signatures(tmp_path):
         tar.extractall(tmp_path, filter="data")
     for sig in ["81de367c", "0d19c1c6", "e51eebcc", "f7e0c4bc"]:
         assert f"Sheep({sig}" in run_dora(["info", "-f", sig], tmp_path / "outputs")
-    assert build(tmp_path / "again.tar.gz") == sigs
-    assert (tmp_path / "again.tar.gz").read_bytes() == tarball.read_bytes(), "not reproducible"
 
 
 def test_tarball_layout(tmp_path):
@@ -198,6 +203,8 @@ def test_tarball_layout(tmp_path):
         (tmp_path / "xps" / sig).mkdir(parents=True)
         (tmp_path / "xps" / sig / ".argv.json").write_text(json.dumps([f"seed={sig[:2]}"]))
     write_tarball(tmp_path / "xps", ["9357e12e", "81de367c", "9357e12e"], tmp_path / "o.tgz")
+    write_tarball(tmp_path / "xps", ["81de367c", "9357e12e"], tmp_path / "again.tgz")
+    assert (tmp_path / "o.tgz").read_bytes() == (tmp_path / "again.tgz").read_bytes()
     with tarfile.open(tmp_path / "o.tgz") as tar:
         names = tar.getnames()
         assert json.load(tar.extractfile("outputs/xps/81de367c/.argv.json")) == ["seed=81"]

@@ -51,8 +51,9 @@ def write_tarball(xps_dir: Path, sigs: tp.Iterable[str], output: Path) -> None:
     Entries are sorted and carry no time or owner, so the archive only changes with its content.
     """
     tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as compressed, \
+            tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar:
         _add_entry(tar, "outputs")
         _add_entry(tar, "outputs/xps")
         for sig in sorted(set(sigs)):

@@ -220,3 +220,28 @@ def _with_state(state: dict) -> Demucs:
     model = tiny_model()
     model.load_state_dict(state)
     return model
+
+
+def _rename_pickled_class(source: Path, target: Path, old: bytes, new: bytes) -> None:
+    """Copy a torch zip checkpoint, renaming a pickled `module\\nname` class reference."""
+    import zipfile
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            dst.writestr(info, data)
+
+
+def test_legacy_wdemucs_class_path_loads_as_hdemucs(tmp_path: Path):
+    hdemucs = pytest.importorskip("demucs.hdemucs")
+    pytest.importorskip("demucs.wdemucs")
+    torch.manual_seed(0)
+    model = hdemucs.HDemucs(SOURCES, channels=4, depth=2)
+    torch.save(serialize_model(model, None, half=False), tmp_path / "h.th")
+    _rename_pickled_class(tmp_path / "h.th", tmp_path / "w.th",
+                          b"demucs.hdemucs\nHDemucs\n", b"demucs.wdemucs\nWDemucs\n")
+    loaded = load_model(tmp_path / "w.th")
+    assert type(loaded) is hdemucs.HDemucs
+    assert_same_weights(loaded, model)

@@ -15,6 +15,7 @@ import shutil
 import struct
 import secrets
 import subprocess
+import tempfile
 import typing as tp
 
 import julius
@@ -31,6 +32,9 @@ CLIP_MODES = ("rescale", "clamp", "tanh", "none")
 # A decode may come out this much shorter than the probed duration (codec delay and padding, e.g.
 # one mp3 frame) before the file is reported as truncated.
 _SHORT_READ_TOLERANCE_S = 0.1
+# Codecs whose duration is read from the header rather than estimated from the bit rate: only for
+# them can a short decode be told apart from an inaccurate estimate (e.g. VBR mp3 without tag).
+_EXACT_DURATION_CODECS = ("pcm", "flac", "wav", "aiff", "alac", "wavpack")
 _I16_SCALE = 2 ** 15 - 1
 
 
@@ -103,7 +107,8 @@ def _probe_soundfile(path: Path) -> dict:
     except (soundfile.LibsndfileError, RuntimeError) as exc:
         raise AudioReadError(f"soundfile cannot read {path}: {exc}") from None
     duration = info.frames / info.samplerate if info.samplerate else 0.0
-    stream = {"index": 0, "codec_type": "audio", "channels": info.channels,
+    stream = {"index": 0, "codec_type": "audio", "codec_name": info.format.lower(),
+              "channels": info.channels,
               "sample_rate": str(info.samplerate), "duration": str(duration)}
     return {"format": {"duration": str(duration), "format_name": info.format},
             "streams": [stream], "backend": "soundfile"}
@@ -111,8 +116,12 @@ def _probe_soundfile(path: Path) -> dict:
 
 def _decode_ffmpeg(path: Path, stream_index: int, channels: int, seek_time: tp.Optional[float],
                    duration: tp.Optional[float], samplerate: tp.Optional[int]) -> torch.Tensor:
-    """Decode one stream (global index `stream_index`) to float32 `[channels, time]`."""
-    command = ["ffmpeg", "-nostdin", "-loglevel", "error"]
+    """Decode one stream (global index `stream_index`) to float32 `[channels, time]`.
+
+    ffmpeg writes raw samples to a temporary file that is then read in one go, so the memory used
+    is about the size of the decoded audio (the result is a transposed view, not a copy).
+    """
+    command = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error"]
     if seek_time:
         command += ["-ss", str(seek_time)]
     command += ["-i", str(path), "-map", f"0:{stream_index}"]
@@ -121,14 +130,15 @@ def _decode_ffmpeg(path: Path, stream_index: int, channels: int, seek_time: tp.O
     command += ["-threads", "1", "-f", "f32le", "-ac", str(channels)]
     if samplerate is not None:
         command += ["-ar", str(samplerate)]
-    command += ["-"]
-    result = subprocess.run(command, capture_output=True)
-    if result.returncode != 0:
-        message = _last_message(result.stderr.decode(errors="replace"))
-        raise AudioReadError(f"ffmpeg cannot decode {path}: {message}")
-    samples = np.frombuffer(result.stdout, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="demucs_decode_") as folder:
+        raw = Path(folder) / "audio.f32"
+        result = subprocess.run(command + [str(raw)], capture_output=True)
+        if result.returncode != 0:
+            message = _last_message(result.stderr.decode(errors="replace"))
+            raise AudioReadError(f"ffmpeg cannot decode {path}: {message}")
+        samples = np.fromfile(raw, dtype=np.float32) if raw.exists() else np.zeros(0, np.float32)
     usable = len(samples) - len(samples) % channels
-    return torch.from_numpy(samples[:usable].copy()).view(-1, channels).t().contiguous()
+    return torch.from_numpy(samples[:usable]).view(-1, channels).t()
 
 
 def _decode_soundfile(path: Path, seek_time: tp.Optional[float], duration: tp.Optional[float],
@@ -257,7 +267,7 @@ class AudioFile:
                 f"Audio file {self.path} has no audio channels (stream {position}).")
         rate = samplerate or self.samplerate(position)
         wav = self._decode(position, native_channels, seek_time, duration, samplerate)
-        self._check_not_truncated(wav, rate, seek_time, duration)
+        self._check_not_truncated(position, wav, rate, seek_time, duration)
         if channels is not None:
             wav = convert_audio_channels(wav, channels)
         if duration is not None:
@@ -281,10 +291,17 @@ class AudioFile:
             except AudioReadError as soundfile_error:
                 raise AudioReadError(f"{ffmpeg_error}; {soundfile_error}") from None
 
-    def _check_not_truncated(self, wav: torch.Tensor, rate: int, seek_time: tp.Optional[float],
-                             duration: tp.Optional[float]) -> None:
-        """Fail when the decoder stopped well before the duration the header promised."""
-        available = max(0.0, self.duration() - (seek_time or 0.0))
+    def _check_not_truncated(self, position: int, wav: torch.Tensor, rate: int,
+                             seek_time: tp.Optional[float], duration: tp.Optional[float]) -> None:
+        """Fail when the decoder stopped well before the duration the header promised.
+
+        Only for codecs with an exact duration in their header (PCM, FLAC...).
+        """
+        stream = self._audio_streams[position]
+        if not str(stream.get("codec_name", "")).startswith(_EXACT_DURATION_CODECS):
+            return
+        stream_duration = float(stream.get("duration", self.info["format"].get("duration", 0)))
+        available = max(0.0, stream_duration - (seek_time or 0.0))
         expected = available if duration is None else min(duration, available)
         decoded = wav.shape[-1] / rate
         if decoded < expected - _SHORT_READ_TOLERANCE_S:

@@ -1,7 +1,9 @@
 """Audio I/O: round trips per format, mp3 length, conversions and the clear read errors."""
 import math
 from pathlib import Path
+import shutil
 import struct
+import subprocess
 
 from hypothesis import given, settings, strategies as st
 import numpy as np
@@ -82,6 +84,23 @@ def test_read_seek_duration_and_streams(tmp_path):
     assert torch.allclose(part, wav[:, start:start + part.shape[-1]], atol=1e-6)
     stacked = file.read(duration=0.1)
     assert stacked.shape == (1, 2, int(0.1 * SR))
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg to build the file")
+def test_read_several_streams(tmp_path):
+    first, second = tonal_audio(seconds=0.5), -0.5 * tonal_audio(seconds=0.5)
+    save_audio(first, tmp_path / "a.wav", SR, as_float=True, clip="none")
+    save_audio(second, tmp_path / "b.wav", SR, as_float=True, clip="none")
+    both = tmp_path / "both.mka"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "a.wav"), "-i",
+                    str(tmp_path / "b.wav"), "-map", "0", "-map", "1", "-c:a", "pcm_f32le",
+                    str(both)], check=True)
+    file = AudioFile(both)
+    assert len(file) == 2
+    stacked = file.read()
+    assert stacked.shape == (2, 2, first.shape[-1])
+    assert torch.allclose(stacked[1], second, atol=1e-6)
+    assert torch.allclose(file.read(streams=[1, 0])[1], first, atol=1e-6)
 
 
 def test_read_resamples_and_converts_channels(tmp_path):

@@ -23,7 +23,7 @@ TOY_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "dset" / "toy.yam
 
 @dataclass
 class Demo:
-    """What the steps share: the folder the demo works in (paths of the configs are relative to it)."""
+    """What the steps share: the folder the demo works in (config paths are relative to it)."""
     workdir: Path
 
     @property

@@ -305,3 +305,28 @@ def list_models(repo: tp.Optional[Path] = None) -> tp.Dict[str, tp.Dict[str, tp.
         model_repo = LocalRepo(Path(repo))
         bag_repo = BagOnlyRepo(Path(repo), model_repo)
     return {"single": model_repo.list_model(), "bag": bag_repo.list_model()}
+
+
+def _demo(argv: tp.Optional[tp.List[str]] = None) -> None:
+    """`python -m demucs.api` takes the `demucs` flags and separates in memory with `Separator`."""
+    from .separate import get_parser
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    separator = Separator(model=args.name or DEFAULT_MODEL, repo=args.repo, device=args.device,
+                          shifts=args.shifts, split=args.split, overlap=args.overlap,
+                          progress=True, jobs=args.jobs, segment=args.segment)
+    ext = "mp3" if args.mp3 else "flac" if args.flac else "wav"
+    for track in args.tracks:
+        _, stems = separator.separate_audio_file(track)
+        for stem, source in stems.items():
+            path = args.out / (args.name or DEFAULT_MODEL) / args.filename.format(
+                track=track.stem, trackext=track.suffix.lstrip("."), stem=stem, ext=ext)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_audio(source, path, samplerate=separator.samplerate, bitrate=args.mp3_bitrate,
+                       preset=args.mp3_preset, clip=args.clip_mode, as_float=args.float32,
+                       bits_per_sample=24 if args.int24 else 16)
+            logger.info("Saved %s", path)
+
+
+if __name__ == "__main__":
+    _demo()

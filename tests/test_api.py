@@ -123,3 +123,12 @@ def test_list_models(repo: Path):
     assert sorted(models["single"]) == ["tiny", "transformer"]
     assert list(models["bag"]) == ["duo"]
     assert "htdemucs" in list_models()["bag"]
+
+
+def test_module_demo_writes_stems(repo: Path, track: Path, tmp_path: Path):
+    from demucs.api import _demo
+    _demo(["-n", "tiny", "--repo", str(repo), "-d", "cpu", "-o", str(tmp_path), "--shifts", "0",
+           "--flac", str(track)])
+    written = sorted(p.name for p in (tmp_path / "tiny" / "song").iterdir())
+    assert written == sorted(f"{name}.flac" for name in SOURCES)
+    assert soundfile.info(str(tmp_path / "tiny" / "song" / "bass.flac")).frames == int(1.3 * SAMPLERATE)

@@ -17,7 +17,7 @@ from .utils import center_trim, unfold
 
 
 class BLSTM(nn.Module):
-    """Bidirectional LSTM over the time axis of a `[B, C, T]` tensor, projected back to `C` channels.
+    """Bidirectional LSTM over the time of a `[B, C, T]` tensor, projected back to `C` channels.
 
     Long inputs can be processed as half-overlapping windows of `max_steps` frames, which bounds the
     sequence length seen by the LSTM; only the centre of each window is kept when stitching back.
@@ -90,7 +90,8 @@ class LocalState(nn.Module):
     def __init__(self, channels: int, heads: int = 4, nfreqs: int = 0, ndecay: int = 4):
         super().__init__()
         if channels % heads != 0:
-            raise ValueError(f"LocalState channels ({channels}) must be divisible by heads ({heads})")
+            raise ValueError(
+                f"LocalState channels ({channels}) must be divisible by heads ({heads})")
         self.heads = heads
         self.nfreqs = nfreqs
         self.ndecay = ndecay
@@ -193,7 +194,8 @@ class DConv(nn.Module):
             return nn.GroupNorm(1, dim) if norm else nn.Identity()
 
         return [
-            nn.Conv1d(channels, hidden, kernel, dilation=dilation, padding=dilation * (kernel // 2)),
+            nn.Conv1d(channels, hidden, kernel, dilation=dilation,
+                      padding=dilation * (kernel // 2)),
             make_norm(hidden),
             nn.GELU() if gelu else nn.ReLU(),
             nn.Conv1d(hidden, 2 * channels, 1),

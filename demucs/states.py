@@ -1,8 +1,8 @@
 """Model state utilities: constructor capture, model packages (save/load), state copies and swaps.
 
 A *package* is the dict `{klass, args, kwargs, state, training_args}` from which a model is rebuilt:
-`klass(*args, **kwargs)` then `set_state`. It is stored with `torch.save` (`.th`, the official Demucs
-format) or as `.safetensors` (tensors + JSON metadata, as Demucs 4.1 publishes its models).
+`klass(*args, **kwargs)` then `set_state`. It is stored with `torch.save` (`.th`, the official
+Demucs format) or as `.safetensors` (tensors + JSON metadata, as Demucs 4.1 publishes its models).
 
 Loading never runs arbitrary pickled code: `.th` files are read with `torch.load(weights_only=True)`
 and only the globals listed in `ALLOWED_GLOBALS` (model classes, `fractions.Fraction`, numpy scalars
@@ -87,7 +87,8 @@ def _check_diffq() -> None:
         raise ImportError("Quantized models need diffq: run `pip install diffq`.") from exc
 
 
-def get_quantizer(model: nn.Module, args: tp.Any, optimizer: tp.Optional[torch.optim.Optimizer] = None):
+def get_quantizer(model: nn.Module, args: tp.Any,
+                  optimizer: tp.Optional[torch.optim.Optimizer] = None):
     """Quantizer from the `quant` config section: DiffQ when `args.diffq` (a penalty weight),
     uniform quantization-aware training with `args.qat` bits, else None."""
     if args.diffq:
@@ -112,7 +113,8 @@ def get_state(model: nn.Module, quantizer: tp.Any = None, half: bool = False) ->
         state["__quantized"] = True
         return state
     dtype = torch.half if half else None
-    return {key: value.data.to(device="cpu", dtype=dtype) for key, value in model.state_dict().items()}
+    return {key: value.data.to(device="cpu", dtype=dtype)
+            for key, value in model.state_dict().items()}
 
 
 def set_state(model: nn.Module, state: dict, quantizer: tp.Any = None) -> dict:
@@ -130,7 +132,7 @@ def set_state(model: nn.Module, state: dict, quantizer: tp.Any = None) -> dict:
 
 
 def _load_checked_state(model: nn.Module, state: tp.Mapping[str, torch.Tensor]) -> None:
-    """`model.load_state_dict(state)` with errors that name the missing/unexpected/mis-shaped keys."""
+    """`model.load_state_dict(state)`, with errors naming missing/unexpected/mis-shaped keys."""
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -317,12 +319,13 @@ def load_safetensors(path: PathLike) -> Package:
     def decode(key: str) -> tp.Any:
         return json.loads(metadata.get(key, "null"), object_hook=_json_object_hook)
 
-    return {"klass": _resolve_global(klass_name), "args": decode("args"), "kwargs": decode("kwargs"),
+    return {"klass": _resolve_global(klass_name), "args": decode("args"),
+            "kwargs": decode("kwargs"),
             "state": state, "training_args": decode("training_args")}
 
 
 def load_package(path: PathLike) -> Package:
-    """Read a package file (`.th` safely unpickled, or `.safetensors`) without building the model."""
+    """Read a package file (`.th`, safely unpickled, or `.safetensors`) without building it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model package {path} does not exist")
@@ -330,7 +333,8 @@ def load_package(path: PathLike) -> Package:
         return load_safetensors(path)
     package = _torch_load_safe(path)
     if not isinstance(package, dict):
-        raise ModelPackageError(f"{path} holds a {type(package).__name__}, not a model package dict")
+        raise ModelPackageError(
+            f"{path} holds a {type(package).__name__}, not a model package dict")
     return package
 
 
@@ -354,7 +358,8 @@ def _known_kwargs(klass: type, kwargs: dict) -> dict:
         if key in parameters:
             kept[key] = value
         else:
-            warnings.warn(f"Dropping inexistant parameter {key} (not an argument of {klass.__name__})")
+            warnings.warn(
+                f"Dropping inexistant parameter {key} (not an argument of {klass.__name__})")
     return kept
 
 

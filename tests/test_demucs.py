@@ -53,7 +53,7 @@ def test_convolutions_lose_no_sample_at_valid_length():
     x = torch.randn(1, 2, length)
     for encode in model.encoder:
         x = encode(x)
-    for index, decode in enumerate(model.decoder):
+    for decode in model.decoder:
         x = decode(x)
     assert x.shape[-1] == length
 
@@ -88,8 +88,10 @@ def test_v2_layout_has_82_entries():
 
 def test_legacy_v2_keys_are_remapped():
     model = tiny_demucs(dconv_mode=0)
-    legacy = {key.replace(".3.", ".2.") if key.startswith(("encoder.0.", "decoder.0.")) else key: value
-              for key, value in model.state_dict().items()}
+    def legacy_name(key: str) -> str:
+        return key.replace(".3.", ".2.") if key.startswith(("encoder.0.", "decoder.0.")) else key
+
+    legacy = {legacy_name(key): value for key, value in model.state_dict().items()}
     assert "encoder.0.2.weight" in legacy
     fresh = tiny_demucs(dconv_mode=0, rescale=0)
     fresh.load_state_dict(legacy)

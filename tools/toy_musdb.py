@@ -274,6 +274,7 @@ def drum_pattern(rng: np.random.Generator) -> tp.Dict[str, np.ndarray]:
 
 
 def render_drums(song: Song, rng: np.random.Generator) -> np.ndarray:
+    """The track's one-bar pattern repeated, with velocity and timing variations and fills."""
     pattern = drum_pattern(rng)
     sounds = {"kick": kick_sound(rng, song.samplerate), "snare": snare_sound(rng, song.samplerate),
               "hat": hat_sound(rng, song.samplerate, rng.uniform(0.015, 0.04))}
@@ -302,7 +303,7 @@ def render_bass(song: Song, rng: np.random.Generator) -> np.ndarray:
         if not rhythm[(step // 2) % 8]:
             continue
         root = song.chord_root(step)
-        degree = root + int(rng.choice([0, 0, 0, 4, 7], p=[0.5, 0.2, 0.1, 0.1, 0.1]))
+        degree = root + int(rng.choice([0, 4, 7], p=[0.8, 0.1, 0.1]))  # root, fifth, octave.
         onsets.append(step * song.step_seconds)
         durations.append(2 * song.step_seconds * gate)
         pitches.append(song.pitch(degree, octave=-1))

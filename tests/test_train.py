@@ -310,3 +310,13 @@ def test_dset_toy_generates_the_missing_set_and_trains(tmp_path, dora_dir):
     dora_run(dora_dir, argv)
     assert len(list((musdb / "train").iterdir())) == 3
     assert len(history(xp_folder(dora_dir, argv))) == 1
+
+
+def test_bench_uses_the_released_htdemucs_training_length():
+    from demucs.grids.mmi import HTDEMUCS
+    from demucs.train import main
+    from tools.bench import RELEASED_HTDEMUCS_SIG, released_htdemucs_config, training_length
+    assert main.get_xp(main.value_to_argv(HTDEMUCS)).sig == RELEASED_HTDEMUCS_SIG
+    cfg = released_htdemucs_config()
+    assert cfg.htdemucs.bottom_channels == 512 and cfg.htdemucs.t_layers == 5
+    assert training_length(cfg) == 343980  # 10 s x 0.88 repitch crop - 1 s shift, at 44.1 kHz

@@ -75,7 +75,7 @@ def _audio_info(path: Path) -> _StemInfo:
 def _read_audio(path: Path, offset: int = 0, frames: int = -1) -> torch.Tensor:
     """Read `frames` frames (all when -1) of `path` starting at `offset`, as a float `[C, T]` tensor."""
     data, _ = soundfile.read(str(path), start=offset, frames=frames, dtype="float32", always_2d=True)
-    return torch.from_numpy(data.T.copy())
+    return torch.from_numpy(data).t()
 
 
 def _write_audio_atomic(path: Path, wav: torch.Tensor, samplerate: int) -> None:
@@ -365,11 +365,12 @@ class Wavset:
         if meta["samplerate"] != self.samplerate:
             example = julius.resample_frac(example, meta["samplerate"], self.samplerate)
         if self.normalize:
-            example = (example - meta["mean"]) / meta["std"]
+            example.sub_(meta["mean"]).div_(meta["std"])
         if self.segment is not None:
             length = int(self.segment * self.samplerate)
             example = example[..., :length]
-            example = F.pad(example, (0, length - example.shape[-1]))
+            if example.shape[-1] < length:
+                example = F.pad(example, (0, length - example.shape[-1]))
         return example
 
 

@@ -1,5 +1,6 @@
 """Pre-trained model lookup: release file list, bag yamls, local repos and the test model."""
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,17 @@ def test_hubconf_exposes_get_model():
     import hubconf
     assert hubconf.get_model is get_model
     assert "torch" in hubconf.dependencies
+
+
+@pytest.mark.slow
+def test_test_pretrained_tool_scores_a_local_model(toy_musdb: Path, tmp_path: Path, capsys):
+    from demucs.states import serialize_model
+    from tools.test_pretrained import main
+    torch.manual_seed(0)
+    model = HDemucs(sources=SOURCES, channels=4)
+    torch.save(serialize_model(model, {}), tmp_path / "tiny.th")
+    main(["-n", "tiny", "--repo", str(tmp_path), "dset=toy", f"dset.musdb={toy_musdb}",
+          "test.sdr=false", "test.workers=0", "test.shifts=0", f"dora.dir={tmp_path / 'dora'}"])
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(scores) >= {f"nsdr_{name}" for name in SOURCES} | {"nsdr"}
+    assert abs(scores["nsdr"] - sum(scores[f"nsdr_{name}"] for name in SOURCES) / 4) < 1e-6

@@ -207,6 +207,21 @@ def test_continue_from_with_finetune_variant(finished_xp, monkeypatch):
     assert len(metrics) == 1 and "nsdr" in metrics[0]["test"]
 
 
+def test_continue_pretrained_loads_a_model_from_a_local_repo(finished_xp, tmp_path, monkeypatch):
+    outputs, argv, folder = finished_xp
+    from demucs.train import get_solver, main
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / f"{folder.name}.th").write_bytes((folder / "best.th").read_bytes())
+    monkeypatch.setattr(main.dora, "dir", outputs)
+    xp = main.get_xp(argv + [f"continue_pretrained={folder.name}", f"pretrained_repo={repo}"])
+    with xp.enter():
+        solver = get_solver(xp.cfg, model_only=True)
+    best = torch.load(folder / "checkpoint.th", weights_only=True)["best_state"]
+    for key, value in solver.model.state_dict().items():
+        assert torch.equal(value, best[key])
+
+
 def test_continue_from_unknown_sig_is_reported(finished_xp):
     outputs, argv, _ = finished_xp
     proc = dora_run(outputs, argv + ["continue_from=deadbeef"], check=False)
@@ -217,7 +232,8 @@ def test_continue_from_unknown_sig_is_reported(finished_xp):
 @pytest.mark.slow
 def test_ddp_two_workers_on_cpu(tiny_musdb, dora_dir):
     argv = base_argv(tiny_musdb, epochs=2) + ["batch_size=4", "augment.remix.group_size=2"]
-    dora_run(dora_dir, argv, "-d", "--ddp_workers", "2", timeout=600)
+    proc = dora_run(dora_dir, argv, "-d", "--ddp_workers", "2", timeout=600)
+    assert "Distributed init: 0/2" in proc.stdout
     folder = xp_folder(dora_dir, argv)
     metrics = history(folder)
     assert len(metrics) == 2

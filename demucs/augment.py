@@ -1,4 +1,4 @@
-"""Data augmentations applied on the GPU to training batches of stems `[batch, sources, channels, time]`.
+"""Augmentations of training batches of stems `[batch, sources, channels, time]`, on any device.
 
 Each module is active only in training mode (except `Shift`, which also trims in eval mode so that
 lengths match) and draws its randomness from torch's global generator.
@@ -88,7 +88,8 @@ class Remix(nn.Module):
                              f"augment.remix.group_size={group_size}")
         groups = batch // group_size
         wav = wav.view(groups, group_size, sources, channels, time)
-        order = torch.argsort(torch.rand(groups, group_size, sources, 1, 1, device=wav.device), dim=1)
+        keys = torch.rand(groups, group_size, sources, 1, 1, device=wav.device)
+        order = torch.argsort(keys, dim=1)
         wav = wav.gather(1, order.expand(-1, -1, -1, channels, time))
         return wav.reshape(batch, sources, channels, time)
 

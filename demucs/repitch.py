@@ -1,5 +1,4 @@
 """Pitch and tempo augmentation through the `soundstretch` program (SoundTouch)."""
-import logging
 import random
 import shutil
 import subprocess
@@ -10,7 +9,6 @@ from pathlib import Path
 import soundfile
 import torch
 
-logger = logging.getLogger(__name__)
 
 SOUNDSTRETCH = "soundstretch"
 

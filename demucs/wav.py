@@ -2,10 +2,10 @@
 
 A *track* is a leaf folder holding one `{source}.wav` per stem and a `mixture.wav` (created as the
 sum of the stems when missing). Per-track metadata (`length`, `mean`, `std`, `samplerate`) is cached
-as JSON in `dset.metadata`. Unlike upstream Demucs, the cache also records the size and modification
-time of every audio file so that it is refreshed automatically, and only for the tracks that changed,
-when a track is added, removed or modified. Bad data is reported before training starts, all
-problems at once, in a single `DatasetError`.
+as JSON in `dset.metadata`. Unlike upstream Demucs, the cache also records the size and
+modification time of every audio file so that it is refreshed automatically, and only for the
+tracks that changed, when a track is added, removed or modified. Bad data is reported before
+training starts, all problems at once, in a single `DatasetError`.
 """
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +46,8 @@ class DatasetError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
         super().__init__(
-            f"{len(self.problems)} problem(s) found in {context}, fix them and start again:\n{lines}")
+            f"{len(self.problems)} problem(s) found in {context}, "
+            f"fix them and start again:\n{lines}")
 
 
 class TrackError(Exception):
@@ -73,8 +74,9 @@ def _audio_info(path: Path) -> _StemInfo:
 
 
 def _read_audio(path: Path, offset: int = 0, frames: int = -1) -> torch.Tensor:
-    """Read `frames` frames (all when -1) of `path` starting at `offset`, as a float `[C, T]` tensor."""
-    data, _ = soundfile.read(str(path), start=offset, frames=frames, dtype="float32", always_2d=True)
+    """Read `frames` frames (all when -1) of `path` from `offset`, as a float `[C, T]` tensor."""
+    data, _ = soundfile.read(str(path), start=offset, frames=frames, dtype="float32",
+                             always_2d=True)
     return torch.from_numpy(data).t()
 
 
@@ -103,7 +105,7 @@ def _find_tracks(root: Path) -> tp.List[str]:
 
 
 def _fingerprint(track: Path, ext: str) -> tp.Dict[str, tp.List[int]]:
-    """`{file name: [size, mtime_ns]}` for each audio file of a track folder (a stat, no reading)."""
+    """`{file name: [size, mtime_ns]}` of each audio file of a track folder (stat, no reading)."""
     prints = {}
     for entry in os.scandir(track):
         if entry.name.endswith(ext) and not entry.name.startswith("."):
@@ -123,7 +125,8 @@ def _check_stems(track: Path, stems: tp.Sequence[str], ext: str) -> tp.List[_Ste
         if info.samplerate != reference.samplerate:
             raise TrackError(
                 f"{info.path}: sample rate {info.samplerate} Hz differs from "
-                f"{reference.path.name} ({reference.samplerate} Hz); resample the stems to one rate")
+                f"{reference.path.name} ({reference.samplerate} Hz); "
+                "resample the stems to one rate")
         if info.frames != reference.frames:
             raise TrackError(
                 f"{info.path}: length {info.frames} frames differs from {reference.path.name} "
@@ -277,7 +280,9 @@ def cached_metadata(cache_file: tp.Union[str, Path], roots: tp.Dict[str, Path],
     barrier()
     if rank != 0:
         cached = _load_json(cache_file)
-    assert cached is not None
+    if cached is None:
+        raise FileNotFoundError(f"metadata cache {cache_file} was not written by rank 0: "
+                                "dset.metadata must be on a file system shared by all workers")
     return cached["splits"]
 
 

@@ -57,7 +57,7 @@ def tiny_set(tmp_path_factory):
 
 
 def true_analysis(track: Path):
-    """What a perfect analysis returns for the synthetic tracks (keeps librosa out of fast tests)."""
+    """A perfect analysis of the synthetic tracks (keeps librosa out of the fast tests)."""
     if track.name not in TRACKS:
         return {"rejected": "silent drums"}
     bpm, key, phase = TRACKS[track.name]

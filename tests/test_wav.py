@@ -335,3 +335,19 @@ def test_dset_groups_compose():
             if group != "musdb44":
                 assert cfg.dset.wav, group
     assert cfg.dset.use_musdb is False and cfg.dset.backend == "soundfile"
+
+
+def test_only_rank_zero_builds_the_cache(tmp_path, monkeypatch):
+    wav_folder(tmp_path, train=1, valid=1)
+    dset = make_dset(tmp_path)
+    waits = []
+    monkeypatch.setattr(wav, "_distributed", lambda: (1, lambda: waits.append(1)))
+    with pytest.raises(FileNotFoundError, match="shared by all workers"):
+        wav.get_wav_datasets(dset)  # rank 1 waits then reads; nothing was built by rank 0
+    assert waits == [1]
+    monkeypatch.setattr(wav, "_distributed", lambda: (0, lambda: None))
+    wav.get_wav_datasets(dset)
+    monkeypatch.setattr(wav, "_distributed", lambda: (1, lambda: None))
+    headers, _ = count_reads(monkeypatch)
+    train, _ = wav.get_wav_datasets(dset)
+    assert len(train) == 2 and headers.calls == 0

@@ -106,7 +106,8 @@ def load_stem(track: Path, source: str, samplerate: int = SR) -> torch.Tensor:
 
 def _analysis_key(track: Path) -> str:
     stats = [(track / f"{s}.wav").stat() for s in ["drums", "bass"]]
-    signature = [str(track.resolve()), ANALYSIS_VERSION] + [[s.st_size, s.st_mtime_ns] for s in stats]
+    signature: tp.List[tp.Any] = [str(track.resolve()), ANALYSIS_VERSION]
+    signature += [[stat.st_size, stat.st_mtime_ns] for stat in stats]
     return hashlib.sha1(json.dumps(signature).encode()).hexdigest()
 
 
@@ -122,7 +123,7 @@ def _frame_rms(mono: np.ndarray) -> np.ndarray:
 
 
 def analyse_track(track: Path) -> tp.Dict[str, tp.Any]:
-    """Tempo and beats from the drums, key profile from the bass; `{"rejected": why}` if unusable."""
+    """Tempo and beats from the drums, key profile from the bass; `{"rejected": why}` if unfit."""
     import librosa
     drums = load_stem(track, "drums", ANALYSIS_SR).mean(0).numpy()
     if _frame_rms(drums).max() < SILENCE_RMS:
@@ -235,7 +236,8 @@ def render_part(root: Path, part: Part, reference_beats: tp.Sequence[float]) -> 
 
 
 def write_track(folder: Path, stems: tp.Dict[str, torch.Tensor]) -> None:
-    """Write stems cropped to the shortest, scaled so the mixture peaks below 1/1.01, and their sum."""
+    """Write the stems cropped to the shortest, scaled so their sum (the mixture, also written)
+    peaks below 1/1.01."""
     length = min(stem.shape[-1] for stem in stems.values())
     stems = {source: stem[:, :length] for source, stem in stems.items()}
     peak = sum(stems.values()).abs().max().item()

@@ -334,6 +334,7 @@ class Wavset:
         self.channels = channels
         self.samplerate = samplerate
         self.ext = ext
+        self._names = list(self.metadata)
         self.num_examples = [self._examples_in(meta) for meta in self.metadata.values()]
         self._ends = list(np.cumsum(self.num_examples))
 
@@ -354,7 +355,7 @@ class Wavset:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a Wavset of {len(self)} examples")
         track_index = bisect.bisect_right(self._ends, index)
-        name = list(self.metadata)[track_index]
+        name = self._names[track_index]
         start = self._ends[track_index - 1] if track_index else 0
         return self._example(name, index - start)
 
@@ -443,6 +444,9 @@ def get_musdb_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
     train_meta = {name: meta for name, meta in metadata.items()
                   if dset.train_valid or name not in valid_tracks}
     valid_meta = {name: meta for name, meta in metadata.items() if name in valid_tracks}
+    if not valid_meta:
+        logger.warning("%s holds none of the MusDB validation tracks: the MusDB valid set is "
+                       "empty", root)
     common = {"samplerate": dset.samplerate, "channels": dset.channels,
               "normalize": dset.normalize}
     train_set = Wavset(root, train_meta, list(dset.sources), segment=dset.segment,

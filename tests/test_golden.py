@@ -14,7 +14,7 @@ import typing as tp
 import pytest
 import torch
 
-from demucs.states import load_model
+from demucs.states import load_model, load_package, serialize_model
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 GOLDEN = SHARED / "golden"
@@ -62,6 +62,26 @@ def test_golden_case(golden_dir: Path, case: str):
         with torch.no_grad():
             applied = apply_model(model, io["apply_mix"].clone(), **io["apply_kwargs"])
         assert relative_error(applied, io["apply_out"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", _case_names())
+def test_our_package_has_the_official_structure(golden_dir: Path, case: str, tmp_path: Path):
+    """Re-serializing a reference model gives the same package: the format is the contract."""
+    folder = golden_dir / case
+    spec = json.loads((folder / "case.json").read_text())
+    require_module(spec["class"].rsplit(".", 1)[0])
+    official = load_package(folder / "model.th")
+    ours = serialize_model(load_model(official), official["training_args"], half=spec["half_state"])
+    assert set(ours) == set(official)
+    assert ours["klass"] is official["klass"]
+    assert list(ours["args"]) == list(official["args"]) and ours["kwargs"] == official["kwargs"]
+    assert list(ours["state"]) == list(official["state"])
+    for key, value in official["state"].items():
+        assert (ours["state"][key].dtype, ours["state"][key].shape) == (value.dtype, value.shape)
+        torch.testing.assert_close(ours["state"][key], value, rtol=0, atol=0, msg=key)
+    torch.save(ours, tmp_path / "ours.th")
+    assert (torch.serialization.get_unsafe_globals_in_checkpoint(str(tmp_path / "ours.th"))
+            == torch.serialization.get_unsafe_globals_in_checkpoint(str(folder / "model.th")))
 
 
 def official_layout(section: str) -> tp.Tuple[tp.Dict[str, tp.Tuple[int, ...]], int]:

@@ -47,6 +47,10 @@ golden: setup
 lint: setup
 	$(PY) -m flake8 demucs tools tests
 
+# Dora argv of the released XPs: `tar xvf outputs.tar.gz` makes `dora info -f SIG` work.
+outputs.tar.gz: setup conf/config.yaml $(wildcard demucs/grids/*.py conf/*/*.yaml)
+	$(PY) -m tools.make_outputs -o $@
+
 dist: setup
 	$(PY) setup.py sdist
 

@@ -8,9 +8,8 @@ HERE = Path(__file__).parent
 
 def read_requirements(name: str) -> list:
     """Requirement lines of `name`, without comments and `-r` includes."""
-    lines = (HERE / name).read_text().splitlines()
-    return [line.strip() for line in lines
-            if line.strip() and not line.startswith(("#", "-r"))]
+    lines = (line.split("#")[0].strip() for line in (HERE / name).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("-r")]
 
 
 def read_version() -> str:

@@ -1,10 +1,15 @@
 """tools.export: release packages from a solver's best state (fp16 or quantized, segment, metrics)."""
 from fractions import Fraction
+import os
 from pathlib import Path
+import subprocess
+import sys
 import types
 
+import numpy as np
 from omegaconf import OmegaConf
 import pytest
+import soundfile
 import torch
 
 from demucs.augment import Shift
@@ -85,3 +90,48 @@ def test_unknown_signature_fails_cleanly(tmp_path: Path, monkeypatch, caplog):
         main(["ffffffff", "-o", str(tmp_path)])
     assert exit_info.value.code == 1
     assert "Cannot export ffffffff" in caplog.text
+
+
+def _write_song(folder: Path, rate: int, seconds: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    stems = [(0.2 * rng.standard_normal((int(seconds * rate), 2))).astype(np.float32)
+             for _ in SOURCES]
+    for name, stem in zip(SOURCES, stems):
+        soundfile.write(str(folder / f"{name}.wav"), stem, rate, subtype="FLOAT")
+    soundfile.write(str(folder / "mixture.wav"), sum(stems), rate, subtype="FLOAT")
+
+
+@pytest.mark.slow
+def test_trained_xp_exports_and_separates(tmp_path: Path, monkeypatch):
+    """dora run of a tiny HTDemucs XP, tools.export, then the `demucs` command on the package."""
+    from demucs.separate import main as separate
+    from demucs.train import main as train_main
+    from demucs.wav import _get_musdb_valid
+    rate = 8000
+    musdb = tmp_path / "musdb"
+    for index, name in enumerate(["Toy - One", "Toy - Two"] + _get_musdb_valid()[:2]):
+        _write_song(musdb / "train" / name, rate, 3, index)
+    _write_song(musdb / "test" / "Toy - Test", rate, 2, 9)
+    argv = [f"dset.musdb={musdb}", f"dset.musdb_samplerate={rate}", f"dset.samplerate={rate}",
+            f"dset.metadata={tmp_path / 'metadata'}", "dset.segment=1", "dset.shift=0.5",
+            "epochs=1", "batch_size=2", "max_batches=1", "misc.num_workers=0", "test.workers=0",
+            "test.sdr=false", "augment.repitch.proba=0", "augment.remix.group_size=2",
+            "model=htdemucs", "htdemucs.channels=8", "htdemucs.depth=2", "htdemucs.nfft=64",
+            "htdemucs.t_layers=1", "htdemucs.t_heads=1"]
+    outputs = tmp_path / "outputs"
+    env = dict(os.environ, _DORA_TEST_PATH=str(outputs), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "dora", "run", *argv], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    monkeypatch.setattr(train_main.dora, "dir", outputs)
+    sig = train_main.get_xp(argv).sig
+    main([sig, "-o", str(tmp_path / "release_models"), "--sign"])
+    model = LocalRepo(tmp_path / "release_models").get_model(sig)
+    assert model.segment == Fraction(1, 2)  # 1 s examples minus the 0.5 s random shift
+    track = tmp_path / "song.wav"
+    soundfile.write(str(track), np.zeros((rate * 2, 2), np.float32) + 0.1, rate)
+    separate(["-n", sig, "--repo", str(tmp_path / "release_models"), "-o", str(tmp_path / "sep"),
+              "-d", "cpu", "--shifts", "0", str(track)])
+    info = soundfile.info(str(tmp_path / "sep" / sig / "song" / "vocals.wav"))
+    assert (info.frames, info.channels, info.samplerate) == (2 * rate, 2, rate)

@@ -441,16 +441,16 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
         leaf.eval()
     totals = [sum(column) for column in zip(*weights)]
     block_length = max(1, int(block_seconds * leaves[0].samplerate))
-    flat = [(leaf_index, run) for leaf_index, leaf_runs in enumerate(runs) for run in leaf_runs]
-    heap = [(run.next_start(), index) for index, (_, run) in enumerate(flat)]
+    flat = [run for leaf_runs in runs for run in leaf_runs]
+    heap = [(run.next_start(), index) for index, run in enumerate(flat)]
     heapq.heapify(heap)
     bar = tqdm.tqdm(total=length, unit_scale=1 / leaves[0].samplerate, ncols=120,
                     unit="seconds", disable=not progress)
     emitted = 0
     while emitted < length:
-        _, index = heapq.heappop(heap)
-        flat[index][1].process_next(source, segment, device, callback)
-        heapq.heappush(heap, (flat[index][1].next_start(), index))
+        _, index = heapq.heappop(heap)  # the run whose next segment starts first
+        flat[index].process_next(source, segment, device, callback)
+        heapq.heappush(heap, (flat[index].next_start(), index))
         frontier = min(length, heap[0][0])
         if frontier - emitted >= block_length or frontier >= length:
             yield emitted, _combine(runs, weights, totals, int(frontier))

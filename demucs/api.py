@@ -27,6 +27,7 @@ __all__ = ["Separator", "list_models", "save_audio", "LoadAudioError", "LoadMode
 
 logger = logging.getLogger(__name__)
 _BLOCK_FRAMES = 2 ** 16
+_SHORT_READ_TOLERANCE_S = 0.1  # codec delay and padding (e.g. one mp3 frame)
 
 
 class LoadAudioError(Exception):
@@ -146,6 +147,14 @@ class DecodedTrack:
             errors = process.stderr.read().decode(errors="replace").strip()
         if process.returncode != 0:
             raise LoadAudioError(f"ffmpeg cannot decode {self.path}: {errors.splitlines()[-1:]}")
+        self._check_not_truncated(audio.duration())
+
+    def _check_not_truncated(self, expected_seconds: float) -> None:
+        decoded = self.length / self.samplerate
+        if decoded < expected_seconds - _SHORT_READ_TOLERANCE_S:
+            raise LoadAudioError(f"audio file {self.path} is truncated or corrupt: expected "
+                                 f"{expected_seconds:.2f} s of audio, could decode only "
+                                 f"{decoded:.2f} s.")
 
     def _append_all(self, audio: AudioFile) -> None:
         """Fallback without ffmpeg: decode in one go (memory grows with the duration)."""

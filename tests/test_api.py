@@ -132,3 +132,14 @@ def test_module_demo_writes_stems(repo: Path, track: Path, tmp_path: Path):
     written = sorted(p.name for p in (tmp_path / "tiny" / "song").iterdir())
     assert written == sorted(f"{name}.flac" for name in SOURCES)
     assert soundfile.info(str(tmp_path / "tiny" / "song" / "bass.flac")).frames == int(1.3 * SAMPLERATE)
+
+
+def test_truncated_file_is_refused_in_both_modes(repo: Path, track: Path, tmp_path: Path):
+    truncated = tmp_path / "cut.wav"
+    data = track.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])  # header still announces the full length
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    with pytest.raises(LoadAudioError, match="cut.wav"):
+        separator.separate_audio_file(truncated)
+    with pytest.raises(LoadAudioError, match="cut.wav is truncated"):
+        list(separator.separate_audio_file_in_blocks(truncated))

@@ -145,18 +145,20 @@ class Solver:
         for kind, emas in self.emas.items():
             for k, ema in enumerate(emas):
                 package[f"ema_{kind}_{k}"] = ema.state_dict()
+        if self.best_changed:
+            # best.th first: a crash before checkpoint.th is written replays the epoch, which
+            # rewrites best.th if needed.
+            best = states.serialize_model(self.model, self.args)
+            best["state"] = self.best_state
+            with write_and_rename(self.best_file) as tmp:
+                torch.save(best, tmp)
+            self.best_changed = False
         with write_and_rename(self.checkpoint_file) as tmp:
             torch.save(package, tmp)
         every = self.args.save_every
         if every and (epoch + 1) % every == 0 and epoch + 1 != self.args.epochs:
             with write_and_rename(self.folder / f"checkpoint_{epoch + 1}.th") as tmp:
                 torch.save(package, tmp)
-        if self.best_changed:
-            best = states.serialize_model(self.model, self.args)
-            best["state"] = self.best_state
-            with write_and_rename(self.best_file) as tmp:
-                torch.save(best, tmp)
-            self.best_changed = False
 
     def _reset(self) -> None:
         """Resume from this XP's checkpoint, or start from a pretrained model / another XP."""
@@ -164,7 +166,8 @@ class Solver:
         if self.checkpoint_file.exists():
             logger.info("Loading checkpoint %s", self.checkpoint_file)
             self._resume(load_checkpoint(self.checkpoint_file))
-        elif args.continue_pretrained:
+            return
+        if args.continue_pretrained:
             self._load_pretrained(args.continue_pretrained, args.pretrained_repo)
         elif args.continue_from:
             self._continue_from(str(args.continue_from))

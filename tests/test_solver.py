@@ -1,6 +1,6 @@
 """Solver internals on in-memory data: batches per epoch, losses, EMAs and best state, SVD
 penalty, checkpoint atomicity and resume, checkpoint errors."""
-from pathlib import Path
+import json
 import typing as tp
 
 from omegaconf import OmegaConf
@@ -154,3 +154,16 @@ def test_load_checkpoint_reports_truncation_and_foreign_files(tmp_path):
     torch.save({"state": {}}, path)
     with pytest.raises(CheckpointError, match="lacks the entries"):
         load_checkpoint(path)
+
+
+def test_history_without_checkpoint_restarts_cleanly(make_solver):
+    solver = make_solver("epochs=1", "max_batches=1")
+    with solver.xp.enter():
+        solver.train()
+    (solver.folder / "checkpoint.th").unlink()
+    fresh = make_solver("epochs=1", "max_batches=1")
+    assert fresh.history == []
+    with fresh.xp.enter():
+        fresh.train()
+    assert len(fresh.history) == 1 and (fresh.folder / "checkpoint.th").exists()
+    assert len(json.loads((fresh.folder / "history.json").read_text())) == 1

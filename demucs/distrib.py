@@ -35,7 +35,8 @@ def init() -> None:
 
 def is_distributed() -> bool:
     """True when the process group is up and holds more than one worker."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size > 1
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return initialized and world_size > 1
 
 
 def _reduce_device() -> torch.device:
@@ -93,7 +94,8 @@ def share(obj: tp.Any = None, src: int = 0) -> tp.Any:
     return pickle.loads(bytes(payload.cpu().tolist()))
 
 
-def loader(dataset: Dataset, *args, shuffle: bool = False, klass=DataLoader, **kwargs) -> DataLoader:
+def loader(dataset: Dataset, *args, shuffle: bool = False, klass=DataLoader,
+           **kwargs) -> DataLoader:
     """A data loader that gives each worker its own shard of `dataset`.
 
     With `shuffle`, a `DistributedSampler` is used (call `loader.sampler.set_epoch` for a new order

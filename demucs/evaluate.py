@@ -42,8 +42,9 @@ def eval_track(references: torch.Tensor, estimates: torch.Tensor, win: int, hop:
                compute_sdr: bool = True) -> tp.Tuple[tp.Optional[tuple], torch.Tensor]:
     """Score the `[S, C, T]` estimates of one track against its references.
 
-    Returns `(bss_scores, nsdr)`: `bss_scores` is museval's `(SDR, ISR, SIR, SAR)`, each `[S, frames]`
-    over `win`-sample windows every `hop` samples (None unless `compute_sdr`), and `nsdr` is `[S]`.
+    Returns `(bss_scores, nsdr)`: `bss_scores` is museval's `(SDR, ISR, SIR, SAR)`, each
+    `[S, frames]` over `win`-sample windows every `hop` samples (None unless `compute_sdr`), and
+    `nsdr` is `[S]`.
     """
     references = references.transpose(1, 2).double()
     estimates = estimates.transpose(1, 2).double()
@@ -64,7 +65,8 @@ def _test_set(args) -> musdb.DB:
 
 
 def _separate_track(solver, track) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """Separate one MusDB track with the solver's model; returns (references, estimates) [S, C, T]."""
+    """Separate one MusDB track with the solver's model; returns (references, estimates), both
+    `[S, C, T]`."""
     args = solver.args
     model = solver.model
     src_rate = args.dset.musdb_samplerate
@@ -96,7 +98,7 @@ def _save_estimates(solver, name: str, estimates: torch.Tensor) -> None:
 
 def _track_scores(sources: tp.Sequence[str], result) -> TrackScores:
     bss, nsdr = result
-    scores: TrackScores = {source: {"nsdr": [float(nsdr[idx])]} for idx, source in enumerate(sources)}
+    scores: TrackScores = {source: {"nsdr": [float(value)]} for source, value in zip(sources, nsdr)}
     if bss is not None:
         sdr, isr, sir, sar = bss
         for idx, source in enumerate(sources):
@@ -139,7 +141,8 @@ def evaluate(solver, compute_sdr: bool = False) -> tp.Dict[str, float]:
     pool_class = futures.ProcessPoolExecutor if args.test.workers else DummyPoolExecutor
     pendings = []
     with pool_class(args.test.workers) as pool:
-        for index in tqdm(indexes, desc="Eval (separation)", disable=distrib.rank != 0, leave=False):
+        for index in tqdm(indexes, desc="Eval (separation)", disable=distrib.rank != 0,
+                          leave=False):
             track = test_set.tracks[index]
             references, estimates = _separate_track(solver, track)
             if args.test.save:

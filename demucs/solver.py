@@ -60,7 +60,9 @@ def load_checkpoint(path: Path) -> dict:
             "It is corrupted or truncated. Training was NOT restarted, to keep the XP history. "
             f"Restore it from a copy or a `checkpoint_<epoch>.th` in {path.parent} (rename it to "
             "checkpoint.th), or delete it to train this XP again from scratch.") from error
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(package, dict) or key not in package]
+    if not isinstance(package, dict):
+        package = {}
+    missing = [key for key in CHECKPOINT_KEYS if key not in package]
     if missing:
         raise CheckpointError(f"Training checkpoint {path} lacks the entries {missing}; it was not "
                               "written by the Demucs solver. Move it away to start from scratch.")
@@ -181,8 +183,8 @@ class Solver:
             for k, ema in enumerate(emas):
                 key = f"ema_{kind}_{k}"
                 if key not in package:
-                    raise CheckpointError(f"{self.checkpoint_file} has no {key}: it was written with "
-                                          "another ema.* configuration.")
+                    raise CheckpointError(f"{self.checkpoint_file} has no {key}: it was written "
+                                          "with another ema.* configuration.")
                 ema.load_state_dict(package[key])
 
     def _load_pretrained(self, name: str, repo: tp.Optional[str]) -> None:
@@ -327,7 +329,8 @@ class Solver:
         return itertools.islice(loader, total), total
 
     def _run_one_epoch(self, epoch: int, train: bool = True) -> dict:
-        """One pass over the train or valid loader; returns the epoch's mean metrics (all workers)."""
+        """One pass over the train or valid loader; returns the epoch's mean metrics over all
+        workers."""
         args = self.args
         batches, total = self._batches(epoch, train)
         label = "Train" if train else "Valid"

@@ -21,14 +21,16 @@ def power_iteration(matrix: torch.Tensor, niters: int = 1, bs: int = 1) -> torch
     return norm.mean()
 
 
-# Shared generator deciding whether a call computes the penalty (`proba`), seeded for reproducibility.
+# Shared generator deciding whether a call computes the penalty (`proba`), seeded for
+# reproducibility.
 penalty_rng = random.Random(1234)
 
 
 def _as_matrix(module: nn.Module, param: torch.Tensor, convtr: bool, conv_only: bool
                ) -> tp.Optional[torch.Tensor]:
     """The 2-D view of `param` the penalty applies to, or None when it is skipped."""
-    if convtr and isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and param.dim() in [3, 4]:
+    transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d))
+    if convtr and transposed and param.dim() in [3, 4]:
         param = param.transpose(0, 1).contiguous()
     if param.dim() in [3, 4]:
         return param.view(len(param), -1)

@@ -49,7 +49,8 @@ class TorchHDemucsWrapper(nn.Module):
         try:
             from torchaudio.models import HDemucs as TorchHDemucs
         except ImportError as error:
-            raise ImportError(TORCHAUDIO_HINT.format(torch=torch.__version__.split("+")[0])) from error
+            version = torch.__version__.split("+")[0]
+            raise ImportError(TORCHAUDIO_HINT.format(torch=version)) from error
         self.samplerate = kwargs.pop("samplerate")
         self.segment = kwargs.pop("segment")
         self.sources = kwargs["sources"]
@@ -138,7 +139,8 @@ def _check_soundstretch(args: DictConfig) -> None:
 
 
 def _add_wav2(args: DictConfig, train_set, valid_set):
-    """Append the `dset.wav2` dataset, repeating the main train set so wav2 has weight `wav2_weight`."""
+    """Append the `dset.wav2` dataset; the main train set is repeated so that wav2 gets the
+    fraction `wav2_weight` of the examples."""
     from .wav import get_wav_datasets
     extra_train, extra_valid = get_wav_datasets(args.dset, "wav2")
     weight = args.dset.get("wav2_weight")
@@ -178,7 +180,8 @@ def get_datasets(args: DictConfig):
     if args.dset.valid_samples is not None:
         valid_set = random_subset(valid_set, args.dset.valid_samples)
     if len(train_set) == 0:
-        raise ValueError(f"No training data: check dset.musdb={args.dset.musdb} / dset.wav={args.dset.wav}.")
+        raise ValueError(f"No training data: check dset.musdb={args.dset.musdb} / "
+                         f"dset.wav={args.dset.wav}.")
     if args.augment.repitch.proba:
         sources = list(args.dset.sources)
         vocals = [sources.index("vocals")] if "vocals" in sources else []
@@ -224,7 +227,8 @@ def get_solver(args: DictConfig, model_only: bool = False):
     train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
                                   num_workers=num_workers, drop_last=True)
     if args.dset.full_cv:
-        valid_loader = distrib.loader(valid_set, batch_size=1, shuffle=False, num_workers=num_workers)
+        valid_loader = distrib.loader(valid_set, batch_size=1, shuffle=False,
+                                      num_workers=num_workers)
     else:
         valid_loader = distrib.loader(valid_set, batch_size=args.batch_size, shuffle=False,
                                       num_workers=num_workers, drop_last=True)

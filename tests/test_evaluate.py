@@ -1,4 +1,4 @@
-"""new_sdr against a hand computation, museval scoring, aggregation, and evaluate() on a tiny MusDB."""
+"""new_sdr against a hand computation, museval scoring, aggregation, evaluate() on a tiny MusDB."""
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -3,7 +3,6 @@ penalty, checkpoint atomicity and resume, checkpoint errors."""
 import json
 import typing as tp
 
-from omegaconf import OmegaConf
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset

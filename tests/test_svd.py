@@ -60,4 +60,5 @@ def test_proba_skips_and_rescales(monkeypatch):
     monkeypatch.setattr(svd.penalty_rng, "random", lambda: 0.9)
     assert svd_penalty(model, min_size=0, exact=True, proba=0.5) == 0.
     monkeypatch.setattr(svd.penalty_rng, "random", lambda: 0.1)
-    assert float(svd_penalty(model, min_size=0, exact=True, proba=0.5)) == pytest.approx(2 * exact, rel=1e-5)
+    rescaled = float(svd_penalty(model, min_size=0, exact=True, proba=0.5))
+    assert rescaled == pytest.approx(2 * exact, rel=1e-5)

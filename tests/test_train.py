@@ -43,7 +43,7 @@ def _write_track(folder: Path, rng: np.random.Generator, seconds: float) -> None
 
 @pytest.fixture(scope="module")
 def tiny_musdb(tmp_path_factory) -> Path:
-    """MusDB layout at 8 kHz: 4 training tracks, 2 named like musdb validation tracks, 2 test tracks."""
+    """MusDB layout at 8 kHz: 4 train tracks (2 with musdb validation names), 2 test tracks."""
     from demucs.wav import _get_musdb_valid
     root = tmp_path_factory.mktemp("tiny_musdb")
     rng = np.random.default_rng(0)
@@ -239,9 +239,9 @@ def test_ddp_two_workers_on_cpu(tiny_musdb, dora_dir):
     assert len(metrics) == 2
     losses = [epoch["train"]["loss"] for epoch in metrics]
     assert all(np.isfinite(losses))
-    single = dora_run(dora_dir, argv + ["dummy=single"])
-    assert single.returncode == 0
-    reference = [epoch["train"]["loss"] for epoch in history(xp_folder(dora_dir, argv + ["dummy=single"]))]
+    dora_run(dora_dir, argv + ["dummy=single"])
+    single_folder = xp_folder(dora_dir, argv + ["dummy=single"])
+    reference = [epoch["train"]["loss"] for epoch in history(single_folder)]
     # same data, same model: the curves have the same scale and direction
     assert losses[-1] == pytest.approx(reference[-1], rel=0.5)
 

@@ -61,7 +61,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def run_train_steps(batch_size: int, steps: int, warmup: int, device_name: str) -> dict:
-    """Time `steps` training steps (after `warmup` ones) of the released htdemucs at `batch_size`."""
+    """Time `steps` training steps (after `warmup` untimed ones) of the released htdemucs."""
     from demucs.train import get_model, get_optimizer
     device = torch.device(device_name)
     cfg = released_htdemucs_config()
@@ -106,7 +106,8 @@ def _child(queue, *args) -> None:
         queue.put({"error": f"{type(error).__name__}: {error}"})
 
 
-def bench_train(batch_sizes: tp.Sequence[int], steps: int, warmup: int, device: str) -> tp.List[dict]:
+def bench_train(batch_sizes: tp.Sequence[int], steps: int, warmup: int,
+                device: str) -> tp.List[dict]:
     """Run `run_train_steps` for each batch size in its own process."""
     context = mp.get_context("spawn")
     results = []

@@ -166,3 +166,14 @@ def test_history_without_checkpoint_restarts_cleanly(make_solver):
         fresh.train()
     assert len(fresh.history) == 1 and (fresh.folder / "checkpoint.th").exists()
     assert len(json.loads((fresh.folder / "history.json").read_text())) == 1
+
+
+@pytest.mark.parametrize("quant", ["quant.diffq=1e-4", "quant.qat=8"])
+def test_quantization_adds_model_size(make_solver, quant):
+    pytest.importorskip("diffq")
+    solver = make_solver(quant, "quant.min_size=0.001", "demucs.channels=8", "max_batches=1")
+    assert solver.quantizer is not None
+    metrics = solver._run_one_epoch(0, train=True)
+    assert metrics["ms"] > 0
+    if quant.startswith("quant.diffq"):
+        assert any(len(group["params"]) for group in solver.optimizer.param_groups[1:])

@@ -282,8 +282,8 @@ class Separator:
         with DecodedTrack(Path(file), self._samplerate, self._audio_channels) as track:
             callback_arg = _replace_dict(self._callback_arg, ("audio_length", track.length))
             blocks = apply_model_streaming(self._model, track, block_seconds=block_seconds,
-                                           callback=self._callback, callback_arg=callback_arg,
-                                           **self._apply_kwargs())
+                                           num_workers=self._jobs, callback=self._callback,
+                                           callback_arg=callback_arg, **self._apply_kwargs())
             for start, out in blocks:
                 out = track.normalisation.revert(out)
                 origin = track.original(start, start + out.shape[-1])

@@ -6,8 +6,10 @@ padding, and bags of models weighted per source. `apply_model_streaming` compute
 output block by block, reading the mixture from any sliceable source, so that memory stays bounded
 for tracks of any duration.
 """
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import heapq
+import itertools
 import logging
 import random
 from threading import Lock
@@ -345,7 +347,7 @@ _STREAM_LOCK = Lock()
 class _ShiftedSplitRun:
     """One (model, shift) pass of the split computation, accumulated over a sliding window.
 
-    Segments are processed in time order; samples before the next segment's start receive no
+    Segments are accumulated in time order; samples before the next segment's start receive no
     further contribution, so they can be normalised and released.
     """
 
@@ -357,43 +359,45 @@ class _ShiftedSplitRun:
         self.view_length = length + max_shift - shift_offset
         self.segment_length = segment_length
         self.stride = stride
-        self.weight = weight
-        self.next_index = 0
+        self.weight = weight.cpu()
         self.window_start = self.base
         self.out: tp.Optional[torch.Tensor] = None
         self.sum_weight = torch.zeros(0)
 
-    def next_start(self) -> float:
-        """Track position of the next segment to process (inf when done)."""
-        position = self.next_index * self.stride
-        return self.base + position if position < self.view_length else float("inf")
+    def starts(self) -> tp.Iterator[int]:
+        """Track position of each segment, in order."""
+        for position in range(0, self.view_length, self.stride):
+            yield self.base + position
 
-    def process_next(self, source, segment: tp.Optional[float], device,
-                     callback: tp.Optional[Callback] = None) -> None:
-        position = self.next_index * self.stride
-        chunk_length = min(self.segment_length, self.view_length - position)
-        start = self.base + position
+    def read_input(self, source, start: int, segment: tp.Optional[float]) -> torch.Tensor:
+        """The model input for the segment at `start`, with its context (zeros off the track)."""
+        chunk_length = self._chunk_length(start)
         input_length = leaf_input_length(self.model, chunk_length, segment)
-        context = (input_length - chunk_length) // 2
-        mix = read_padded(source, start - context, input_length)
-        info = _replace_dict(self.report_info, ("segment_offset", position))
+        return read_padded(source, start - (input_length - chunk_length) // 2, input_length)
+
+    def _chunk_length(self, start: int) -> int:
+        return min(self.segment_length, self.base + self.view_length - start)
+
+    def evaluate(self, mix: torch.Tensor, start: int, device, callback) -> torch.Tensor:
+        """Model output for the segment at `start` (thread safe)."""
+        info = _replace_dict(self.report_info, ("segment_offset", start - self.base))
         _report(callback, info, _STREAM_LOCK, "start")
         with torch.no_grad():
-            chunk_out = center_trim(self.model(mix.to(device)), chunk_length).cpu()
+            out = center_trim(self.model(mix.to(device)), self._chunk_length(start)).cpu()
         _report(callback, info, _STREAM_LOCK, "end")
-        self._accumulate(chunk_out * self.weight[:chunk_length].cpu(), start - self.window_start,
-                         self.weight[:chunk_length].cpu())
-        self.next_index += 1
+        return out
 
-    def _accumulate(self, weighted: torch.Tensor, at: int, weight: torch.Tensor) -> None:
-        end = at + weighted.shape[-1]
+    def accumulate(self, chunk_out: torch.Tensor, start: int) -> None:
+        weight = self.weight[:chunk_out.shape[-1]]
+        at = start - self.window_start
+        end = at + chunk_out.shape[-1]
         if self.out is None:
-            self.out = torch.zeros(*weighted.shape[:-1], 0)
+            self.out = torch.zeros(*chunk_out.shape[:-1], 0)
         if end > self.out.shape[-1]:
             grow = end - self.out.shape[-1]
             self.out = F.pad(self.out, (0, grow))
             self.sum_weight = F.pad(self.sum_weight, (0, grow))
-        self.out[..., at:end] += weighted
+        self.out[..., at:end] += weight * chunk_out
         self.sum_weight[at:end] += weight
 
     def pop(self, until: int) -> torch.Tensor:
@@ -418,16 +422,18 @@ def _leaves_and_weights(model: nn.Module) -> tp.Tuple[tp.List[nn.Module], tp.Lis
 def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: float = 0.25,
                           transition_power: float = 1., device=None,
                           segment: tp.Optional[float] = None, progress: bool = False,
-                          block_seconds: float = 30., callback: tp.Optional[Callback] = None,
+                          num_workers: int = 0, block_seconds: float = 30.,
+                          callback: tp.Optional[Callback] = None,
                           callback_arg: tp.Optional[dict] = None
                           ) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
     """Yield `(start, estimates [1, S, C, n])` blocks of `apply_model(model, mix, split=True, ...)`.
 
     `source` gives the mixture `[1, C, T]` lazily: it needs `shape` and slicing on the last
-    dimension (e.g. `source[..., a:b]`). Memory use depends on the segment length and the number
-    of models and shifts, not on the duration. Random shifts are drawn from `random` in the same
-    order as `apply_model`, so both give the same result for the same seed. `callback` receives
-    the same dicts as with `apply_model` (in processing order, interleaved between models).
+    dimension (e.g. `source[..., a:b]`), and is only read from the calling thread. Memory use
+    depends on the segment length, the number of models, shifts and workers, not on the
+    duration. Random shifts are drawn from `random` in the same order as `apply_model`, so both
+    give the same result for the same seed. `callback` receives the same dicts as with
+    `apply_model` (in processing order, interleaved between models).
     """
     if transition_power < 1:
         raise ValueError(f"transition_power must be >= 1, got {transition_power}")
@@ -442,20 +448,31 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
     totals = [sum(column) for column in zip(*weights)]
     block_length = max(1, int(block_seconds * leaves[0].samplerate))
     flat = [run for leaf_runs in runs for run in leaf_runs]
-    heap = [(run.next_start(), index) for index, run in enumerate(flat)]
-    heapq.heapify(heap)
+    # Every segment of every run, by start position: accumulating in this order means that all
+    # samples before the next start are final.
+    schedule = heapq.merge(*[zip(run.starts(), itertools.repeat(index))
+                             for index, run in enumerate(flat)])
+    pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else DummyPoolExecutor()
+    pending: tp.Deque[tp.Tuple[int, int, tp.Any]] = deque()
     bar = tqdm.tqdm(total=length, unit_scale=1 / leaves[0].samplerate, ncols=120,
                     unit="seconds", disable=not progress)
     emitted = 0
-    while emitted < length:
-        _, index = heapq.heappop(heap)  # the run whose next segment starts first
-        flat[index].process_next(source, segment, device, callback)
-        heapq.heappush(heap, (flat[index].next_start(), index))
-        frontier = min(length, heap[0][0])
-        if frontier - emitted >= block_length or frontier >= length:
-            yield emitted, _combine(runs, weights, totals, int(frontier))
-            bar.update(int(frontier) - emitted)
-            emitted = int(frontier)
+    with pool:
+        for start, index in itertools.chain(schedule, [(length, -1)]):
+            if index >= 0:  # (length, -1) marks the end: drain every pending segment
+                run = flat[index]
+                mix = run.read_input(source, start, segment)
+                pending.append((start, index, pool.submit(run.evaluate, mix, start, device,
+                                                          callback)))
+            while len(pending) > (num_workers if index >= 0 else 0):
+                done_start, done_index, future = pending.popleft()
+                flat[done_index].accumulate(future.result(), done_start)
+            # Samples before the next segment still to accumulate are final.
+            frontier = max(emitted, min(length, pending[0][0] if pending else start))
+            if frontier - emitted >= block_length or (frontier == length > emitted):
+                yield emitted, _combine(runs, weights, totals, frontier)
+                bar.update(frontier - emitted)
+                emitted = frontier
     bar.close()
 
 

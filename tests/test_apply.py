@@ -163,17 +163,19 @@ def _streamed(model, mix, **kwargs) -> torch.Tensor:
     return torch.cat([block for _, block in blocks], dim=-1)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(length=st.integers(30, 700), shifts=st.integers(0, 2), overlap=st.sampled_from([0.1, 0.25, 0.5]),
-       block=st.sampled_from([0.3, 1., 100.]), seed=st.integers(0, 100))
-def test_streaming_matches_in_memory(length, shifts, overlap, block, seed):
+       block=st.sampled_from([0.3, 1., 100.]), workers=st.sampled_from([0, 2]),
+       seed=st.integers(0, 100))
+def test_streaming_matches_in_memory(length, shifts, overlap, block, workers, seed):
     bag = BagOfModels([ConvSeparator(seed=1), ConvSeparator(seed=2, segment=0.7)],
                       [[1., 2., 0., 1.], [1., 1., 1., 1.]])
     mix = _mix(length, seed)
     random.seed(seed)
     expected = apply_model(bag, mix, shifts=shifts, overlap=overlap)
     random.seed(seed)
-    streamed = _streamed(bag, mix, shifts=shifts, overlap=overlap, block_seconds=block)
+    streamed = _streamed(bag, mix, shifts=shifts, overlap=overlap, block_seconds=block,
+                         num_workers=workers)
     assert streamed.shape == expected.shape
     assert torch.allclose(streamed, expected, atol=1e-6)
 

@@ -175,3 +175,22 @@ def test_golden_unittest_package(golden_dir, tmp_path, track):
     _run(repo, tmp_path, "--shifts", "0", str(track), name="unittest_official")
     info = soundfile.info(str(tmp_path / "unittest_official" / "my song" / "other.wav"))
     assert (info.frames, info.channels) == (LENGTH, 2)
+
+
+def test_rescale_uses_the_whole_stem_peak_like_save_audio(repo: Path, tmp_path: Path):
+    """Streamed writing rescales with the peak of the whole stem, as save_audio does in one go."""
+    from demucs.audio import save_audio
+    loud = tmp_path / "loud.wav"
+    time = np.arange(LENGTH) / SAMPLERATE
+    wav = 20 * np.sin(2 * np.pi * 110 * time) * np.linspace(0, 1, LENGTH)
+    soundfile.write(str(loud), np.stack([wav, -wav], 1).astype(np.float32), SAMPLERATE,
+                    subtype="FLOAT")
+    _run(repo, tmp_path, "--shifts", "0", str(loud))
+    _, stems = Separator("tiny", repo=repo, device="cpu", shifts=0).separate_audio_file(loud)
+    assert max(float(stem.abs().max()) for stem in stems.values()) > 1  # rescaling is active
+    for name, stem in stems.items():
+        reference = tmp_path / f"ref_{name}.wav"
+        save_audio(stem, reference, SAMPLERATE)
+        written, _ = soundfile.read(str(tmp_path / "tiny" / "loud" / f"{name}.wav"), dtype="int16")
+        expected, _ = soundfile.read(str(reference), dtype="int16")
+        assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1

@@ -237,7 +237,7 @@ class Solver:
             key = self.args.test.metric
             if metrics["valid"][key] == metrics["valid"]["best"] or self.args.dset.train_valid:
                 logger.info("New best valid %s %.4f", key, metrics["valid"][key])
-                self.best_state = states.copy_state(best_candidate)
+                self.best_state = best_candidate
                 self.best_changed = True
             is_last = epoch == self.args.epochs - 1
             if (epoch + 1) % self.args.test.every == 0 or is_last:

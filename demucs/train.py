@@ -142,7 +142,8 @@ def _add_wav2(args: DictConfig, train_set, valid_set):
     """Append the `dset.wav2` dataset; the main train set is repeated so that wav2 gets the
     fraction `wav2_weight` of the examples."""
     from .wav import get_wav_datasets
-    extra_train, extra_valid = get_wav_datasets(args.dset, "wav2")
+    wav2_dset = OmegaConf.merge(args.dset, {"wav": args.dset.wav2})
+    extra_train, extra_valid = get_wav_datasets(wav2_dset)
     weight = args.dset.get("wav2_weight")
     repeats = 1
     if weight is not None:

@@ -338,3 +338,23 @@ def test_bench_uses_the_released_htdemucs_training_length():
     cfg = released_htdemucs_config()
     assert cfg.htdemucs.bottom_channels == 512 and cfg.htdemucs.t_layers == 5
     assert training_length(cfg) == 343980  # 10 s x 0.88 repitch crop - 1 s shift, at 44.1 kHz
+
+
+def test_wav2_is_appended_with_its_weight(tiny_musdb, tmp_path):
+    import shutil
+    from demucs.train import get_datasets
+    from demucs.wav import get_wav_datasets
+    extra = tmp_path / "extra"
+    for split, source in [("train", "Toy - One"), ("valid", "Toy - Two")]:
+        shutil.copytree(tiny_musdb / "train" / source, extra / split / source)
+    musdb_argv = [arg for arg in base_argv(tiny_musdb) if not arg.startswith("model")]
+    args = _config(*musdb_argv, f"+dset.wav2={extra}", "+dset.wav2_weight=0.2",
+                   "+dset.wav2_valid=true")
+    train_set, valid_set = get_datasets(args)
+    musdb_train, musdb_valid = get_datasets(_config(*musdb_argv))
+    extra_train, extra_valid = get_wav_datasets(_config(*musdb_argv, f"dset.wav={extra}").dset)
+    # wav2 gets ~20% of the examples: the main set is repeated (1 / 0.2 - 1) * |wav2| / |main|
+    repeats = max(1, round(len(extra_train) / len(musdb_train) * 4))
+    assert len(train_set) == repeats * len(musdb_train) + len(extra_train)
+    kept = min(len(extra_valid), round(0.2 * len(musdb_valid) / 0.8))
+    assert len(valid_set) == len(musdb_valid) + kept

@@ -27,17 +27,33 @@ class ModelLoadingError(RuntimeError):
     """A model could not be found, downloaded or verified."""
 
 
-def check_checksum(path: Path, checksum: str) -> None:
-    """Raise `ModelLoadingError` unless the sha256 of `path` starts with `checksum`."""
+def _sha256_prefix(path: Path, length: int) -> str:
     digest = sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(2 ** 20), b""):
             digest.update(block)
-    actual = digest.hexdigest()[:len(checksum)]
+    return digest.hexdigest()[:length]
+
+
+def check_checksum(path: Path, checksum: str) -> None:
+    """Raise `ModelLoadingError` unless the sha256 of `path` starts with `checksum`."""
+    actual = _sha256_prefix(path, len(checksum))
     if actual != checksum:
         raise ModelLoadingError(
             f"invalid checksum for file {path}: expected {checksum} but got {actual}; "
             "the file is corrupted or was modified, delete it and export or download it again")
+
+
+def _verify_or_remove(path: Path, checksum: tp.Optional[str]) -> None:
+    """Delete `path` and raise `ModelLoadingError` unless its sha256 starts with `checksum`
+    (no check when the file name carries no checksum)."""
+    if checksum is None:
+        return
+    actual = _sha256_prefix(path, len(checksum))
+    if actual != checksum:
+        path.unlink(missing_ok=True)
+        raise ModelLoadingError(f"{path} is truncated or corrupted (sha256 starts with {actual}, "
+                                f"expected {checksum}); it was removed")
 
 
 class ModelOnlyRepo:
@@ -70,22 +86,38 @@ class RemoteRepo(ModelOnlyRepo):
         return load_model(self._download(sig, url))
 
     def _download(self, sig: str, url: str) -> Path:
+        """Path of the model file in the hub cache, downloaded when absent or corrupted.
+
+        The sha256 prefix in the file name is checked on every use, so a corrupted cache entry
+        is removed and fetched again, and a bad download is removed before it is reported.
+        """
         filename = url.rsplit("/", 1)[-1]
         path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        checksum = _split_signature(Path(filename).stem)[1]
         if path.exists():
-            return path
+            try:
+                _verify_or_remove(path, checksum)
+                return path
+            except ModelLoadingError as error:
+                logger.warning("%s; downloading it again", error)
         path.parent.mkdir(parents=True, exist_ok=True)
-        checksum = Path(filename).stem.rsplit("-", 1)[-1]
         logger.info("downloading %s to %s", url, path)
         try:
             torch.hub.download_url_to_file(url, str(path), hash_prefix=checksum, progress=True)
         except (URLError, OSError) as error:
+            path.unlink(missing_ok=True)
             raise ModelLoadingError(
                 f"could not download model {sig} from {url} ({error}). Without network access, "
                 f"put the model files (e.g. {filename}) and the bag's .yaml in a folder and pass "
                 "it with `--repo FOLDER` (or `repo=Path(FOLDER)` in Python).") from error
         except RuntimeError as error:  # hash mismatch
+            path.unlink(missing_ok=True)
             raise ModelLoadingError(f"the download of {url} is corrupted: {error}") from error
+        try:
+            _verify_or_remove(path, checksum)
+        except ModelLoadingError as error:
+            raise ModelLoadingError(f"the download of {url} failed: {error}. Try again, or "
+                                    "download the file yourself and use `--repo FOLDER`.") from error
         return path
 
     def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:

@@ -65,6 +65,10 @@ class UnsafeCheckpointError(ModelPackageError):
     """A checkpoint references a pickled global outside the allow-list; it was not unpickled."""
 
 
+class CorruptPackageError(ModelPackageError):
+    """A package file cannot be parsed: truncated, corrupted, or not a model package at all."""
+
+
 def capture_init(init):
     """Decorate a model's `__init__` so the model remembers its constructor arguments.
 
@@ -329,9 +333,16 @@ def load_package(path: PathLike) -> Package:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model package {path} does not exist")
-    if path.suffix == ".safetensors":
-        return load_safetensors(path)
-    package = _torch_load_safe(path)
+    try:
+        package = load_safetensors(path) if path.suffix == ".safetensors" \
+            else _torch_load_safe(path)
+    except ModelPackageError:
+        raise
+    except Exception as exc:  # any parser failure on these untrusted bytes means a bad file
+        raise CorruptPackageError(
+            f"{path} is truncated, corrupted or not a model package "
+            f"({type(exc).__name__}: {exc}); delete it, then export or download it again."
+        ) from exc
     if not isinstance(package, dict):
         raise ModelPackageError(
             f"{path} holds a {type(package).__name__}, not a model package dict")
@@ -346,6 +357,11 @@ def _check_package(package: Package, origin: str) -> None:
     klass = package["klass"]
     if not (isinstance(klass, type) and issubclass(klass, nn.Module)):
         raise ModelPackageError(f"{origin}: klass {klass!r} is not a model class")
+    expected_types = {"args": (list, tuple), "kwargs": dict, "state": dict}
+    for key, types in expected_types.items():
+        if not isinstance(package[key], types):
+            raise ModelPackageError(f"{origin}: `{key}` is a {type(package[key]).__name__}, "
+                                    "not a model package entry")
 
 
 def _known_kwargs(klass: type, kwargs: dict) -> dict:

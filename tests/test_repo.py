@@ -106,9 +106,8 @@ def test_remote_repo_offline_message(tmp_path: Path, monkeypatch):
 
 
 def test_remote_repo_uses_the_hub_cache(tmp_path: Path, monkeypatch):
-    cached = tmp_path / "checkpoints" / "aaaa0000-12345678.th"
-    cached.parent.mkdir()
-    torch.save(_tiny_package(0), cached)
+    (tmp_path / "checkpoints").mkdir()
+    cached = save_with_checksum(_tiny_package(0), tmp_path / "checkpoints" / "aaaa0000.th")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    remote = RemoteRepo({"aaaa0000": "https://example.invalid/x/aaaa0000-12345678.th"})
+    remote = RemoteRepo({"aaaa0000": f"https://example.invalid/x/{cached.name}"})
     assert isinstance(remote.get_model("aaaa0000"), Demucs)

@@ -2,12 +2,14 @@
 
 The frequency branch works on the STFT of the mixture (complex-as-channels, or magnitudes followed by
 Wiener filtering), the time branch on the waveform; both outputs are summed at the end.
-Building blocks (`pad1d`, `ScaledEmbedding`, `HEncLayer`, `HDecLayer`, `MultiWrap`) are shared with
-`demucs.htdemucs`.
+Building blocks (`pad1d`, `ScaledEmbedding`, `HEncLayer`, `HDecLayer`, `MultiWrap`), the spectrogram
+plumbing (`HybridSpectrogramMixin`) and the U-Net plan and execution (`HybridUNetMixin`) are shared
+with `demucs.htdemucs`.
 """
 import math
 import typing as tp
 from copy import deepcopy
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -357,163 +359,64 @@ class MultiWrap(nn.Module):
         return out, None
 
 
-class HDemucs(nn.Module):
-    """Hybrid Demucs: a spectrogram U-Net and a waveform U-Net merged at their innermost layers.
+Stats = tp.Tuple[torch.Tensor, torch.Tensor]
+"""Mean and standard deviation that standardised an input, kept to undo it on the output."""
 
-    Frequency layers divide the STFT bins by `stride` until at most `kernel_size` bins remain; the
-    next layer collapses them to one (its time twin has only a conv, injected into it), and the
-    remaining layers are plain time convolutions shared by both branches.
 
-    Args:
-        sources: names of the separated sources.
-        audio_channels: input/output audio channels.
-        channels: initial channels of the frequency branch.
-        channels_time: initial channels of the time branch (`channels` if None).
-        growth: channel multiplier per layer.
-        nfft: STFT size (hop is nfft // 4).
-        wiener_iters: Wiener filtering iterations at evaluation (non cac only).
-        end_iters: Wiener filtering iterations in training.
-        wiener_residual: add a residual source before Wiener filtering.
-        cac: complex-as-channels (real/imaginary parts as channels) instead of magnitude masking.
-        depth: number of layers.
-        rewrite: add 1x1 convolutions + GLU.
-        hybrid: add the time branch; without it the model is a spectrogram model only.
-        hybrid_old: legacy spectrogram padding (zero padding, and different framing at ispec).
-        multi_freqs: band split ratios; the first `multi_freqs_depth` layers then use one replica per
-            band (`MultiWrap`).
-        multi_freqs_depth: number of layers wrapped by `MultiWrap`.
-        freq_emb: weight of the frequency embedding added after the first layer (0 disables it).
-        emb_scale: learning rate boost of that embedding.
-        emb_smooth: smooth initialisation of that embedding.
-        kernel_size: kernel size of frequency layers.
-        time_stride: stride of the time layers past the frequency layers (kernel 2 * time_stride).
-        stride: stride of frequency layers and of the time branch.
-        context: context of decoder rewrite convolutions.
-        context_enc: context of encoder rewrite convolutions.
-        norm_starts: first layer index using GroupNorm.
-        norm_groups: groups of those GroupNorms.
-        dconv_mode: 1 = DConv in encoders, 2 = in decoders, 3 = both.
-        dconv_depth: layers per DConv.
-        dconv_comp: DConv channel compression.
-        dconv_attn: first layer index whose DConv has LocalState attention.
-        dconv_lstm: first layer index whose DConv has a BLSTM.
-        dconv_init: initial LayerScale of DConv.
-        rescale: weight rescaling reference at initialisation (0 disables it).
-        samplerate: audio sample rate (metadata used by `apply_model`).
-        segment: training segment length in seconds (metadata used by `apply_model`).
+def _standardize(x: torch.Tensor, dims: tp.Tuple[int, ...]) -> tp.Tuple[torch.Tensor, Stats]:
+    """Standardises each batch item of `x` over `dims`; returns it with the (mean, std) used."""
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True)
+    return (x - mean) / (1e-5 + std), (mean, std)
+
+
+class HybridSpectrogramMixin:
+    """Spectrogram side of `HDemucs` and `HTDemucs`: STFT and standardisation of the input,
+    masking (complex-as-channels, Wiener filtering or mixture phase) and inverse STFT of the output.
+
+    Mix it in before `nn.Module`: it holds no parameters, buffers or child modules, so the
+    state_dict is the model's own. STFT frames are aligned with the time branch (`hybrid`) and
+    padded by reflection; HDemucs may switch to spectrogram-only framing (`hybrid=False`) or to
+    the legacy zero padding (`hybrid_old=True`) per instance.
     """
 
-    @capture_init
-    def __init__(self, sources: tp.List[str], audio_channels: int = 2, channels: int = 48,
-                 channels_time: tp.Optional[int] = None, growth: float = 2, nfft: int = 4096,
-                 wiener_iters: int = 0, end_iters: int = 0, wiener_residual: bool = False,
-                 cac: bool = True, depth: int = 6, rewrite: bool = True, hybrid: bool = True,
-                 hybrid_old: bool = False, multi_freqs: tp.Optional[tp.Sequence[float]] = None,
-                 multi_freqs_depth: int = 2, freq_emb: float = 0.2, emb_scale: float = 10,
-                 emb_smooth: bool = True, kernel_size: int = 8, time_stride: int = 2,
-                 stride: int = 4, context: int = 1, context_enc: int = 0, norm_starts: int = 4,
-                 norm_groups: int = 4, dconv_mode: int = 1, dconv_depth: int = 2,
-                 dconv_comp: int = 4, dconv_attn: int = 4, dconv_lstm: int = 4,
-                 dconv_init: float = 1e-4, rescale: float = 0.1, samplerate: int = 44100,
-                 segment: float = 4 * 10):
-        super().__init__()
-        if hybrid_old and not hybrid:
-            raise ValueError("HDemucs: hybrid_old=True needs hybrid=True")
-        if hybrid and wiener_iters != end_iters:
-            raise ValueError(f"HDemucs: a hybrid model needs wiener_iters == end_iters, got "
-                             f"{wiener_iters} and {end_iters}")
-        self.cac = cac
-        self.wiener_residual = wiener_residual
-        self.audio_channels = audio_channels
-        self.sources = sources
-        self.kernel_size = kernel_size
-        self.context = context
-        self.stride = stride
-        self.depth = depth
-        self.channels = channels
-        self.samplerate = samplerate
-        self.segment = segment
+    hybrid = True
+    hybrid_old = False
+    training: bool
+    sources: tp.List[str]
+
+    def _init_spectrogram(self, nfft: int, cac: bool, wiener_iters: int, end_iters: int,
+                          wiener_residual: bool) -> None:
+        """Records the spectrogram options. A hybrid model must filter alike in training and
+        evaluation: its time branch learns to complement the training-time output."""
+        if self.hybrid and wiener_iters != end_iters:
+            raise ValueError(f"{type(self).__name__}: a hybrid model needs wiener_iters == "
+                             f"end_iters, got {wiener_iters} and {end_iters}")
         self.nfft = nfft
         self.hop_length = nfft // 4
+        self.cac = cac
         self.wiener_iters = wiener_iters
         self.end_iters = end_iters
-        self.freq_emb: tp.Optional[ScaledEmbedding] = None
-        self.hybrid = hybrid
-        self.hybrid_old = hybrid_old
+        self.wiener_residual = wiener_residual
 
-        self.encoder = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        if hybrid:
-            self.tencoder = nn.ModuleList()
-            self.tdecoder = nn.ModuleList()
+    def _spectrogram_input(self, mix: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor, Stats]:
+        """Spectrogram `z` of `mix` and the standardised input of the frequency branch."""
+        z = self._spec(mix)
+        x, stats = _standardize(self._magnitude(z).to(mix.device), dims=(1, 2, 3))
+        return z, x, stats
 
-        chin = audio_channels
-        chin_z = chin * 2 if cac else chin
-        chout = channels_time or channels
-        chout_z = channels
-        freqs = nfft // 2
-        for index in range(depth):
-            freq = freqs > 1
-            last_freq = freq and freqs <= kernel_size
-            kw = {
-                "kernel_size": kernel_size if freq else 2 * time_stride,
-                "stride": stride if freq else time_stride,
-                "freq": freq,
-                "pad": True,
-                "norm": index >= norm_starts,
-                "rewrite": rewrite,
-                "norm_groups": norm_groups,
-                "dconv_kw": {
-                    "lstm": index >= dconv_lstm,
-                    "attn": index >= dconv_attn,
-                    "depth": dconv_depth,
-                    "compress": dconv_comp,
-                    "init": dconv_init,
-                    "gelu": True,
-                },
-            }
-            if last_freq:
-                kw["kernel_size"] = freqs
-                kw["pad"] = False
-                chout_z = max(chout, chout_z)
-                chout = chout_z
-            time_kw = dict(kw, freq=False, kernel_size=kernel_size, stride=stride, pad=True)
-            multi = bool(multi_freqs) and index < multi_freqs_depth
-            dec_kw = dict(kw, context_freq=False) if multi else kw
-
-            enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=dconv_mode & 1,
-                                       context=context_enc, **kw)
-            if hybrid and freq:
-                self.tencoder.append(HEncLayer(chin, chout, dconv=dconv_mode & 1,
-                                               context=context_enc, empty=last_freq, **time_kw))
-            if multi:
-                enc = MultiWrap(enc, multi_freqs)
-            self.encoder.append(enc)
-
-            if index == 0:
-                chin = audio_channels * len(sources)
-                chin_z = chin * 2 if cac else chin
-            dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=dconv_mode & 2, last=index == 0,
-                                       context=context, **dec_kw)
-            if multi:
-                dec = MultiWrap(dec, multi_freqs)
-            if hybrid and freq:
-                self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=dconv_mode & 2,
-                                                  empty=last_freq, last=index == 0,
-                                                  context=context, **time_kw))
-            self.decoder.insert(0, dec)
-
-            chin, chin_z = chout, chout_z
-            chout, chout_z = int(growth * chout), int(growth * chout_z)
-            if freq:
-                freqs = 1 if freqs <= kernel_size else freqs // stride
-            if index == 0 and freq_emb:
-                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth,
-                                                scale=emb_scale)
-                self.freq_emb_scale = freq_emb
-
-        if rescale:
-            rescale_module(self, reference=rescale)
+    def _spectrogram_output(self, z: torch.Tensor, x: torch.Tensor, stats: Stats,
+                            length: int) -> torch.Tensor:
+        """Waveforms [B, S, C, length] from the frequency decoder's output `x`: undoes the
+        standardisation, turns `x` into source spectrograms against the mixture's `z`, inverts."""
+        batch, _, freqs, frames = z.shape
+        mean, std = stats
+        x = x.view(batch, len(self.sources), -1, freqs, frames)
+        x = x * std[:, None] + mean[:, None]
+        device = x.device
+        if device.type == "mps":  # no complex support on MPS
+            x = x.cpu()
+        return self._ispec(self._mask(z, x), length).to(device)
 
     def _spec(self, x: torch.Tensor) -> torch.Tensor:
         """STFT of the mixture without the last bin; for hybrid models the frames are aligned
@@ -590,64 +493,262 @@ class HDemucs(nn.Module):
         assert list(out.shape) == [batch, sources, channels, freqs, frames], out.shape
         return out.to(dtype)
 
-    def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        """Separates `mix` [B, audio_channels, T] into [B, len(sources), audio_channels, T]."""
-        length = mix.shape[-1]
-        z = self._spec(mix)
-        x = self._magnitude(z).to(mix.device)
-        batch, _, freqs, frames = x.shape
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) / (1e-5 + std)
-        xt = mix
-        if self.hybrid:
-            meant = mix.mean(dim=(1, 2), keepdim=True)
-            stdt = mix.std(dim=(1, 2), keepdim=True)
-            xt = (mix - meant) / (1e-5 + stdt)
 
-        saved, saved_t, lengths, lengths_t = [], [], [], []
+@dataclass
+class _Skips:
+    """What the encoders leave for the decoders, outermost layer first: the activations of the
+    frequency (`freq`) and time (`time`) layers and the lengths of their inputs."""
+
+    freq: tp.List[torch.Tensor] = field(default_factory=list)
+    time: tp.List[torch.Tensor] = field(default_factory=list)
+    lengths: tp.List[int] = field(default_factory=list)
+    lengths_t: tp.List[int] = field(default_factory=list)
+
+    def all_used(self) -> bool:
+        return not (self.freq or self.time or self.lengths or self.lengths_t)
+
+
+def _from_layer(index: int, first: tp.Optional[int]) -> bool:
+    """Whether layer `index` is at or past layer `first` (never when `first` is None)."""
+    return first is not None and index >= first
+
+
+class HybridUNetMixin:
+    """Layer plan and execution of the two U-Nets of `HDemucs` and `HTDemucs`.
+
+    Frequency layers divide the STFT bins by `stride` until at most `kernel_size` remain; the next
+    layer collapses them to one (its time twin is a bare conv, injected into it) and the layers
+    past it are time convolutions shared by both branches. The time U-Net (`tencoder` /
+    `tdecoder`) has one layer per frequency layer and exists only for hybrid models. Mix it in
+    before `nn.Module`; it adds no parameters of its own.
+    """
+
+    hybrid: bool
+    audio_channels: int
+    sources: tp.List[str]
+    cac: bool
+    nfft: int
+
+    def _build_unets(self, *, depth: int, channels: int, channels_time: tp.Optional[int],
+                     growth: float, rewrite: bool, multi_freqs: tp.Optional[tp.Sequence[float]],
+                     multi_freqs_depth: int, freq_emb: float, emb_scale: float, emb_smooth: bool,
+                     kernel_size: int, time_stride: int, stride: int, context: int,
+                     context_enc: int, norm_starts: int, norm_groups: int, dconv_mode: int,
+                     dconv_depth: int, dconv_comp: int, dconv_init: float,
+                     dconv_attn: tp.Optional[int] = None,
+                     dconv_lstm: tp.Optional[int] = None) -> None:
+        """Creates `encoder`, `decoder`, `tencoder`, `tdecoder` and `freq_emb`, registered (and
+        randomly initialised) in the order of the official implementation.
+
+        The options are the models' constructor arguments; DConv branches get LocalState attention
+        from layer `dconv_attn` on and a BLSTM from layer `dconv_lstm` on (None: never).
+        """
+        self.depth = depth
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.context = context
+        self.freq_emb: tp.Optional[ScaledEmbedding] = None
+        self.encoder = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        if self.hybrid:
+            self.tencoder = nn.ModuleList()
+            self.tdecoder = nn.ModuleList()
+        dconv_kw = {"depth": dconv_depth, "compress": dconv_comp, "init": dconv_init, "gelu": True}
+
+        chin = self.audio_channels
+        chin_z = chin * 2 if self.cac else chin
+        chout = channels_time or channels
+        chout_z = channels
+        freqs = self.nfft // 2
+        for index in range(depth):
+            freq = freqs > 1
+            last_freq = freq and freqs <= kernel_size
+            kw = {
+                "kernel_size": kernel_size if freq else 2 * time_stride,
+                "stride": stride if freq else time_stride,
+                "freq": freq,
+                "pad": True,
+                "norm": index >= norm_starts,
+                "rewrite": rewrite,
+                "norm_groups": norm_groups,
+                "dconv_kw": dict(dconv_kw, lstm=_from_layer(index, dconv_lstm),
+                                 attn=_from_layer(index, dconv_attn)),
+            }
+            if last_freq:
+                kw.update(kernel_size=freqs, pad=False)
+                chout_z = max(chout, chout_z)
+                chout = chout_z
+            time_kw = dict(kw, freq=False, kernel_size=kernel_size, stride=stride, pad=True)
+            multi = bool(multi_freqs) and index < multi_freqs_depth
+            dec_kw = dict(kw, context_freq=False) if multi else kw
+
+            enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=dconv_mode & 1,
+                                       context=context_enc, **kw)
+            if self.hybrid and freq:
+                self.tencoder.append(HEncLayer(chin, chout, dconv=dconv_mode & 1,
+                                               context=context_enc, empty=last_freq, **time_kw))
+            self.encoder.append(MultiWrap(enc, multi_freqs) if multi else enc)
+
+            if index == 0:
+                chin = self.audio_channels * len(self.sources)
+                chin_z = chin * 2 if self.cac else chin
+            dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=dconv_mode & 2, last=index == 0,
+                                       context=context, **dec_kw)
+            if multi:
+                dec = MultiWrap(dec, multi_freqs)
+            if self.hybrid and freq:
+                self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=dconv_mode & 2,
+                                                  empty=last_freq, last=index == 0,
+                                                  context=context, **time_kw))
+            self.decoder.insert(0, dec)
+
+            chin, chin_z = chout, chout_z
+            chout, chout_z = int(growth * chout), int(growth * chout_z)
+            if freq:
+                freqs = 1 if freqs <= kernel_size else freqs // stride
+            if index == 0 and freq_emb:
+                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth,
+                                                scale=emb_scale)
+                self.freq_emb_scale = freq_emb
+
+    def _encode(self, x: torch.Tensor,
+                xt: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor, _Skips]:
+        """Runs both encoders on the standardised inputs, returning both innermost activations
+        and the skips for `_decode`."""
+        skips = _Skips()
+        tencoder = self.tencoder if self.hybrid else []
         for index, encode in enumerate(self.encoder):
-            lengths.append(x.shape[-1])
+            skips.lengths.append(x.shape[-1])
             inject = None
-            if self.hybrid and index < len(self.tencoder):
-                lengths_t.append(xt.shape[-1])
-                tenc = self.tencoder[index]
+            if index < len(tencoder):
+                skips.lengths_t.append(xt.shape[-1])
+                tenc = tencoder[index]
                 xt = tenc(xt)
-                if tenc.empty:
+                if tenc.empty:  # a bare conv whose output joins the last frequency layer
                     inject = xt
                 else:
-                    saved_t.append(xt)
+                    skips.time.append(xt)
             x = encode(x, inject)
             if index == 0 and self.freq_emb is not None:
                 bins = torch.arange(x.shape[-2], device=x.device)
                 emb = self.freq_emb(bins).t()[None, :, :, None].expand_as(x)
                 x = x + self.freq_emb_scale * emb
-            saved.append(x)
+            skips.freq.append(x)
+        return x, xt, skips
 
-        x = torch.zeros_like(x)
-        xt = torch.zeros_like(x)
-        offset = self.depth - len(self.tdecoder) if self.hybrid else self.depth
+    def _decode(self, x: torch.Tensor, xt: torch.Tensor,
+                skips: _Skips) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Runs both decoders from the innermost `x` and `xt`; the time decoder joins once the
+        layers are shared no more (from the activation before the last shared layer's conv)."""
+        tdecoder = self.tdecoder if self.hybrid else []
+        offset = self.depth - len(tdecoder)
         for index, decode in enumerate(self.decoder):
-            x, pre = decode(x, saved.pop(-1), lengths.pop(-1))
+            x, pre = decode(x, skips.freq.pop(-1), skips.lengths.pop(-1))
             if index < offset:
                 continue
-            tdec = self.tdecoder[index - offset]
-            length_t = lengths_t.pop(-1)
+            tdec = tdecoder[index - offset]
+            length_t = skips.lengths_t.pop(-1)
             if tdec.empty:
                 assert pre.shape[2] == 1, pre.shape
                 xt, _ = tdec(pre[:, :, 0], None, length_t)
             else:
-                xt, _ = tdec(xt, saved_t.pop(-1), length_t)
-        assert not saved and not saved_t and not lengths_t
+                xt, _ = tdec(xt, skips.time.pop(-1), length_t)
+        assert skips.all_used(), "unused skip connections"
+        return x, xt
 
-        num_sources = len(self.sources)
-        x = x.view(batch, num_sources, -1, freqs, frames)
-        x = x * std[:, None] + mean[:, None]
-        device = x.device
-        if device.type == "mps":  # no complex support on MPS
-            x = x.cpu()
-        x = self._ispec(self._mask(z, x), length).to(device)
-        if self.hybrid:
-            xt = xt.view(batch, num_sources, -1, length)
-            x = (xt * stdt[:, None] + meant[:, None]) + x
-        return x
+
+class HDemucs(HybridSpectrogramMixin, HybridUNetMixin, nn.Module):
+    """Hybrid Demucs: a spectrogram U-Net and a waveform U-Net merged at their innermost layers.
+
+    Frequency layers divide the STFT bins by `stride` until at most `kernel_size` bins remain; the
+    next layer collapses them to one (its time twin has only a conv, injected into it), and the
+    remaining layers are plain time convolutions shared by both branches.
+
+    Args:
+        sources: names of the separated sources.
+        audio_channels: input/output audio channels.
+        channels: initial channels of the frequency branch.
+        channels_time: initial channels of the time branch (`channels` if None).
+        growth: channel multiplier per layer.
+        nfft: STFT size (hop is nfft // 4).
+        wiener_iters: Wiener filtering iterations at evaluation (non cac only).
+        end_iters: Wiener filtering iterations in training.
+        wiener_residual: add a residual source before Wiener filtering.
+        cac: complex-as-channels (real/imaginary parts as channels) instead of magnitude masking.
+        depth: number of layers.
+        rewrite: add 1x1 convolutions + GLU.
+        hybrid: add the time branch; without it the model is a spectrogram model only.
+        hybrid_old: legacy spectrogram padding (zero padding, and different framing at ispec).
+        multi_freqs: band split ratios; the first `multi_freqs_depth` layers then use one replica per
+            band (`MultiWrap`).
+        multi_freqs_depth: number of layers wrapped by `MultiWrap`.
+        freq_emb: weight of the frequency embedding added after the first layer (0 disables it).
+        emb_scale: learning rate boost of that embedding.
+        emb_smooth: smooth initialisation of that embedding.
+        kernel_size: kernel size of frequency layers.
+        time_stride: stride of the time layers past the frequency layers (kernel 2 * time_stride).
+        stride: stride of frequency layers and of the time branch.
+        context: context of decoder rewrite convolutions.
+        context_enc: context of encoder rewrite convolutions.
+        norm_starts: first layer index using GroupNorm.
+        norm_groups: groups of those GroupNorms.
+        dconv_mode: 1 = DConv in encoders, 2 = in decoders, 3 = both.
+        dconv_depth: layers per DConv.
+        dconv_comp: DConv channel compression.
+        dconv_attn: first layer index whose DConv has LocalState attention.
+        dconv_lstm: first layer index whose DConv has a BLSTM.
+        dconv_init: initial LayerScale of DConv.
+        rescale: weight rescaling reference at initialisation (0 disables it).
+        samplerate: audio sample rate (metadata used by `apply_model`).
+        segment: training segment length in seconds (metadata used by `apply_model`).
+    """
+
+    @capture_init
+    def __init__(self, sources: tp.List[str], audio_channels: int = 2, channels: int = 48,
+                 channels_time: tp.Optional[int] = None, growth: float = 2, nfft: int = 4096,
+                 wiener_iters: int = 0, end_iters: int = 0, wiener_residual: bool = False,
+                 cac: bool = True, depth: int = 6, rewrite: bool = True, hybrid: bool = True,
+                 hybrid_old: bool = False, multi_freqs: tp.Optional[tp.Sequence[float]] = None,
+                 multi_freqs_depth: int = 2, freq_emb: float = 0.2, emb_scale: float = 10,
+                 emb_smooth: bool = True, kernel_size: int = 8, time_stride: int = 2,
+                 stride: int = 4, context: int = 1, context_enc: int = 0, norm_starts: int = 4,
+                 norm_groups: int = 4, dconv_mode: int = 1, dconv_depth: int = 2,
+                 dconv_comp: int = 4, dconv_attn: int = 4, dconv_lstm: int = 4,
+                 dconv_init: float = 1e-4, rescale: float = 0.1, samplerate: int = 44100,
+                 segment: float = 4 * 10):
+        super().__init__()
+        if hybrid_old and not hybrid:
+            raise ValueError("HDemucs: hybrid_old=True needs hybrid=True")
+        self.hybrid = hybrid
+        self.hybrid_old = hybrid_old
+        self.audio_channels = audio_channels
+        self.sources = sources
+        self.samplerate = samplerate
+        self.segment = segment
+        self._init_spectrogram(nfft, cac, wiener_iters, end_iters, wiener_residual)
+        self._build_unets(
+            depth=depth, channels=channels, channels_time=channels_time, growth=growth,
+            rewrite=rewrite, multi_freqs=multi_freqs, multi_freqs_depth=multi_freqs_depth,
+            freq_emb=freq_emb, emb_scale=emb_scale, emb_smooth=emb_smooth,
+            kernel_size=kernel_size, time_stride=time_stride, stride=stride, context=context,
+            context_enc=context_enc, norm_starts=norm_starts, norm_groups=norm_groups,
+            dconv_mode=dconv_mode, dconv_depth=dconv_depth, dconv_comp=dconv_comp,
+            dconv_init=dconv_init, dconv_attn=dconv_attn, dconv_lstm=dconv_lstm)
+        if rescale:
+            rescale_module(self, reference=rescale)
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """Separates `mix` [B, audio_channels, T] into [B, len(sources), audio_channels, T]."""
+        length = mix.shape[-1]
+        z, x, stats = self._spectrogram_input(mix)
+        xt, stats_t = _standardize(mix, dims=(1, 2)) if self.hybrid else (mix, None)
+        x, _, skips = self._encode(x, xt)
+        # No bottleneck: both decoders start from zeros.
+        x, xt = self._decode(torch.zeros_like(x), torch.zeros_like(x), skips)
+        out = self._spectrogram_output(z, x, stats, length)
+        if stats_t is None:
+            return out
+        meant, stdt = stats_t
+        xt = xt.view(out.shape)
+        return (xt * stdt[:, None] + meant[:, None]) + out

@@ -53,6 +53,20 @@ def measure(track: Path, out: Path, model: str, extra: tp.List[str]) -> tp.Dict[
     return {"peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": time.time() - begin}
 
 
+def check_outputs(track: Path, folder: Path) -> None:
+    """Every written stem must have the length and channels of the track."""
+    expected = soundfile.info(str(track))
+    stems = sorted(folder.iterdir())
+    if not stems:
+        raise RuntimeError(f"no stems written in {folder}")
+    for stem in stems:
+        info = soundfile.info(str(stem))
+        if (info.frames, info.channels) != (expected.frames, expected.channels):
+            raise RuntimeError(f"{stem} has {info.frames} frames x {info.channels} channels, "
+                               f"expected {expected.frames} x {expected.channels}")
+        stem.unlink()
+
+
 def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     parser = argparse.ArgumentParser("tools.bench_separate", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[10., 60.])
@@ -65,7 +79,9 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
         for minutes in args.minutes:
             track = Path(tmp) / f"track_{minutes:g}min.wav"
             generate_track(track, minutes)
-            results[f"{minutes:g}min"] = measure(track, Path(tmp) / "out", args.name, args.extra)
+            out = Path(tmp) / "out"
+            results[f"{minutes:g}min"] = measure(track, out, args.name, args.extra)
+            check_outputs(track, out / args.name / track.stem)
             track.unlink()
             print(f"{minutes:g} min: {json.dumps(results[f'{minutes:g}min'])}", flush=True)
     print(json.dumps(results))

@@ -1,7 +1,7 @@
 """Hybrid Demucs (v3): a spectrogram U-Net and a waveform U-Net that share their innermost layers.
 
-The frequency branch works on the STFT of the mixture (complex-as-channels, or magnitudes followed by
-Wiener filtering), the time branch on the waveform; both outputs are summed at the end.
+The frequency branch works on the STFT of the mixture (complex-as-channels, or magnitudes
+followed by Wiener filtering), the time branch on the waveform; both outputs are summed at the end.
 Building blocks (`pad1d`, `ScaledEmbedding`, `HEncLayer`, `HDecLayer`, `MultiWrap`), the spectrogram
 plumbing (`HybridSpectrogramMixin`) and the U-Net plan and execution (`HybridUNetMixin`) are shared
 with `demucs.htdemucs`.
@@ -79,14 +79,14 @@ class ScaledEmbedding(nn.Module):
 
 
 def _norm_factory(norm: bool, norm_groups: int) -> tp.Callable[[int], nn.Module]:
-    """Builds either GroupNorm(norm_groups, dim) or an Identity (keeping the child name in place)."""
+    """Builds GroupNorm(norm_groups, dim), or an Identity that keeps the child name in place."""
     if norm:
         return lambda dim: nn.GroupNorm(norm_groups, dim)
     return lambda dim: nn.Identity()
 
 
 def _dconv_over_freqs(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tensor:
-    """Applies a 1D DConv to [B, C, T], or to [B, C, Fr, T] with frequencies folded into the batch."""
+    """Applies a 1D DConv to [B, C, T], or to [B, C, Fr, T] with frequencies folded in the batch."""
     if not freq:
         return dconv(y)
     batch, channels, freqs, frames = y.shape
@@ -237,7 +237,8 @@ class HDecLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: tp.Optional[torch.Tensor],
                 length: tp.Optional[int]) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-        """Decodes `x` with the encoder's `skip`; `length` is the time length to restore (time layers).
+        """Decodes `x` with the encoder's `skip`; `length` is the time length to restore (time
+        layers).
 
         Returns the output and the activation just before the transposed convolution.
         """
@@ -433,7 +434,7 @@ class HybridSpectrogramMixin:
         return z[..., 2:2 + frames]
 
     def _ispec(self, z: torch.Tensor, length: int, scale: int = 0) -> torch.Tensor:
-        """Inverse of `_spec`: adds back the last bin (and the side frames) and crops to `length`."""
+        """Inverse of `_spec`: adds back the last bin (and the side frames), crops to `length`."""
         hop = self.hop_length // (4 ** scale)
         z = F.pad(z, (0, 0, 0, 1))
         if not self.hybrid:
@@ -612,6 +613,18 @@ class HybridUNetMixin:
                                                 scale=emb_scale)
                 self.freq_emb_scale = freq_emb
 
+    @staticmethod
+    def _time_input(mix: torch.Tensor) -> tp.Tuple[torch.Tensor, Stats]:
+        """Standardised input of the time branch, with the statistics to undo it."""
+        return _standardize(mix, dims=(1, 2))
+
+    @staticmethod
+    def _add_time_output(out: torch.Tensor, xt: torch.Tensor, stats_t: Stats) -> torch.Tensor:
+        """Adds the time decoder's output `xt`, de-standardised, to the frequency branch's
+        waveforms `out` [B, S, C, T]."""
+        mean, std = stats_t
+        return (xt.view(out.shape) * std[:, None] + mean[:, None]) + out
+
     def _encode(self, x: torch.Tensor,
                 xt: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor, _Skips]:
         """Runs both encoders on the standardised inputs, returning both innermost activations
@@ -680,8 +693,8 @@ class HDemucs(HybridSpectrogramMixin, HybridUNetMixin, nn.Module):
         rewrite: add 1x1 convolutions + GLU.
         hybrid: add the time branch; without it the model is a spectrogram model only.
         hybrid_old: legacy spectrogram padding (zero padding, and different framing at ispec).
-        multi_freqs: band split ratios; the first `multi_freqs_depth` layers then use one replica per
-            band (`MultiWrap`).
+        multi_freqs: band split ratios; the first `multi_freqs_depth` layers then use one replica
+            per band (`MultiWrap`).
         multi_freqs_depth: number of layers wrapped by `MultiWrap`.
         freq_emb: weight of the frequency embedding added after the first layer (0 disables it).
         emb_scale: learning rate boost of that embedding.
@@ -742,13 +755,11 @@ class HDemucs(HybridSpectrogramMixin, HybridUNetMixin, nn.Module):
         """Separates `mix` [B, audio_channels, T] into [B, len(sources), audio_channels, T]."""
         length = mix.shape[-1]
         z, x, stats = self._spectrogram_input(mix)
-        xt, stats_t = _standardize(mix, dims=(1, 2)) if self.hybrid else (mix, None)
+        xt, stats_t = self._time_input(mix) if self.hybrid else (mix, None)
         x, _, skips = self._encode(x, xt)
         # No bottleneck: both decoders start from zeros.
         x, xt = self._decode(torch.zeros_like(x), torch.zeros_like(x), skips)
         out = self._spectrogram_output(z, x, stats, length)
         if stats_t is None:
             return out
-        meant, stdt = stats_t
-        xt = xt.view(out.shape)
-        return (xt * stdt[:, None] + meant[:, None]) + out
+        return self._add_time_output(out, xt, stats_t)

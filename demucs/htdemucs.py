@@ -4,6 +4,8 @@ cross-domain transformer between the two innermost bottlenecks.
 Four frequency layers reduce the 2048 STFT bins to 8 while a parallel waveform branch reduces time
 by the same factor; the transformer then mixes both bottlenecks (self-attention within a branch,
 cross-attention between them) before both decoders rebuild their outputs, which are summed.
+The spectrogram handling and the two U-Nets are HDemucs' (`HybridSpectrogramMixin`,
+`HybridUNetMixin`); this module adds the transformer and the training-segment rules.
 """
 import typing as tp
 from fractions import Fraction
@@ -13,14 +15,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .demucs import rescale_module
-from .hdemucs import HDecLayer, HDemucs, HEncLayer, MultiWrap, ScaledEmbedding
+from .hdemucs import HybridSpectrogramMixin, HybridUNetMixin
 from .states import capture_init
 from .transformer import CrossTransformerEncoder
 
 Segment = tp.Union[int, float, Fraction]
 
 
-class HTDemucs(nn.Module):
+class HTDemucs(HybridSpectrogramMixin, HybridUNetMixin, nn.Module):
     """Hybrid Transformer Demucs. Input [B, audio_channels, T], output [B, S, audio_channels, T].
 
     With `use_train_segment`, the model only processes inputs of its training length: a forward
@@ -92,15 +94,6 @@ class HTDemucs(nn.Module):
         use_train_segment: process inputs at the training length (see above).
     """
 
-    # The spectrogram plumbing is HDemucs' in its hybrid (non legacy) form.
-    hybrid = True
-    hybrid_old = False
-    _spec = HDemucs._spec
-    _ispec = HDemucs._ispec
-    _magnitude = HDemucs._magnitude
-    _mask = HDemucs._mask
-    _wiener = HDemucs._wiener
-
     @capture_init
     def __init__(self, sources: tp.List[str], audio_channels: int = 2, channels: int = 48,
                  channels_time: tp.Optional[int] = None, growth: float = 2, nfft: int = 4096,
@@ -129,36 +122,21 @@ class HTDemucs(nn.Module):
                  t_cross_first: bool = False, rescale: float = 0.1, samplerate: int = 44100,
                  segment: Segment = 10, use_train_segment: bool = True):
         super().__init__()
-        if wiener_iters != end_iters:
-            raise ValueError(f"HTDemucs needs wiener_iters == end_iters (the time branch is "
-                             f"trained with end_iters), got {wiener_iters} and {end_iters}")
-        self.cac = cac
-        self.wiener_residual = wiener_residual
         self.audio_channels = audio_channels
         self.sources = sources
-        self.kernel_size = kernel_size
-        self.context = context
-        self.stride = stride
-        self.depth = depth
-        self.bottom_channels = bottom_channels
-        self.channels = channels
         self.samplerate = samplerate
         self.segment = segment
         self.use_train_segment = use_train_segment
-        self.nfft = nfft
-        self.hop_length = nfft // 4
-        self.wiener_iters = wiener_iters
-        self.end_iters = end_iters
-        self.freq_emb: tp.Optional[ScaledEmbedding] = None
-
-        self.encoder = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        self.tencoder = nn.ModuleList()
-        self.tdecoder = nn.ModuleList()
+        self.bottom_channels = bottom_channels
+        self._init_spectrogram(nfft, cac, wiener_iters, end_iters, wiener_residual)
         self._build_unets(
-            channels, channels_time, growth, multi_freqs, multi_freqs_depth, freq_emb, emb_scale,
-            emb_smooth, kernel_size, time_stride, stride, context, context_enc, norm_starts,
-            norm_groups, dconv_mode, dconv_depth, dconv_comp, dconv_init, rewrite)
+            depth=depth, channels=channels, channels_time=channels_time, growth=growth,
+            rewrite=rewrite, multi_freqs=multi_freqs, multi_freqs_depth=multi_freqs_depth,
+            freq_emb=freq_emb, emb_scale=emb_scale, emb_smooth=emb_smooth,
+            kernel_size=kernel_size, time_stride=time_stride, stride=stride, context=context,
+            context_enc=context_enc, norm_starts=norm_starts, norm_groups=norm_groups,
+            dconv_mode=dconv_mode, dconv_depth=dconv_depth, dconv_comp=dconv_comp,
+            dconv_init=dconv_init)
         if rescale:
             rescale_module(self, reference=rescale)
 
@@ -187,67 +165,6 @@ class HTDemucs(nn.Module):
                 global_window=t_global_window, sparsity=t_sparsity,
                 auto_sparsity=t_auto_sparsity)
 
-    def _build_unets(self, channels: int, channels_time: tp.Optional[int], growth: float,
-                     multi_freqs: tp.Optional[tp.Sequence[float]], multi_freqs_depth: int,
-                     freq_emb: float, emb_scale: float, emb_smooth: bool, kernel_size: int,
-                     time_stride: int, stride: int, context: int, context_enc: int,
-                     norm_starts: int, norm_groups: int, dconv_mode: int, dconv_depth: int,
-                     dconv_comp: int, dconv_init: float, rewrite: bool) -> None:
-        """Create the frequency (`encoder`/`decoder`) and time (`tencoder`/`tdecoder`) U-Nets
-        and the frequency embedding, following HDemucs' layer plan."""
-        chin = self.audio_channels
-        chin_z = chin * 2 if self.cac else chin
-        chout = channels_time or channels
-        chout_z = channels
-        freqs = self.nfft // 2
-        for index in range(self.depth):
-            freq = freqs > 1
-            last_freq = freq and freqs <= kernel_size
-            kw = {
-                "kernel_size": kernel_size if freq else 2 * time_stride,
-                "stride": stride if freq else time_stride,
-                "freq": freq,
-                "pad": True,
-                "norm": index >= norm_starts,
-                "rewrite": rewrite,
-                "norm_groups": norm_groups,
-                "dconv_kw": {"depth": dconv_depth, "compress": dconv_comp, "init": dconv_init,
-                             "gelu": True},
-            }
-            if last_freq:
-                kw.update(kernel_size=freqs, pad=False)
-                chout_z = max(chout, chout_z)
-                chout = chout_z
-            time_kw = dict(kw, freq=False, kernel_size=kernel_size, stride=stride, pad=True)
-            multi = bool(multi_freqs) and index < multi_freqs_depth
-            dec_kw = dict(kw, context_freq=False) if multi else kw
-
-            enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=dconv_mode & 1,
-                                       context=context_enc, **kw)
-            if freq:
-                self.tencoder.append(HEncLayer(chin, chout, dconv=dconv_mode & 1,
-                                               context=context_enc, empty=last_freq, **time_kw))
-            self.encoder.append(MultiWrap(enc, multi_freqs) if multi else enc)
-
-            if index == 0:
-                chin = self.audio_channels * len(self.sources)
-                chin_z = chin * 2 if self.cac else chin
-            dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=dconv_mode & 2, last=index == 0,
-                                       context=context, **dec_kw)
-            if freq:
-                self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=dconv_mode & 2,
-                                                  empty=last_freq, last=index == 0,
-                                                  context=context, **time_kw))
-            self.decoder.insert(0, MultiWrap(dec, multi_freqs) if multi else dec)
-
-            chin, chin_z = chout, chout_z
-            chout, chout_z = int(growth * chout), int(growth * chout_z)
-            if freq:
-                freqs = 1 if freqs <= kernel_size else freqs // stride
-            if index == 0 and freq_emb:
-                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth, scale=emb_scale)
-                self.freq_emb_scale = freq_emb
-
     def _training_length(self) -> int:
         return int(self.segment * self.samplerate)
 
@@ -272,55 +189,13 @@ class HTDemucs(nn.Module):
             self.segment = Fraction(length, self.samplerate)
         elif self.use_train_segment:
             mix = F.pad(mix, (0, self.valid_length(length) - length))
-        padded_length = mix.shape[-1]
-
-        z = self._spec(mix)
-        x = self._magnitude(z).to(mix.device)
-        batch, _, freqs, frames = x.shape
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) / (1e-5 + std)
-        meant = mix.mean(dim=(1, 2), keepdim=True)
-        stdt = mix.std(dim=(1, 2), keepdim=True)
-        xt = (mix - meant) / (1e-5 + stdt)
-
+        z, x, stats = self._spectrogram_input(mix)
+        xt, stats_t = self._time_input(mix)
         x, xt, skips = self._encode(x, xt)
         x, xt = self._bottleneck(x, xt)
         x, xt = self._decode(x, xt, skips)
-
-        num_sources = len(self.sources)
-        x = x.view(batch, num_sources, -1, freqs, frames)
-        x = x * std[:, None] + mean[:, None]
-        device = x.device
-        if device.type == "mps":  # no complex support on MPS
-            x = x.cpu()
-        x = self._ispec(self._mask(z, x), padded_length).to(device)
-        xt = xt.view(batch, num_sources, -1, padded_length)
-        x = x + xt * stdt[:, None] + meant[:, None]
-        return x[..., :length]
-
-    def _encode(self, x: torch.Tensor, xt: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor,
-                                                                    tp.Dict[str, list]]:
-        """Runs both encoders, returning the bottlenecks and the skips/lengths for decoding."""
-        skips: tp.Dict[str, list] = {"x": [], "xt": [], "len": [], "len_t": []}
-        for index, encode in enumerate(self.encoder):
-            skips["len"].append(x.shape[-1])
-            inject = None
-            if index < len(self.tencoder):
-                skips["len_t"].append(xt.shape[-1])
-                tenc = self.tencoder[index]
-                xt = tenc(xt)
-                if tenc.empty:  # a bare conv whose output joins the last frequency layer
-                    inject = xt
-                else:
-                    skips["xt"].append(xt)
-            x = encode(x, inject)
-            if index == 0 and self.freq_emb is not None:
-                bins = torch.arange(x.shape[-2], device=x.device)
-                emb = self.freq_emb(bins).t()[None, :, :, None].expand_as(x)
-                x = x + self.freq_emb_scale * emb
-            skips["x"].append(x)
-        return x, xt, skips
+        out = self._spectrogram_output(z, x, stats, mix.shape[-1])
+        return self._add_time_output(out, xt, stats_t)[..., :length]
 
     def _bottleneck(self, x: torch.Tensor,
                     xt: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
@@ -335,22 +210,4 @@ class HTDemucs(nn.Module):
         if self.bottom_channels:
             x = self.channel_downsampler(x.flatten(2)).unflatten(2, x.shape[2:])
             xt = self.channel_downsampler_t(xt)
-        return x, xt
-
-    def _decode(self, x: torch.Tensor, xt: torch.Tensor,
-                skips: tp.Dict[str, list]) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-        """Runs both decoders; the time decoder joins once the layers are shared no more."""
-        offset = self.depth - len(self.tdecoder)
-        for index, decode in enumerate(self.decoder):
-            x, pre = decode(x, skips["x"].pop(-1), skips["len"].pop(-1))
-            if index < offset:
-                continue
-            tdec = self.tdecoder[index - offset]
-            length_t = skips["len_t"].pop(-1)
-            if tdec.empty:
-                assert pre.shape[2] == 1, pre.shape
-                xt, _ = tdec(pre[:, :, 0], None, length_t)
-            else:
-                xt, _ = tdec(xt, skips["xt"].pop(-1), length_t)
-        assert not any(skips.values()), "unused skip connections"
         return x, xt

@@ -21,6 +21,7 @@ from .apply import BagOfModels, _is_htdemucs, _replace_dict, apply_model, apply_
 from .audio import AudioFile, AudioReadError, convert_audio, convert_audio_channels, save_audio
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
+from .states import ModelPackageError
 from .utils import DummyPoolExecutor
 
 __all__ = ["Separator", "list_models", "save_audio", "LoadAudioError", "LoadModelError"]
@@ -70,13 +71,29 @@ class Normalisation(tp.NamedTuple):
     @classmethod
     def of(cls, wav: torch.Tensor) -> "Normalisation":
         ref = wav.mean(0)
-        return cls(float(ref.mean()), float(ref.std()))
+        std = float(ref.std()) if ref.numel() > 1 else 0.  # one sample has no spread, not NaN
+        return cls(float(ref.mean()), std)
 
     def apply(self, wav: torch.Tensor) -> torch.Tensor:
         return (wav - self.mean) / (self.std + 1e-8)
 
     def revert(self, wav: torch.Tensor) -> torch.Tensor:
         return wav * (self.std + 1e-8) + self.mean
+
+
+def check_finite(wav: torch.Tensor, origin: str, samplerate: int, offset: int = 0) -> None:
+    """Raise `ValueError` naming the first NaN or infinite sample of `wav` `[C, T]`, if any.
+
+    Such samples would turn every separated stem into NaN; `offset` is the position of `wav`
+    in the whole track, for the time reported.
+    """
+    bad = ~torch.isfinite(wav)
+    if not bad.any():
+        return
+    first = int(bad.any(0).nonzero()[0, 0]) + offset
+    raise ValueError(f"{origin} holds {int(bad.sum())} NaN or infinite sample(s), the first at "
+                     f"sample {first} ({first / samplerate:.3f} s); repair or re-encode the audio "
+                     "before separating it.")
 
 
 class DecodedTrack:
@@ -113,6 +130,10 @@ class DecodedTrack:
         return (1, self.channels, self.length)
 
     def _append(self, block: torch.Tensor) -> None:
+        try:
+            check_finite(block, f"audio file {self.path}", self.samplerate, offset=self.length)
+        except ValueError as error:
+            raise LoadAudioError(str(error)) from None
         block = convert_audio_channels(block, self.channels)
         mono = block.double().mean(0)
         self._sum += float(mono.sum())
@@ -226,6 +247,11 @@ class Separator:
                                  f"{self._name} allows: at most {limit} s.")
         if "overlap" in given and not 0 <= given["overlap"] < 1:
             raise ValueError(f"overlap must be in [0, 1), got {given['overlap']}")
+        if given.get("segment") is not None and not given["segment"] > 0:
+            raise ValueError(f"segment must be a positive number of seconds, got {given['segment']}")
+        for key in ["shifts", "jobs"]:
+            if key in given and given[key] < 0:
+                raise ValueError(f"{key} must be 0 or more, got {given[key]}")
         for key, value in given.items():
             setattr(self, f"_{key}", value)
         if "jobs" in given:
@@ -234,7 +260,7 @@ class Separator:
     def _load_model(self) -> None:
         try:
             self._model = get_model(name=self._name, repo=self._repo)
-        except ModelLoadingError as error:
+        except (ModelLoadingError, ModelPackageError) as error:
             raise LoadModelError(str(error)) from error
         self._audio_channels = self._model.audio_channels
         self._samplerate = self._model.samplerate
@@ -254,10 +280,21 @@ class Separator:
                         ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
         """Separate `wav` `[C, T]` (at `sr`, default the model's rate); `wav` is not modified.
 
-        Returns the (resampled, channel-converted) input and `{source: [C, T]}`.
+        Any channel count is accepted (converted like `convert_audio_channels`). Returns the
+        (resampled, channel-converted) input and `{source: [C, T]}`. Raises `ValueError` for
+        NaN or infinite samples, and for audio with no sample left at the model's rate.
         """
+        if wav.dim() != 2:
+            raise ValueError(f"separate_tensor expects [channels, time] audio, got shape "
+                             f"{tuple(wav.shape)}")
+        check_finite(wav, "the audio to separate", sr or self._samplerate)
+        length = wav.shape[-1]
+        wav = convert_audio_channels(wav, self._audio_channels)
         if sr is not None and sr != self.samplerate:
             wav = convert_audio(wav, sr, self._samplerate, self._audio_channels)
+        if wav.shape[-1] == 0:
+            raise ValueError(f"the audio to separate ({length} samples at {sr} Hz) holds no "
+                             f"sample once resampled to {self._samplerate} Hz")
         norm = Normalisation.of(wav)
         callback_arg = _replace_dict(self._callback_arg, ("audio_length", wav.shape[1]))
         out = apply_model(self._model, norm.apply(wav)[None], split=self._split,

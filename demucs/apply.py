@@ -295,6 +295,9 @@ def _apply_split(model, mix, callback, callback_arg: dict, kwargs: dict) -> torc
     sum_weight = torch.zeros(length, device=mix.device)
     segment_length = _segment_length(model, kwargs["segment"])
     stride = int((1 - kwargs["overlap"]) * segment_length)
+    if stride <= 0:
+        raise ValueError(f"overlap {kwargs['overlap']} leaves no stride between segments of "
+                         f"{segment_length} samples; use a longer segment or a smaller overlap")
     weight = segment_weight(segment_length, kwargs["transition_power"], kwargs["device"])
     futures = []
     for offset in range(0, length, stride):

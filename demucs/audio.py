@@ -7,8 +7,10 @@ decode the file. Writing uses soundfile for `.wav`/`.flac` and lameenc for `.mp3
 Every read problem (missing, empty, truncated, not audio, no channels) is reported as one
 `AudioReadError` whose message names the file, and writing never leaves a partial output file.
 """
+from fractions import Fraction
 import json
 import logging
+import math
 import os
 from pathlib import Path
 import shutil
@@ -23,6 +25,7 @@ import lameenc
 import numpy as np
 import soundfile
 import torch
+from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,11 @@ _SHORT_READ_TOLERANCE_S = 0.1
 # them can a short decode be told apart from an inaccurate estimate (e.g. VBR mp3 without tag).
 _EXACT_DURATION_CODECS = ("pcm", "flac", "wav", "aiff", "alac", "wavpack")
 _I16_SCALE = 2 ** 15 - 1
+# julius resamples with a [new, 1, ~old] filter bank for the reduced ratio new/old: past this
+# many coefficients (4 MB) the ratio is approximated, since an exact one can need gigabytes
+# (44101 -> 44100 Hz: 2e9 coefficients).
+_MAX_RESAMPLE_KERNEL = 2 ** 20
+_JULIUS_ZEROS, _JULIUS_ROLLOFF = 24, 0.945
 
 
 class AudioReadError(Exception):
@@ -156,7 +164,7 @@ def _decode_soundfile(path: Path, seek_time: tp.Optional[float], duration: tp.Op
         raise AudioReadError(f"soundfile cannot decode {path}: {exc}") from None
     wav = torch.from_numpy(samples.T.copy())
     if samplerate is not None and samplerate != native_rate:
-        wav = julius.resample_frac(wav, native_rate, samplerate)
+        wav = resample(wav, native_rate, samplerate)
     return wav
 
 
@@ -340,9 +348,54 @@ def convert_audio_channels(wav: torch.Tensor, channels: int = 2) -> torch.Tensor
 
 def convert_audio(wav: torch.Tensor, from_samplerate: float, to_samplerate: float,
                   channels: int) -> torch.Tensor:
-    """Convert `[*, C, T]` audio to `channels` channels and resample it (julius)."""
+    """Convert `[*, C, T]` audio to `channels` channels and resample it (see `resample`)."""
     wav = convert_audio_channels(wav, channels)
-    return julius.resample_frac(wav, from_samplerate, to_samplerate)
+    return resample(wav, from_samplerate, to_samplerate)
+
+
+def _resample_kernel_size(old: int, new: int) -> int:
+    """Coefficients of julius' filter bank from `old` to `new` Hz (0 when nothing to do)."""
+    gcd = math.gcd(old, new)
+    old, new = old // gcd, new // gcd
+    if old == new:
+        return 0
+    width = math.ceil(_JULIUS_ZEROS * old / (_JULIUS_ROLLOFF * min(old, new)))
+    return new * (2 * width + old)
+
+
+def _close_ratio(from_samplerate: int, to_samplerate: int) -> Fraction:
+    """The closest fraction to `to / from` whose filter bank fits `_MAX_RESAMPLE_KERNEL`."""
+    exact = Fraction(to_samplerate, from_samplerate)
+    denominator = min(from_samplerate, 2 ** 12)
+    while True:
+        ratio = exact.limit_denominator(denominator)
+        if _resample_kernel_size(ratio.denominator, ratio.numerator) <= _MAX_RESAMPLE_KERNEL:
+            return ratio
+        denominator //= 2
+
+
+def resample(wav: torch.Tensor, from_samplerate: int, to_samplerate: int) -> torch.Tensor:
+    """Resample `[*, T]` audio to `int(T * to / from)` samples with julius.
+
+    Exact for the usual rates. When the reduced ratio `to / from` would need a huge filter bank
+    (e.g. 44101 -> 44100 Hz, gigabytes), a close ratio is used instead (relative error below
+    0.1 %, under 2 cents of pitch, for rates of 8 to 96 kHz; logged) and the output is cut or
+    zero padded to the same length.
+    """
+    if int(from_samplerate) != from_samplerate or int(to_samplerate) != to_samplerate \
+            or from_samplerate <= 0 or to_samplerate <= 0:
+        raise ValueError(f"sample rates must be positive integers, got {from_samplerate} and "
+                         f"{to_samplerate}")
+    from_samplerate, to_samplerate = int(from_samplerate), int(to_samplerate)
+    if _resample_kernel_size(from_samplerate, to_samplerate) <= _MAX_RESAMPLE_KERNEL:
+        return julius.resample_frac(wav, from_samplerate, to_samplerate)
+    ratio = _close_ratio(from_samplerate, to_samplerate)
+    error = abs(float(ratio / Fraction(to_samplerate, from_samplerate)) - 1)
+    logger.info("resampling %d -> %d Hz with the close ratio %s (relative error %.1e)",
+                from_samplerate, to_samplerate, ratio, error)
+    out = julius.resample_frac(wav, ratio.denominator, ratio.numerator, full=True)
+    length = wav.shape[-1] * to_samplerate // from_samplerate
+    return F.pad(out, (0, max(0, length - out.shape[-1])))[..., :length]
 
 
 def prevent_clip(wav: torch.Tensor, mode: tp.Optional[str] = "rescale") -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .apply import BagOfModels, Model
-from .states import load_model
+from .states import CorruptPackageError, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,13 @@ class RemoteRepo(ModelOnlyRepo):
             url = self._models[sig]
         except KeyError:
             raise ModelLoadingError(f"could not find a pre-trained model with signature {sig}.")
-        return load_model(self._download(sig, url))
+        path = self._download(sig, url)
+        try:
+            return load_model(path)
+        except CorruptPackageError as error:
+            path.unlink(missing_ok=True)
+            raise ModelLoadingError(f"{error} It was removed from the cache: try again to "
+                                    "download it.") from error
 
     def _download(self, sig: str, url: str) -> Path:
         """Path of the model file in the hub cache, downloaded when absent or corrupted.
@@ -172,6 +178,36 @@ class LocalRepo(ModelOnlyRepo):
         return dict(self._models)
 
 
+def _read_bag(yaml_file: Path) -> dict:
+    """The content of a bag file, checked: `models` a list of signatures, optional `weights`
+    (one list of numbers per model) and `segment` (a positive number)."""
+    try:
+        bag = yaml.safe_load(yaml_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ModelLoadingError(f"{yaml_file} is not a valid bag yaml file: {error}") from None
+    if not isinstance(bag, dict) or "models" not in bag:
+        raise ModelLoadingError(f"{yaml_file} must be a mapping with a `models` list.")
+    models, weights, segment = bag["models"], bag.get("weights"), bag.get("segment")
+    if not isinstance(models, list) or not models or not all(isinstance(sig, str)
+                                                             for sig in models):
+        raise ModelLoadingError(f"{yaml_file}: `models` must be a non-empty list of signatures, "
+                                f"got {models!r}")
+    if weights is not None and not (
+            isinstance(weights, list) and len(weights) == len(models)
+            and all(isinstance(row, list) and all(_is_number(w) for w in row) for row in weights)):
+        raise ModelLoadingError(f"{yaml_file}: `weights` must hold one list of numbers per model "
+                                f"({len(models)}), got {weights!r}")
+    if segment is not None and not (_is_number(segment) and segment > 0):
+        raise ModelLoadingError(f"{yaml_file}: `segment` must be a positive number of seconds, "
+                                f"got {segment!r}")
+    return bag
+
+
+def _is_number(value: tp.Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and value == value and abs(value) != float("inf")
+
+
 class BagOnlyRepo:
     """Bags of models described by `NAME.yaml` files, members fetched from `model_repo`."""
 
@@ -193,9 +229,7 @@ class BagOnlyRepo:
         except KeyError:
             raise ModelLoadingError(f"{name} is neither a single pre-trained model nor a bag of "
                                     f"models (looked in {self.root}).")
-        bag = yaml.safe_load(yaml_file.read_text())
-        if not isinstance(bag, dict) or "models" not in bag:
-            raise ModelLoadingError(f"{yaml_file} must be a mapping with a `models` list.")
+        bag = _read_bag(yaml_file)
         models = [self.model_repo.get_model(sig) for sig in bag["models"]]
         try:
             return BagOfModels(models, bag.get("weights"), bag.get("segment"))

@@ -248,13 +248,16 @@ def _make_separator(args: argparse.Namespace) -> Separator:
         separator = Separator(model=args.name, repo=args.repo, device=args.device,
                               shifts=args.shifts, overlap=args.overlap, split=args.split,
                               segment=None, jobs=args.jobs, progress=True)
-    except LoadModelError as error:
+    except (LoadModelError, ValueError) as error:
         _fatal(str(error))
     limit = max_allowed_segment(separator.model)
     if args.segment is not None and args.segment > limit:
         _fatal("Cannot use a Transformer model with a longer segment than it was trained for. "
                f"Maximum segment is: {limit}")
-    separator.update_parameter(segment=args.segment)
+    try:
+        separator.update_parameter(segment=args.segment)
+    except ValueError as error:
+        _fatal(f"error: --segment: {error}")
     if args.stem is not None and args.stem not in separator.model.sources:
         _fatal(f'error: stem "{args.stem}" is not in selected model. '
                f"STEM must be one of {', '.join(separator.model.sources)}.")

@@ -1,20 +1,35 @@
 """The training loop of one XP: epochs of training, validation (raw model and EMAs), periodic tests,
-metrics pushed to Dora's history and checkpoints that allow an exact resume."""
+metrics pushed to Dora's history and checkpoints that allow an exact resume.
+
+Reliability (see docs/reliability.md): checkpoints are written to a temporary file, fsynced and
+renamed, so a crash or a full disk never loses the previous one; the random generators are saved
+with them, so a resumed run continues exactly as if it had not stopped; a non-finite loss or
+gradient stops the run before it reaches the weights (or skips the batch with
+`optim.skip_nonfinite`); `XPLock` keeps a second run away from an XP folder in use.
+"""
 from contextlib import contextmanager
+import errno
+import fcntl
 import itertools
+import json
 import logging
+import math
 import os
 from pathlib import Path
+import random
+import shutil
+import socket
 import typing as tp
 
 from dora import get_xp
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from . import augment, distrib, states
+from . import augment, distrib, states, svd
 from .apply import apply_model
 from .ema import ModelEMA
 from .evaluate import evaluate, new_sdr
@@ -26,15 +41,63 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_KEYS = ("state", "optimizer", "history", "best_state")
 
 
+TMP_SUFFIX = ".tmp"
+LOCK_NAME = "train.lock"
+
+
 class CheckpointError(RuntimeError):
     """A training checkpoint exists but cannot be used to resume."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. disk full); the previous one is left untouched."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training batch gave a NaN/inf loss or gradient; raised before it changes any weight."""
+
+
+class XPLockedError(RuntimeError):
+    """Another live training run holds the XP folder."""
+
+
+def _temp_path(path: Path) -> Path:
+    return path.parent / f".{path.name}{TMP_SUFFIX}"
+
+
+def _os_error_in(error: BaseException) -> tp.Optional[OSError]:
+    """The first OSError in the chain of `error` (torch wraps write errors in RuntimeError)."""
+    seen: tp.Optional[BaseException] = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_failure(path: Path, error: Exception) -> CheckpointWriteError:
+    os_error = _os_error_in(error)
+    reason = os_error.strerror if os_error is not None and os_error.strerror else str(error)
+    try:
+        space = f" ({shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free on that disk)"
+    except OSError:
+        space = ""
+    return CheckpointWriteError(
+        os_error.errno if os_error is not None else None,
+        f"Could not write {path}: {reason}{space}. The previous "
+        f"{path.name} was left untouched and no partial file remains. Free some space, then run "
+        "the same command again: training resumes from the last checkpoint.")
 
 
 @contextmanager
 def write_and_rename(path: Path) -> tp.Iterator[Path]:
     """Yield a temporary path next to `path`; once written, it is flushed to disk and renamed over
-    `path`, so a crash never leaves a half-written file under the final name."""
-    tmp = path.parent / f".{path.name}.tmp"
+    `path`, so a crash never leaves a half-written file under the final name.
+
+    A failed write (full disk, I/O error) raises `CheckpointWriteError` and removes the temporary
+    file; `path` itself is never touched before the rename.
+    """
+    tmp = _temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb") as handle:
@@ -45,9 +108,157 @@ def write_and_rename(path: Path) -> tp.Iterator[Path]:
             os.fsync(directory)
         finally:
             os.close(directory)
+    except CheckpointWriteError:
+        raise
+    except OSError as error:
+        raise _write_failure(path, error) from error
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_atomic(obj: tp.Any, path: Path) -> None:
+    """`torch.save(obj)` to `path` through `write_and_rename`; a failed write (full disk, I/O
+    error, which torch's zip writer reports as a RuntimeError) raises `CheckpointWriteError`."""
+    with write_and_rename(path) as tmp:
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(obj, handle)
+        except RuntimeError as error:
+            raise _write_failure(path, error) from error
+
+
+def remove_unfinished_writes(folder: Path) -> tp.List[Path]:
+    """Delete the temporary files left by a checkpoint write that was killed; returns them."""
+    leftovers = sorted(folder.glob(f".*.th{TMP_SUFFIX}"))
+    for leftover in leftovers:
+        logger.warning("Removing %s, left by a checkpoint write that did not finish", leftover)
+        leftover.unlink()
+    return leftovers
+
+
+def get_rng_state() -> dict:
+    """States of every random generator training uses (torch, CUDA, Python, NumPy, SVD penalty),
+    in types that `torch.load(weights_only=True)` accepts."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+             "svd": svd.penalty_rng.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the generators saved by `get_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    svd.penalty_rng.setstate(state["svd"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class XPLock:
+    """Exclusive hold of an XP folder by one training run, through the file `train.lock` in it.
+
+    The holder keeps an `flock` on the file for its whole life (the kernel drops it when the
+    process dies, even on SIGKILL) and writes its PID and host in it. A second run gets
+    `XPLockedError` naming them. A lock left by a dead run is taken over with a warning. On file
+    systems without `flock`, the PID is checked instead (same host only: a lock from another host
+    is then refused, delete the file when that run is known to be over).
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self._handle: tp.Optional[tp.IO[str]] = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `XPLockedError` when another live run holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            flocked = self._flock(handle)
+            owner = self._owner(handle)
+            if owner and not flocked and not self._is_stale(owner):
+                raise self._locked(owner, "")
+        except BaseException:
+            handle.close()
+            raise
+        if owner:
+            logger.warning("Taking over %s, left by PID %s on %s, which is no longer running",
+                           self.path, owner.get("pid"), owner.get("host"))
+        handle.seek(0)
+        handle.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+        self._handle = handle
+
+    def release(self) -> None:
+        """Empty the lock file and drop the lock (the file stays, so no run can race on it)."""
+        if self._handle is None:
+            return
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.flush()
+        self._handle.close()
+        self._handle = None
+
+    def __enter__(self) -> "XPLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def _flock(self, handle: tp.IO[str]) -> bool:
+        """True once the flock is held, False when the file system has no flock."""
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._locked(self._owner(handle), " (it holds the lock right now)") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            logger.info("No flock on the file system of %s, checking the PID instead", self.path)
+            return False
+        return True
+
+    def _owner(self, handle: tp.IO[str]) -> dict:
+        handle.seek(0)
+        text = handle.read().strip()
+        if not text:
+            return {}
+        try:
+            owner = json.loads(text)
+        except ValueError:
+            return {"pid": "?", "host": f"? (unreadable lock content {text[:40]!r})"}
+        return owner if isinstance(owner, dict) else {}
+
+    @staticmethod
+    def _is_stale(owner: dict) -> bool:
+        pid = owner.get("pid")
+        return (owner.get("host") == socket.gethostname() and isinstance(pid, int)
+                and pid != os.getpid() and not _process_alive(pid))
+
+    def _locked(self, owner: dict, detail: str) -> XPLockedError:
+        return XPLockedError(
+            f"Another training run uses this XP: PID {owner.get('pid', '?')} on host "
+            f"{owner.get('host', '?')}{detail}, see {self.path}. Two runs on one XP would "
+            "overwrite each other's checkpoint. Wait for it to end or stop it; if you are sure no "
+            "such run is alive, delete the lock file and run again.")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -123,6 +334,12 @@ class Solver:
 
     def _make_augment(self) -> torch.nn.Module:
         args = self.args
+        training = self.loaders is not None
+        if training and args.dset.segment is not None and args.dset.shift >= args.dset.segment:
+            raise ValueError(
+                f"dset.shift={args.dset.shift} must be smaller than dset.segment="
+                f"{args.dset.segment}: the random shift augmentation cuts training examples to "
+                "segment - shift seconds, which would leave nothing to train on.")
         modules: tp.List[torch.nn.Module] = [
             augment.Shift(shift=int(args.dset.samplerate * args.dset.shift),
                           same=args.augment.shift_same)]
@@ -143,6 +360,7 @@ class Solver:
             "history": self.history,
             "best_state": self.best_state,
             "args": OmegaConf.to_container(self.args, resolve=True),
+            "rng": get_rng_state(),
         }
         for kind, emas in self.emas.items():
             for k, ema in enumerate(emas):
@@ -152,19 +370,18 @@ class Solver:
             # rewrites best.th if needed.
             best = states.serialize_model(self.model, self.args)
             best["state"] = self.best_state
-            with write_and_rename(self.best_file) as tmp:
-                torch.save(best, tmp)
+            save_atomic(best, self.best_file)
             self.best_changed = False
-        with write_and_rename(self.checkpoint_file) as tmp:
-            torch.save(package, tmp)
+        save_atomic(package, self.checkpoint_file)
         every = self.args.save_every
         if every and (epoch + 1) % every == 0 and epoch + 1 != self.args.epochs:
-            with write_and_rename(self.folder / f"checkpoint_{epoch + 1}.th") as tmp:
-                torch.save(package, tmp)
+            save_atomic(package, self.folder / f"checkpoint_{epoch + 1}.th")
 
     def _reset(self) -> None:
         """Resume from this XP's checkpoint, or start from a pretrained model / another XP."""
         args = self.args
+        if distrib.rank == 0:
+            remove_unfinished_writes(self.folder)
         if self.checkpoint_file.exists():
             logger.info("Loading checkpoint %s", self.checkpoint_file)
             self._resume(load_checkpoint(self.checkpoint_file))
@@ -186,6 +403,8 @@ class Solver:
                     raise CheckpointError(f"{self.checkpoint_file} has no {key}: it was written "
                                           "with another ema.* configuration.")
                 ema.load_state_dict(package[key])
+        if "rng" in package:  # absent from checkpoints of upstream Demucs
+            set_rng_state(package["rng"])
 
     def _load_pretrained(self, name: str, repo: tp.Optional[str]) -> None:
         from . import pretrained
@@ -337,10 +556,10 @@ class Solver:
         weights = torch.tensor(list(args.weights), dtype=torch.float32, device=self.device)
         averager = EMA()
         averages: tp.Dict[str, float] = {}
-        count = 0
+        count = skipped = 0
         progress = tqdm(batches, total=total, desc=f"{label} | Epoch {epoch + 1}", unit="batch",
                         disable=distrib.rank != 0, leave=False, dynamic_ncols=True)
-        for sources in progress:
+        for batch, sources in enumerate(progress):
             sources = sources.to(self.device)
             if train:
                 sources = self.augment(sources)
@@ -356,21 +575,36 @@ class Solver:
             if estimate.shape != sources.shape:
                 raise RuntimeError(f"Model output {tuple(estimate.shape)} does not match the "
                                    f"targets {tuple(sources.shape)}.")
-            losses = self._batch_losses(estimate, sources, weights, train)
+            losses = self._batch_losses(estimate, sources, weights, train, (epoch, batch))
+            if losses is None:
+                skipped += 1
+                continue
             averages = averager({key: float(value) for key, value in losses.items()})
             count += 1
             progress.set_postfix(loss=f"{averages['loss']:.4f}")
+        if count == 0 and skipped:
+            raise NonFiniteLossError(
+                f"Epoch {epoch + 1}: all {skipped} training batches had a non-finite loss or "
+                "gradient and were skipped; nothing was learnt. Lower optim.lr or check the data.")
         if count == 0:
             raise RuntimeError(f"The {label.lower()} loader gave no batch: the dataset is smaller "
                                f"than batch_size={args.batch_size} (drop_last) or empty.")
         if train:
             for ema in self.emas["epoch"]:
                 ema.update()
-        return distrib.average(averages, count)
+        metrics = distrib.average(averages, count)
+        if train and args.optim.skip_nonfinite:
+            metrics["skipped"] = skipped  # the same on every worker: skipping is decided jointly
+        return metrics
 
     def _batch_losses(self, estimate: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor,
-                      train: bool) -> tp.Dict[str, tp.Any]:
-        """Losses of one batch; in training, also backpropagate and take an optimizer step."""
+                      train: bool, where: tp.Tuple[int, int]
+                      ) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        """Losses of one batch; in training, also backpropagate and take an optimizer step.
+
+        `where` is (epoch, batch index), for error messages. Returns None for a training batch
+        skipped because of a non-finite loss (`optim.skip_nonfinite`).
+        """
         args = self.args
         loss, reco = self._loss(estimate, sources, weights)
         model_size = self.quantizer.model_size() if self.quantizer is not None else 0.
@@ -391,15 +625,26 @@ class Solver:
             loss = loss + args.svd.penalty * penalty
         losses["loss"] = loss
         if train:
-            losses["grad"] = self._step(loss)
+            grad = self._step(loss, where)
+            if grad is None:
+                return None
+            losses["grad"] = grad
         return {key: value.detach() if torch.is_tensor(value) else value
                 for key, value in losses.items()}
 
-    def _step(self, loss: torch.Tensor) -> float:
-        """Backward, gradient norm (and clipping), optimizer step and batch EMAs."""
+    def _step(self, loss: torch.Tensor, where: tp.Tuple[int, int]) -> tp.Optional[float]:
+        """Backward, gradient norm (and clipping), optimizer step and batch EMAs.
+
+        A non-finite loss or gradient norm stops here, before the step and the EMA updates:
+        `NonFiniteLossError`, or None (batch skipped) with `optim.skip_nonfinite`.
+        """
+        if not self._finite_everywhere(float(loss)):
+            return self._non_finite(f"the loss is {float(loss)}", where)
         loss.backward()
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.stack([g.norm() for g in grads]).norm()) if grads else 0.
+        if not self._finite_everywhere(grad_norm):
+            return self._non_finite(f"the gradient norm is {grad_norm}", where)
         if self.args.optim.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.optim.clip_grad)
         if self.args.flag == "uns":
@@ -411,3 +656,23 @@ class Solver:
         for ema in self.emas["batch"]:
             ema.update()
         return grad_norm
+
+    @staticmethod
+    def _finite_everywhere(value: float) -> bool:
+        """True when `value` is finite on every worker (all of them must skip or stop together,
+        or the next gradient all-reduce would wait forever)."""
+        return distrib.average([float(math.isfinite(value))])[0] == 1.
+
+    def _non_finite(self, what: str, where: tp.Tuple[int, int]) -> None:
+        """Drop this batch's gradients; stop, or skip the batch with `optim.skip_nonfinite`."""
+        epoch, batch = where
+        self.optimizer.zero_grad()
+        if self.args.optim.skip_nonfinite:
+            logger.warning("Epoch %d, batch %d: %s, batch skipped (optim.skip_nonfinite)",
+                           epoch + 1, batch + 1, what)
+            return None
+        raise NonFiniteLossError(
+            f"Epoch {epoch + 1}, batch {batch + 1}: {what}. Training stopped before the optimizer "
+            f"step: the weights, the EMAs and the last checkpoint ({self.checkpoint_file}) are "
+            "untouched. Lower optim.lr, set optim.clip_grad, check the dataset for bad audio, or "
+            "set optim.skip_nonfinite=true to skip such batches.")

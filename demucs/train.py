@@ -138,12 +138,35 @@ def _check_soundstretch(args: DictConfig) -> None:
             "or disable pitch/tempo augmentation with augment.repitch.proba=0.")
 
 
-def _add_wav2(args: DictConfig, train_set, valid_set):
-    """Append the `dset.wav2` dataset; the main train set is repeated so that wav2 gets the
-    fraction `wav2_weight` of the examples."""
+def _wav2_datasets(args: DictConfig):
+    """Train and valid sets of the `dset.wav2` folder (read like `dset.wav`)."""
     from .wav import get_wav_datasets
-    wav2_dset = OmegaConf.merge(args.dset, {"wav": args.dset.wav2})
-    extra_train, extra_valid = get_wav_datasets(wav2_dset)
+    return get_wav_datasets(OmegaConf.merge(args.dset, {"wav": args.dset.wav2}))
+
+
+def _collect(problems: tp.List[str], build: tp.Callable, *args) -> tp.Any:
+    """`build(*args)`; on a `DatasetError`, None, its problems appended to `problems` (so that the
+    problems of every dataset are reported together)."""
+    from .wav import DatasetError
+    try:
+        return build(*args)
+    except DatasetError as error:
+        problems.extend(error.problems)
+        return None
+
+
+def musdb_test_problems(args: DictConfig) -> tp.List[str]:
+    """Problems of the MusDB test set that `evaluate` reads at the end of training (headers only),
+    so that a broken test track is reported before training rather than after it."""
+    from .wav import MIXTURE, check_tracks
+    if args.test.nonhq is not None:
+        return []
+    return check_tracks(Path(args.dset.musdb) / "test", [MIXTURE] + list(args.dset.sources))
+
+
+def _add_wav2(args: DictConfig, train_set, valid_set, extra_train, extra_valid):
+    """Append the `dset.wav2` datasets; the main train set is repeated so that wav2 gets the
+    fraction `wav2_weight` of the examples."""
     weight = args.dset.get("wav2_weight")
     repeats = 1
     if weight is not None:
@@ -157,27 +180,39 @@ def _add_wav2(args: DictConfig, train_set, valid_set):
     return train_set, valid_set
 
 
-def get_datasets(args: DictConfig):
+def get_datasets(args: DictConfig, check_test_set: bool = False):
     """Train and valid datasets: MusDB (if `dset.use_musdb`), plus `dset.wav`/`dset.wav2` folders,
-    the train set wrapped for pitch/tempo augmentation when `augment.repitch.proba` > 0."""
+    the train set wrapped for pitch/tempo augmentation when `augment.repitch.proba` > 0.
+
+    Every track of every folder is checked first (and the MusDB test set when `check_test_set`):
+    all problems are raised together in one `DatasetError`, before any training.
+    """
     from .repitch import RepitchedWrapper
-    from .wav import get_musdb_wav_datasets, get_wav_datasets
+    from .wav import DatasetError, get_musdb_wav_datasets, get_wav_datasets
     _check_soundstretch(args)
     if _is_toy_dataset(args):
         _ensure_toy_dataset(args)
+    problems: tp.List[str] = []
+    musdb = _collect(problems, get_musdb_wav_datasets, args.dset) if args.dset.use_musdb else None
+    wav = _collect(problems, get_wav_datasets, args.dset) if args.dset.wav else None
+    wav2 = _collect(problems, _wav2_datasets, args) if args.dset.get("wav2") else None
+    if check_test_set:
+        problems += musdb_test_problems(args)
+    if problems:
+        raise DatasetError(problems, context="the training data")
     train_set: tp.Any = []
     valid_set: tp.Any = []
-    if args.dset.use_musdb:
-        train_set, valid_set = get_musdb_wav_datasets(args.dset)
-    if args.dset.wav:
-        extra_train, extra_valid = get_wav_datasets(args.dset)
+    if musdb is not None:
+        train_set, valid_set = musdb
+    if wav is not None:
+        extra_train, extra_valid = wav
         if len(args.dset.sources) <= 4:
             train_set = ConcatDataset([train_set, extra_train])
             valid_set = ConcatDataset([valid_set, extra_valid])
         else:
             train_set, valid_set = extra_train, extra_valid
-    if args.dset.get("wav2"):
-        train_set, valid_set = _add_wav2(args, train_set, valid_set)
+    if wav2 is not None:
+        train_set, valid_set = _add_wav2(args, train_set, valid_set, *wav2)
     if args.dset.valid_samples is not None:
         valid_set = random_subset(valid_set, args.dset.valid_samples)
     if len(train_set) == 0:
@@ -222,7 +257,7 @@ def get_solver(args: DictConfig, model_only: bool = False):
     args.batch_size //= distrib.world_size
     if model_only:
         return Solver(None, model, optimizer, args)
-    train_set, valid_set = get_datasets(args)
+    train_set, valid_set = get_datasets(args, check_test_set=True)
     logger.info("train/valid set size: %d %d", len(train_set), len(valid_set))
     num_workers = args.misc.num_workers
     train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
@@ -256,6 +291,25 @@ def _absolutize_paths(args: DictConfig) -> None:
             args.dset[key] = hydra.utils.to_absolute_path(value)
 
 
+def _lock_xp():
+    """Take the XP folder's lock on worker 0 (`XPLock`); every worker exits with the holder's PID
+    and host when another run has it."""
+    from dora import get_xp
+    from .solver import XPLock, XPLockedError
+    distrib.init()
+    lock, refusal = None, None
+    if distrib.rank == 0:
+        lock = XPLock(Path(get_xp().folder))
+        try:
+            lock.acquire()
+        except XPLockedError as error:
+            refusal = str(error)
+    refusal = distrib.share(refusal)
+    if refusal is not None:
+        raise SystemExit(f"demucs.train: {refusal}")
+    return lock
+
+
 @hydra_main(config_path="../conf", config_name="config", version_base="1.1")
 def main(args: DictConfig) -> None:
     """Train the XP described by `args` (resuming from its checkpoint when there is one)."""
@@ -266,7 +320,12 @@ def main(args: DictConfig) -> None:
         logger.setLevel(logging.DEBUG)
     logger.info("For logs, checkpoints and samples check %s", os.getcwd())
     logger.debug(args)
-    get_solver(args).train()
+    lock = _lock_xp()
+    try:
+        get_solver(args).train()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if "_DORA_TEST_PATH" in os.environ:

@@ -134,6 +134,23 @@ def _check_stems(track: Path, stems: tp.Sequence[str], ext: str) -> tp.List[_Ste
     return infos
 
 
+def check_tracks(root: tp.Union[str, Path], stems: tp.Sequence[str],
+                 ext: str = EXT) -> tp.List[str]:
+    """Problems of the track folders under `root`, one sentence each naming the file; [] when every
+    track has all of `stems`, readable, with one length and sample rate. Reads headers only and
+    writes nothing (for sets that are only read later, like the MusDB test set)."""
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root}: folder does not exist"]
+    problems = []
+    for name in _find_tracks(root):
+        try:
+            _check_stems(root / name, stems, ext)
+        except TrackError as error:
+            problems.append(str(error))
+    return problems
+
+
 def _create_mixture(track: Path, sources: tp.Sequence[str], ext: str) -> None:
     """Write `mixture.wav` as the sum of the stems, as upstream does for folders without one."""
     infos = _check_stems(track, sources, ext)

@@ -4,97 +4,31 @@ Covers: each model family trains for 2 epochs and writes history/best/checkpoint
 resumes; a corrupted checkpoint stops the run with a clear message; `continue_from` starts from the
 parent's best state, with `variant=finetune`; `get_solver_from_sig`; 2-worker DDP (slow).
 """
-import json
 import os
 from pathlib import Path
 import signal
 import subprocess
 import sys
-import time
 import typing as tp
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RATE = 8000
-SOURCES = ["drums", "bass", "other", "vocals"]
-TINY_MODELS = {
-    "demucs": ["demucs.channels=4", "demucs.depth=2"],
-    "hdemucs": ["hdemucs.channels=4", "hdemucs.depth=3", "hdemucs.nfft=256"],
-    "htdemucs": ["htdemucs.channels=8", "htdemucs.depth=2", "htdemucs.nfft=64",
-                 "htdemucs.t_layers=1", "htdemucs.t_heads=1"],
-}
-
-
-def _write_track(folder: Path, rng: np.random.Generator, seconds: float) -> None:
-    folder.mkdir(parents=True)
-    time_axis = np.arange(int(seconds * RATE)) / RATE
-    stems = {}
-    for index, source in enumerate(SOURCES):
-        freq = 110 * (index + 1) * (1 + rng.random())
-        tone = 0.2 * np.sin(2 * np.pi * freq * time_axis)[:, None]
-        stems[source] = (tone + 0.02 * rng.standard_normal((len(time_axis), 2))).astype(np.float32)
-        sf.write(folder / f"{source}.wav", stems[source], RATE, subtype="FLOAT")
-    sf.write(folder / "mixture.wav", sum(stems.values()), RATE, subtype="FLOAT")
+from tests.training_helpers import (
+    RATE, ROOT, SOURCES, TINY_MODELS, base_argv, dora_env, dora_run, history, use_dora_dir,
+    wait_for_history, write_tiny_musdb, xp_folder)
 
 
 @pytest.fixture(scope="module")
 def tiny_musdb(tmp_path_factory) -> Path:
     """MusDB layout at 8 kHz: 4 train tracks (2 with musdb validation names), 2 test tracks."""
-    from demucs.wav import _get_musdb_valid
-    root = tmp_path_factory.mktemp("tiny_musdb")
-    rng = np.random.default_rng(0)
-    train = ["Toy - One", "Toy - Two"] + _get_musdb_valid()[:2]
-    for name in train:
-        _write_track(root / "train" / name, rng, seconds=3)
-    for name in ["Toy - Test A", "Toy - Test B"]:
-        _write_track(root / "test" / name, rng, seconds=2)
-    return root
+    return write_tiny_musdb(tmp_path_factory.mktemp("tiny_musdb"))
 
 
 @pytest.fixture
 def dora_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("_DORA_TEST_PATH", str(tmp_path / "outputs"))
-    from demucs.train import main
-    monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
-    return tmp_path / "outputs"
-
-
-def base_argv(musdb: Path, model: str = "demucs", epochs: int = 2) -> tp.List[str]:
-    return [
-        f"dset.musdb={musdb}", f"dset.musdb_samplerate={RATE}", f"dset.samplerate={RATE}",
-        f"dset.metadata={musdb.parent / 'metadata'}", "dset.segment=1", "dset.shift=0.5",
-        f"epochs={epochs}", "batch_size=2", "max_batches=2", "misc.num_workers=0",
-        "test.workers=0", "test.sdr=false", "augment.repitch.proba=0",
-        "augment.remix.group_size=2", f"model={model}", *TINY_MODELS[model]]
-
-
-def _env(dora_dir: Path) -> dict:
-    env = dict(os.environ, _DORA_TEST_PATH=str(dora_dir), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT))
-    return env
-
-
-def dora_run(dora_dir: Path, argv: tp.List[str], *flags: str, check: bool = True,
-             timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dora", "run", *flags, *argv], cwd=ROOT,
-                          env=_env(dora_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dora run failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
-    return proc
-
-
-def xp_folder(dora_dir: Path, argv: tp.List[str]) -> Path:
-    from demucs.train import main
-    return dora_dir / "xps" / main.get_xp(argv).sig
-
-
-def history(folder: Path) -> list:
-    return json.loads((folder / "history.json").read_text())
+    return use_dora_dir(tmp_path / "outputs", monkeypatch)
 
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))
@@ -116,31 +50,16 @@ def test_dora_run_trains_each_model(model, tiny_musdb, dora_dir):
     assert "Train Summary | Epoch 2" in proc.stdout
 
 
-def _wait_for_history(folder: Path, proc: subprocess.Popen, log: Path, epochs: int,
-                      timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before being killed: {log.read_text()[-3000:]}")
-        try:
-            if len(history(folder)) >= epochs and (folder / "checkpoint.th").exists():
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError("no epoch finished in time")
-
-
 def test_sigkill_then_rerun_resumes(tiny_musdb, dora_dir):
     argv = base_argv(tiny_musdb, epochs=3) + ["max_batches=6"]
     folder = xp_folder(dora_dir, argv)
     log = dora_dir.parent / "killed_run.log"
     with open(log, "w") as output:
         proc = subprocess.Popen([sys.executable, "-m", "dora", "run", *argv], cwd=ROOT,
-                                env=_env(dora_dir), stdout=output, stderr=subprocess.STDOUT,
+                                env=dora_env(dora_dir), stdout=output, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            _wait_for_history(folder, proc, log, epochs=1, timeout=240)
+            wait_for_history(folder, proc, log, epochs=1, timeout=240)
             os.killpg(proc.pid, signal.SIGKILL)
         finally:
             proc.wait()
@@ -322,9 +241,10 @@ def test_dset_toy_generates_the_missing_set_and_trains(tmp_path, dora_dir):
     musdb = tmp_path / "toy_musdb"
     argv = ["dset=toy", f"dset.musdb={musdb}", f"dset.metadata={tmp_path / 'metadata'}",
             "dset.toy.tracks=3", "dset.toy.valid_tracks=1", "dset.toy.test_tracks=1",
-            "dset.toy.seconds=2", "dset.segment=1", "epochs=1", "batch_size=2", "max_batches=1",
-            "misc.num_workers=0", "test.workers=0", "test.sdr=false", "augment.repitch.proba=0",
-            "augment.remix.group_size=2", "model=demucs", *TINY_MODELS["demucs"]]
+            "dset.toy.seconds=2", "dset.segment=1", "dset.shift=0.5", "epochs=1", "batch_size=2",
+            "max_batches=1", "misc.num_workers=0", "test.workers=0", "test.sdr=false",
+            "augment.repitch.proba=0", "augment.remix.group_size=2", "model=demucs",
+            *TINY_MODELS["demucs"]]
     dora_run(dora_dir, argv)
     assert len(list((musdb / "train").iterdir())) == 3
     assert len(history(xp_folder(dora_dir, argv))) == 1

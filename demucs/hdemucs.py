@@ -644,11 +644,16 @@ class HybridUNetMixin:
                     skips.time.append(xt)
             x = encode(x, inject)
             if index == 0 and self.freq_emb is not None:
-                bins = torch.arange(x.shape[-2], device=x.device)
-                emb = self.freq_emb(bins).t()[None, :, :, None].expand_as(x)
-                x = x + self.freq_emb_scale * emb
+                x = x + self._freq_embedding(x.shape[-2], x.device)
             skips.freq.append(x)
         return x, xt, skips
+
+    def _freq_embedding(self, freqs: int, device: torch.device) -> torch.Tensor:
+        """Weighted frequency embedding [1, C, freqs, 1]: added after the first layer so that
+        convolutions can tell frequencies apart. Weighted before broadcasting over frames, which
+        spares a full-size multiplication (same values)."""
+        bins = torch.arange(freqs, device=device)
+        return (self.freq_emb_scale * self.freq_emb(bins).t())[None, :, :, None]
 
     def _decode(self, x: torch.Tensor, xt: torch.Tensor,
                 skips: _Skips) -> tp.Tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
 from demucs.transformer import CrossTransformerEncoder
 
@@ -59,6 +60,20 @@ def test_branches_merging_before_the_transformer():
     assert model.tencoder[3].empty and model.tdecoder[0].empty
     with torch.no_grad():
         assert model(mix()).shape == (1, 4, 2, 2000)
+
+
+def test_unets_follow_the_hdemucs_layer_plan():
+    # Both models build their U-Nets with the shared plan: without transformer (and with HDemucs'
+    # DConv attention/LSTM starting past the last layer) they hold the same modules, created in the
+    # same order, so the same seed gives the same weights, MultiWrap replicas included.
+    options = dict(channels=8, nfft=1024, depth=4, dconv_mode=3, dconv_comp=8, dconv_init=1e-3,
+                   multi_freqs=[0.5], multi_freqs_depth=2)
+    torch.manual_seed(0)
+    htdemucs = HTDemucs(SOURCES, t_layers=0, **options).state_dict()
+    torch.manual_seed(0)
+    hdemucs = HDemucs(SOURCES, dconv_attn=4, dconv_lstm=4, **options).state_dict()
+    assert list(htdemucs) == list(hdemucs)
+    assert all(torch.equal(htdemucs[key], value) for key, value in hdemucs.items())
 
 
 def test_no_transformer_without_layers():

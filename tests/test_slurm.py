@@ -9,8 +9,10 @@ and cancel the grid, make one job fail. Every wait has a timeout.
 Run with `make test-slurm` (needs root; the packages are installed with apt-get when missing).
 """
 import json
+import os
 from pathlib import Path
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -252,3 +254,45 @@ def test_job_that_can_never_run_is_reported(cluster, monkeypatch):
             "never starts (PartitionConfig): request exceeds the partition"
     finally:
         cluster.run(["scancel", job_id], check=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_nodes_without_slurm(workdir):
+    """What docs/training.md shows for multi-node without Slurm: one `torchrun` per node (here
+    both on this machine, CPU, gloo), each starting `dora run` with its share of the workers."""
+    from demucs.grids.toy import TINY, TINY_DEMUCS
+    from demucs.train import main
+    # batch_size is split between the workers; each share must hold a remix group (2)
+    argv = main.value_to_argv([TINY, TINY_DEMUCS, {"epochs": 2, "batch_size": 4}])
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", DORA_PACKAGE="demucs", PYTHONPATH=str(ROOT))
+    nodes = []
+    for node_rank in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                   "--nproc_per_node=1", f"--node_rank={node_rank}", "--master_addr=127.0.0.1",
+                   f"--master_port={port}", "-m", "dora", "run", *argv]
+        log = open(workdir / f"torchrun_{node_rank}.log", "w+")
+        nodes.append((subprocess.Popen(command, cwd=workdir, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    try:
+        for process, _ in nodes:
+            process.wait(timeout=300)
+    finally:
+        for process, log in nodes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+    outputs = [(workdir / f"torchrun_{rank}.log").read_text() for rank in range(2)]
+    for (process, _), output in zip(nodes, outputs):
+        assert process.returncode == 0, output[-4000:]
+    assert "Distributed init: 0/2" in outputs[0] and "Distributed init: 1/2" in outputs[1]
+    sig = main.get_xp(argv).sig
+    history = read_history(workdir, sig)
+    assert len(history) == 2 and "nsdr" in history[-1]["test"]
+    assert (xp_folder(workdir, sig) / "best.th").is_file()

@@ -14,6 +14,7 @@ table (`squeue --states=all`), where finished jobs stay for `MinJobAge` seconds.
 Needs root and Debian's `slurm-wlm` and `munge` packages (`install_packages()` installs them).
 
 Command line:
+    python3 -m tools.slurm_local check                # exit status 1 and why when it cannot start
     python3 -m tools.slurm_local start /tmp/cluster   # prints the `export` lines to use it
     python3 -m tools.slurm_local stop /tmp/cluster
 """
@@ -280,6 +281,25 @@ class LocalSlurm:
         for pid in self._leftover_pids():
             _kill_quietly(pid)
 
+    def detach(self) -> None:
+        """Let the daemons outlive this process: their pids go to `run/<daemon>.child`, for
+        `stop_detached` (used by the command line, whose `start` returns at once)."""
+        for name, process in self._processes.items():
+            (self.root / "run" / f"{name}.child").write_text(str(process.pid))
+        self._processes.clear()
+
+    def stop_detached(self, timeout: float = 30) -> None:
+        """Stop a cluster started (then detached) by another process: cancel the jobs, send
+        SIGTERM to the daemons named in `run/<daemon>.child`, end what they left behind."""
+        self.run(["scancel", "--full", f"--partition={self.partition}"], check=False)
+        for name in reversed(DAEMONS):
+            pid_file = self.root / "run" / f"{name}.child"
+            if pid_file.exists():
+                _stop_pid(int(pid_file.read_text()), timeout / 4)
+                pid_file.unlink()
+        for pid in self._leftover_pids():
+            _kill_quietly(pid)
+
     def _no_active_job(self) -> bool:
         return all(state not in {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED"}
                    for state, _ in self.jobs().values())
@@ -318,6 +338,26 @@ def _terminate(process: subprocess.Popen, timeout: float) -> None:
         process.wait(timeout)
 
 
+def _stop_pid(pid: int, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if `pid` is still alive after `timeout` seconds."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        _wait_until(lambda: not Path(f"/proc/{pid}").exists() or _is_zombie(pid), timeout,
+                    f"process {pid} to exit")
+    except TimeoutError:
+        _kill_quietly(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _kill_quietly(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -333,33 +373,26 @@ def _export_lines(cluster: LocalSlurm) -> str:
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     parser = argparse.ArgumentParser("tools.slurm_local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["start", "stop"])
-    parser.add_argument("root", type=Path, help="folder of the cluster's config, state and logs")
+    parser.add_argument("action", choices=["check", "start", "stop"])
+    parser.add_argument("root", type=Path, nargs="?",
+                        help="folder of the cluster's config, state and logs")
     parser.add_argument("--cpus", type=int, help="CPUs of the node (default: all)")
     parser.add_argument("--memory_mb", type=int, help="memory of the node in MB (default: 90%%)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.action == "check":
+        problems = missing_requirements()
+        print("; ".join(problems) or "a local Slurm cluster can start here")
+        sys.exit(1 if problems else 0)
+    if args.root is None:
+        parser.error(f"{args.action} needs the cluster folder (ROOT)")
     cluster = LocalSlurm(args.root, cpus=args.cpus, memory_mb=args.memory_mb)
     if args.action == "start":
         cluster.start()
-        for name, process in cluster._processes.items():
-            (cluster.root / "run" / f"{name}.child").write_text(str(process.pid))
-        cluster._processes.clear()  # the daemons keep running after this command returns
+        cluster.detach()
         print(_export_lines(cluster))
     else:
-        _stop_detached(cluster)
-
-
-def _stop_detached(cluster: LocalSlurm) -> None:
-    """Stop a cluster started by an earlier `start` command (daemon pids read from its files)."""
-    cluster.run(["scancel", "--full", f"--partition={cluster.partition}"], check=False)
-    for name in reversed(DAEMONS):
-        pid_file = cluster.root / "run" / f"{name}.child"
-        if pid_file.exists():
-            _kill_quietly(int(pid_file.read_text()))
-            pid_file.unlink()
-    for pid in cluster._leftover_pids():
-        _kill_quietly(pid)
+        cluster.stop_detached()
 
 
 if __name__ == "__main__":

@@ -183,7 +183,10 @@ class LocalSlurm:
             "MpiDefault": "none",
             "ReturnToService": 2,
             "MinJobAge": 3600,  # finished jobs stay visible to squeue (and the sacct stand-in)
-            "KillWait": 5,  # seconds between SIGTERM and SIGKILL on scancel or time limit
+            # seconds between SIGTERM and SIGKILL on scancel or time limit (submitit jobs ignore
+            # SIGTERM, so a cancelled job goes on training for that long)
+            "KillWait": 1,
+            "SlurmdParameters": "config_overrides",  # the node offers `cpus`, whatever it has
             "MailProg": "/bin/true",
             "SlurmctldTimeout": 30,
             "SlurmdTimeout": 60,

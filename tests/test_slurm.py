@@ -296,3 +296,22 @@ def test_torchrun_two_nodes_without_slurm(workdir):
     history = read_history(workdir, sig)
     assert len(history) == 2 and "nsdr" in history[-1]["test"]
     assert (xp_folder(workdir, sig) / "best.th").is_file()
+
+
+def test_stop_ends_the_daemons_and_the_running_jobs(tmp_path):
+    """Teardown leaves nothing behind, even with a job still running."""
+    if missing_requirements():
+        pytest.skip("cannot start a local Slurm cluster: " + "; ".join(missing_requirements()))
+    cluster = LocalSlurm(tmp_path / "slurm", cpus=1)
+    cluster.start()
+    try:
+        job_id = cluster.run(["sbatch", "--parsable", "--wrap", "sleep 600"]).stdout.strip()
+        recorder = StateRecorder(cluster, [job_id])
+        recorder.wait(lambda: recorder.last(job_id) == "RUNNING", 30, "the sleep job to run")
+        daemons = cluster.daemon_pids()
+        assert sorted(daemons) == ["munged", "slurmctld", "slurmd"]
+        assert cluster.leftover_pids(), "the job's processes carry the cluster's SLURM_CONF"
+    finally:
+        cluster.stop()
+    assert not [pid for pid in daemons.values() if Path(f"/proc/{pid}").exists()]
+    assert cluster.leftover_pids() == []

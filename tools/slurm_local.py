@@ -229,6 +229,11 @@ class LocalSlurm:
             start_new_session=True)
         output.close()
 
+    def daemon_pids(self) -> tp.Dict[str, int]:
+        """{name: pid} of the daemons this object started that are still running."""
+        return {name: process.pid for name, process in self._processes.items()
+                if process.poll() is None}
+
     def _check_daemons_alive(self) -> None:
         for name, process in self._processes.items():
             if process.poll() is not None:
@@ -281,7 +286,7 @@ class LocalSlurm:
             process = self._processes.pop(name, None)
             if process is not None:
                 _terminate(process, timeout / 4)
-        for pid in self._leftover_pids():
+        for pid in self.leftover_pids():
             _kill_quietly(pid)
 
     def detach(self) -> None:
@@ -300,14 +305,14 @@ class LocalSlurm:
             if pid_file.exists():
                 _stop_pid(int(pid_file.read_text()), timeout / 4)
                 pid_file.unlink()
-        for pid in self._leftover_pids():
+        for pid in self.leftover_pids():
             _kill_quietly(pid)
 
     def _no_active_job(self) -> bool:
         return all(state not in {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED"}
                    for state, _ in self.jobs().values())
 
-    def _leftover_pids(self) -> tp.List[int]:
+    def leftover_pids(self) -> tp.List[int]:
         """Processes (job steps, slurmstepd) whose environment points at this cluster."""
         marker = f"SLURM_CONF={self.conf}".encode()
         pids = []

@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import typing as tp
 
 import pytest
 
-from tools.slurm_local import LocalSlurm, SlurmError, missing_requirements
+from tools.slurm_local import LocalSlurm, SlurmError, free_port, missing_requirements
 
 pytestmark = pytest.mark.slurm
 
@@ -256,12 +255,6 @@ def test_job_that_can_never_run_is_reported(cluster, monkeypatch):
         cluster.run(["scancel", job_id], check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_nodes_without_slurm(workdir):
     """What docs/training.md shows for multi-node without Slurm: one `torchrun` per node (here
     both on this machine, CPU, gloo), each starting `dora run` with its share of the workers."""
@@ -269,7 +262,7 @@ def test_torchrun_two_nodes_without_slurm(workdir):
     from demucs.train import main
     # batch_size is split between the workers; each share must hold a remix group (2)
     argv = main.value_to_argv([TINY, TINY_DEMUCS, {"epochs": 2, "batch_size": 4}])
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1", DORA_PACKAGE="demucs", PYTHONPATH=str(ROOT))
     nodes = []
     for node_rank in range(2):

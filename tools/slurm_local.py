@@ -31,17 +31,13 @@ import sys
 import time
 import typing as tp
 
+from demucs.grids.toy import UNSCHEDULABLE_REASONS
+
 logger = logging.getLogger(__name__)
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 PACKAGES = ("slurm-wlm", "munge")
 PARTITION = "local"
-# Pending reasons that no amount of waiting resolves: the request does not fit the partition or
-# the node, or names something that does not exist.
-UNSCHEDULABLE_REASONS = frozenset({
-    "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
-    "PartitionDown", "PartitionInactive", "InvalidAccount", "InvalidQOS",
-})
 SACCT_SHIM = '''#!{python}
 """sacct stand-in for a cluster without accounting: answers `-o JobID,State,NodeList
 --parsable2 -j ID...` from `squeue --states=all` (see tools/slurm_local.py)."""
@@ -86,7 +82,8 @@ def install_packages(timeout: float = 600) -> None:
                              f"{proc.stderr[-2000:]}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -159,8 +156,8 @@ class LocalSlurm:
         settings = {
             "ClusterName": "demucslocal",
             "SlurmctldHost": f"{self.node}(127.0.0.1)",
-            "SlurmctldPort": _free_port(),
-            "SlurmdPort": _free_port(),
+            "SlurmctldPort": free_port(),
+            "SlurmdPort": free_port(),
             "SlurmUser": "root",
             "SlurmdUser": "root",
             "AuthType": "auth/munge",

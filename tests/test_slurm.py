@@ -239,7 +239,7 @@ def test_job_that_can_never_run_is_reported(cluster, monkeypatch):
     from demucs.grids.toy import job_note
     too_many = cluster.cpus + 1
     proc = cluster.run(["sbatch", "--parsable", f"--cpus-per-task={too_many}",
-                        "--wrap", "true"])
+                        "--output=/dev/null", "--wrap", "true"])
     job_id = proc.stdout.strip()
     try:
         deadline = time.monotonic() + 30
@@ -298,7 +298,8 @@ def test_stop_ends_the_daemons_and_the_running_jobs(tmp_path):
     cluster = LocalSlurm(tmp_path / "slurm", cpus=1)
     cluster.start()
     try:
-        job_id = cluster.run(["sbatch", "--parsable", "--wrap", "sleep 600"]).stdout.strip()
+        job_id = cluster.run(["sbatch", "--parsable", f"--output={tmp_path}/%j.out",
+                              "--wrap", "sleep 600"]).stdout.strip()
         recorder = StateRecorder(cluster, [job_id])
         recorder.wait(lambda: recorder.last(job_id) == "RUNNING", 30, "the sleep job to run")
         daemons = cluster.daemon_pids()

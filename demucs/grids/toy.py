@@ -9,9 +9,9 @@ settings of the config's `slurm` section (the `volta32gb` constraint, the CUDA `
 setup) are cleared and the time limit is 15 minutes; the partition comes from the config and the
 command line as for every grid (`dora grid toy -p PARTITION`).
 
-`ToyExplorer` adds a `slurm.note` column: for a job that failed, its log file; for a pending job whose
-reason means it can never start (its request exceeds the partition, e.g. `PartitionConfig`),
-that reason, so that the table says so instead of showing PENDING forever.
+`ToyExplorer` adds a `slurm.note` column: for a job that failed, its log file; for a pending job
+whose reason means it can never start (its request exceeds the partition, e.g.
+`PartitionConfig`), that reason, so that the table says so instead of showing PENDING forever.
 """
 import subprocess
 import typing as tp

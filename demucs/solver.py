@@ -9,7 +9,6 @@ gradient stops the run before it reaches the weights (or skips the batch with
 """
 from contextlib import contextmanager
 import errno
-import fcntl
 import itertools
 import json
 import logging
@@ -36,11 +35,14 @@ from .evaluate import evaluate, new_sdr
 from .svd import svd_penalty
 from .utils import EMA, pull_metric
 
+try:
+    import fcntl
+except ImportError:  # Windows: the lock falls back to checking the PID
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("state", "optimizer", "history", "best_state")
-
-
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = "train.lock"
 
@@ -161,6 +163,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (signal 0 checks without sending anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -224,7 +227,9 @@ class XPLock:
         self.release()
 
     def _flock(self, handle: tp.IO[str]) -> bool:
-        """True once the flock is held, False when the file system has no flock."""
+        """True once the flock is held, False when the file system (or OS) has no flock."""
+        if fcntl is None:
+            return False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -638,8 +643,9 @@ class Solver:
         A non-finite loss or gradient norm stops here, before the step and the EMA updates:
         `NonFiniteLossError`, or None (batch skipped) with `optim.skip_nonfinite`.
         """
-        if not self._finite_everywhere(float(loss)):
-            return self._non_finite(f"the loss is {float(loss)}", where)
+        value = float(loss.detach())
+        if not self._finite_everywhere(value):
+            return self._non_finite(f"the loss is {value}", where)
         loss.backward()
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.stack([g.norm() for g in grads]).norm()) if grads else 0.

@@ -8,6 +8,7 @@ compute signatures) stays fast.
 import logging
 import os
 from pathlib import Path
+import random
 import shutil
 import sys
 import typing as tp
@@ -15,6 +16,7 @@ import typing as tp
 from dora import hydra_main
 import hydra
 from hydra.core.global_hydra import GlobalHydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 import torch
 from torch import nn
@@ -239,11 +241,19 @@ def _show_model(model: nn.Module, args: DictConfig) -> None:
         logger.info("Field: %.1f ms", field / args.dset.samplerate * 1000)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, Python's `random` (random shifts of `apply_model` in validation and tests) and
+    NumPy (transformer position augmentation), so that two runs of one XP give the same history."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def get_solver(args: DictConfig, model_only: bool = False):
     """Build the Solver of the current XP: model, optimizer and (unless `model_only`) loaders."""
     from .solver import Solver
     distrib.init()
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     model = get_model(args)
     if args.misc.show:
         _show_model(model, args)

@@ -378,13 +378,15 @@ def test_second_run_on_a_locked_xp_exits_naming_the_holder(tiny_musdb, dora_dir)
 
 
 @pytest.mark.slow
-def test_locked_xp_refuses_every_distributed_worker(tiny_musdb, dora_dir):
+def test_locked_xp_stops_a_distributed_run(tiny_musdb, dora_dir):
+    """Rank 0 checks the lock and shares the answer: every worker exits (Dora stops the others
+    as soon as the first one has)."""
     argv = base_argv(tiny_musdb) + ["batch_size=4"]
     folder = xp_folder(dora_dir, argv)
     with XPLock(folder):
         proc = dora_run(dora_dir, argv, "-d", "--ddp_workers", "2", check=False, timeout=300)
     assert proc.returncode != 0
-    assert proc.stdout.count(f"PID {os.getpid()} on host") == 2, proc.stdout[-3000:]
+    assert f"PID {os.getpid()} on host" in proc.stdout, proc.stdout[-3000:]
     assert not (folder / "checkpoint.th").exists()
 
 

@@ -156,6 +156,7 @@ def test_ddp_two_workers_on_cpu(tiny_musdb, dora_dir):
     proc = dora_run(dora_dir, argv, "-d", "--ddp_workers", "2", timeout=600)
     assert "Distributed init: 0/2" in proc.stdout
     folder = xp_folder(dora_dir, argv)
+    assert (folder / "train.lock").read_text() == ""  # rank 0 held the XP lock, then let it go
     metrics = history(folder)
     assert len(metrics) == 2
     losses = [epoch["train"]["loss"] for epoch in metrics]

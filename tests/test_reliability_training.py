@@ -303,6 +303,7 @@ def test_skip_nonfinite_stops_when_every_batch_is_bad(make_solver, monkeypatch):
 
 def test_resume_restores_the_random_generators(make_solver):
     solver = make_solver()
+    torch.rand(5), np.random.rand(5), random.random()  # move away from the seeded state
     solver._serialize(0)
     expected = (torch.rand(3), np.random.rand(), random.random())
     resumed = make_solver()  # same XP: loads the checkpoint, and the generators with it

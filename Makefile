@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.sysdeps
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: all setup sysdeps test test-all test-slurm demo golden lint clean dist
+.PHONY: all setup sysdeps test test-all test-slurm demo golden lint clean dist bench-separate bench-train
 
 all: test
 
@@ -40,6 +40,12 @@ test-slurm: setup
 
 demo: setup
 	$(PY) -m tools.demo
+
+bench-separate: setup
+	$(PY) -m tools.bench_separate --minutes 10 60
+
+bench-train: setup
+	$(PY) -m tools.bench --train
 
 golden: setup
 	$(PY) ../shared/golden/check.py

@@ -242,6 +242,55 @@ def _token_norm(group_norm: tp.Union[bool, int], d_model: int, eps: float,
     return nn.LayerNorm(d_model, eps=eps, **factory_kwargs)
 
 
+def _has_plain_projections(attn: nn.MultiheadAttention) -> bool:
+    """True when `attn` is a standard torch attention: one packed q/k/v projection, no extra
+    key/value biases and no zero attention."""
+    return (attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+            and attn.in_proj_bias is not None)
+
+
+def _packed_attention(attn: nn.MultiheadAttention, query: torch.Tensor,
+                      key: torch.Tensor) -> torch.Tensor:
+    """`attn(query, key, key)` for batch-first inputs, calling `F.scaled_dot_product_attention`
+    directly with the module's own weights.
+
+    Why: in evaluation torch routes self-attention to its fused "fast path", which on CPU builds
+    the full (tokens x tokens) attention matrix with batched matmuls and is about three times
+    slower than the flash kernel of `scaled_dot_product_attention` at HTDemucs' 2,700 tokens.
+    The result is the same attention (up to float rounding); parameters and keys are unchanged.
+    """
+    dim = query.shape[-1]
+    heads = attn.num_heads
+    if key is query:
+        q, k, v = F.linear(query, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    else:
+        q = F.linear(query, attn.in_proj_weight[:dim], attn.in_proj_bias[:dim])
+        k, v = F.linear(key, attn.in_proj_weight[dim:], attn.in_proj_bias[dim:]).chunk(2, dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, dim // heads)).transpose(1, 2) for t in (q, k, v))
+    dropout = attn.dropout if attn.training else 0.
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor,
+           attn_mask: tp.Optional[torch.Tensor] = None,
+           key_padding_mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Output of the attention module `attn` for `query` attending to `key` (= value).
+
+    Unmasked standard attention runs through `_packed_attention` (fast on CPU); masks, the
+    sparse `MultiheadAttention` and unusual projections go through the module itself.
+    """
+    plain = isinstance(attn, nn.MultiheadAttention) and _has_plain_projections(attn)
+    if plain and attn_mask is None and key_padding_mask is None:
+        if attn.batch_first:
+            return _packed_attention(attn, query, key)
+        query_bf = query.transpose(0, 1)
+        key_bf = query_bf if key is query else key.transpose(0, 1)
+        return _packed_attention(attn, query_bf, key_bf).transpose(0, 1)
+    return attn(query, key, key, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                need_weights=False)[0]
+
+
 class _AttentionLayer(nn.Module):
     """What self- and cross-attention encoder layers share: a feed-forward block, token norms,
     layer scales, the optional output GroupNorm and the sparse-mask bookkeeping.
@@ -355,8 +404,7 @@ class MyTransformerEncoderLayer(_AttentionLayer):
 
     def _sa_block(self, x: torch.Tensor, attn_mask: tp.Optional[torch.Tensor],
                   key_padding_mask: tp.Optional[torch.Tensor]) -> torch.Tensor:
-        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                             need_weights=False)[0]
+        out = attend(self.self_attn, x, x, attn_mask, key_padding_mask)
         return self.dropout1(out)
 
     def forward(self, src: torch.Tensor, src_mask: tp.Optional[torch.Tensor] = None,
@@ -398,7 +446,7 @@ class CrossTransformerEncoderLayer(_AttentionLayer):
 
     def _ca_block(self, q: torch.Tensor, k: torch.Tensor,
                   attn_mask: tp.Optional[torch.Tensor]) -> torch.Tensor:
-        out = self.cross_attn(q, k, k, attn_mask=attn_mask, need_weights=False)[0]
+        out = attend(self.cross_attn, q, k, attn_mask)
         return self.dropout1(out)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor,

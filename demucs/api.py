@@ -113,10 +113,10 @@ class DecodedTrack:
         self._sum = 0.
         self._sum_squares = 0.
         self._decode()
-        if self.length < 2:
+        if self.length == 0:
             raise LoadAudioError(f"{self.path} holds no audio samples.")
         mean = self._sum / self.length
-        variance = max(self._sum_squares - self.length * mean ** 2, 0.) / (self.length - 1)
+        variance = max(self._sum_squares - self.length * mean ** 2, 0.) / max(self.length - 1, 1)
         self.normalisation = Normalisation(mean, variance ** 0.5)
 
     def __enter__(self) -> "DecodedTrack":

@@ -6,6 +6,7 @@ Each stem is written under a temporary name and renamed only when the whole trac
 so a failure never leaves partial outputs behind; other tracks are still processed.
 """
 import argparse
+import glob
 import logging
 import os
 from pathlib import Path
@@ -194,6 +195,15 @@ def _output_path(out: Path, pattern: str, track: Path, stem: str, ext: str) -> P
                               "{track}, {trackext}, {stem} and {ext}") from None
 
 
+def _remove_stale_partials(path: Path) -> None:
+    """Delete the temporary files of `path` left by a killed run (SIGKILL cannot clean up)."""
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        logger.info("Removing %s, left by an interrupted run", stale)
+        stale.unlink(missing_ok=True)
+
+
 def _blocks(separator: Separator, track: Path, split: bool):
     if split:
         yield from separator.separate_audio_file_in_blocks(track)
@@ -208,6 +218,8 @@ def separate_track(separator: Separator, track: Path, out: Path, args: argparse.
     paths = {name: _output_path(out, args.filename, track, name, fmt.ext) for name in names}
     writers = {name: StemWriter(separator.audio_channels) for name in names}
     partials: tp.List[Path] = []
+    for path in paths.values():
+        _remove_stale_partials(path)
     try:
         for origin, sources in _blocks(separator, track, args.split):
             for name, block in _stems_of_block(origin, sources, args.stem, args.other_method).items():

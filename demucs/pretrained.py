@@ -1,6 +1,7 @@
 """Pre-trained models by name: the remote release, a local folder (`--repo`), or the test model."""
 import argparse
 import logging
+import re
 from pathlib import Path
 import typing as tp
 
@@ -18,6 +19,7 @@ ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/"
 REMOTE_ROOT = Path(__file__).parent / "remote"
 SOURCES = ["drums", "bass", "other", "vocals"]
 DEFAULT_MODEL = "htdemucs"
+_SIGNATURE = re.compile(r"^[\w.-]+$")  # what a signature and a file name of files.txt may hold
 
 
 def demucs_unittest() -> Model:
@@ -40,7 +42,11 @@ def _parse_remote_files(remote_file_list: Path) -> tp.Dict[str, str]:
     """`{sig: url}` from a files.txt (`root: PREFIX/` lines set the folder of the next files)."""
     root = ""
     models: tp.Dict[str, str] = {}
-    for line in remote_file_list.read_text().splitlines():
+    try:
+        text = remote_file_list.read_text()
+    except UnicodeDecodeError as error:
+        raise ModelLoadingError(f"{remote_file_list} is not a text file list: {error}") from None
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -48,6 +54,9 @@ def _parse_remote_files(remote_file_list: Path) -> tp.Dict[str, str]:
             root = line.split(":", 1)[1].strip()
             continue
         sig = line.split("-", 1)[0]
+        if not _SIGNATURE.match(sig) or not _SIGNATURE.match(line):
+            raise ModelLoadingError(f"line {number} of {remote_file_list} is not a model file "
+                                    f"name like SIG-HASH8.th: {line!r}")
         if sig in models:
             raise ModelLoadingError(f"signature {sig} is listed twice in {remote_file_list}")
         models[sig] = ROOT_URL + root + line

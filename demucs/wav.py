@@ -20,14 +20,13 @@ from pathlib import Path
 import tempfile
 import typing as tp
 
-import julius
 import numpy as np
 import soundfile
 import torch
 from torch.nn import functional as F
 import yaml
 
-from .audio import convert_audio_channels
+from .audio import convert_audio_channels, resample
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +181,25 @@ def track_metadata(track: Path, sources: tp.Sequence[str], normalize: bool = Tru
             "samplerate": infos[0].samplerate, "files": _fingerprint(track, ext)}
 
 
+def _is_number(value: tp.Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _is_valid_track_meta(meta: tp.Any) -> bool:
+    """True when a cached track entry holds every field `Wavset` needs, with usable values."""
+    if not isinstance(meta, dict):
+        return False
+    counts = [meta.get("length"), meta.get("samplerate")]
+    return (all(isinstance(count, int) and not isinstance(count, bool) and count > 0
+                for count in counts)
+            and _is_number(meta.get("mean")) and _is_number(meta.get("std"))
+            and meta["std"] > 0 and isinstance(meta.get("files"), dict))
+
+
 def _is_fresh(meta: tp.Optional[TrackMeta], track: Path, ext: str) -> bool:
-    return meta is not None and meta.get("files") == _fingerprint(track, ext)
+    """A cached entry is reused only when well formed and its files did not change."""
+    return _is_valid_track_meta(meta) and meta["files"] == _fingerprint(track, ext)
 
 
 def build_metadata(path: tp.Union[str, Path], sources: tp.Sequence[str], normalize: bool = True,
@@ -250,10 +266,17 @@ def _load_json(path: Path) -> tp.Optional[dict]:
         return None
     try:
         with open(path) as file:
-            return json.load(file)
+            content = json.load(file)
     except (OSError, ValueError) as error:
         logger.warning("Metadata cache %s is unreadable (%s), rebuilding it", path, error)
         return None
+    splits = content.get("splits") if isinstance(content, dict) else None
+    if not (isinstance(splits, dict) and all(isinstance(split, dict)
+                                             for split in splits.values())):
+        logger.warning("Metadata cache %s does not have the expected structure, rebuilding it",
+                       path)
+        return None
+    return content
 
 
 def _write_json_atomic(path: Path, content: dict) -> None:
@@ -386,7 +409,7 @@ class Wavset:
                                  self.channels) for source in self.sources]
         example = torch.stack(wavs)
         if meta["samplerate"] != self.samplerate:
-            example = julius.resample_frac(example, meta["samplerate"], self.samplerate)
+            example = resample(example, meta["samplerate"], self.samplerate)
         if self.normalize:
             example.sub_(meta["mean"]).div_(meta["std"])
         if self.segment is not None:

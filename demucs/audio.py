@@ -164,7 +164,10 @@ def _decode_soundfile(path: Path, seek_time: tp.Optional[float], duration: tp.Op
         raise AudioReadError(f"soundfile cannot decode {path}: {exc}") from None
     wav = torch.from_numpy(samples.T.copy())
     if samplerate is not None and samplerate != native_rate:
-        wav = resample(wav, native_rate, samplerate)
+        try:
+            wav = resample(wav, native_rate, samplerate)
+        except ValueError as exc:
+            raise AudioReadError(f"{path} has an unusable sample rate: {exc}") from None
     return wav
 
 
@@ -367,11 +370,13 @@ def _close_ratio(from_samplerate: int, to_samplerate: int) -> Fraction:
     """The closest fraction to `to / from` whose filter bank fits `_MAX_RESAMPLE_KERNEL`."""
     exact = Fraction(to_samplerate, from_samplerate)
     denominator = min(from_samplerate, 2 ** 12)
-    while True:
-        ratio = exact.limit_denominator(denominator)
+    while denominator >= 1:
+        ratio = max(exact.limit_denominator(denominator), Fraction(1, denominator))
         if _resample_kernel_size(ratio.denominator, ratio.numerator) <= _MAX_RESAMPLE_KERNEL:
             return ratio
         denominator //= 2
+    raise ValueError(f"cannot resample from {from_samplerate} to {to_samplerate} Hz: the ratio "
+                     "is too large")
 
 
 def resample(wav: torch.Tensor, from_samplerate: int, to_samplerate: int) -> torch.Tensor:

@@ -290,7 +290,15 @@ def test_audio_headers(tmp_path_factory, content: bytes):
 
 
 @pytest.mark.slow
-@settings(max_examples=300, **COMMON)
+@settings(max_examples=150, **COMMON)
 @given(content=_header_mutations())
 def test_audio_headers_long(tmp_path_factory, content: bytes):
     _check_audio(tmp_path_factory, content)
+
+
+@pytest.mark.parametrize("rate", [0, 1, 7, 1040195392, 2 ** 32 - 1])
+def test_absurd_header_sample_rates(tmp_path_factory, rate: int):
+    """Found by the long run: a rate of 1 GHz in the header crashed the resampler."""
+    data = bytearray(WAVS["FLOAT"])
+    data[24:28] = rate.to_bytes(4, "little")
+    _check_audio(tmp_path_factory, bytes(data))

@@ -119,6 +119,19 @@ class TensorChunk:
         self.length = length
         self.device = tensor.device
 
+    @classmethod
+    def window(cls, tensor, offset: int, length: int) -> "TensorChunk":
+        """A window of `length` samples at `offset` that may start before or end after the
+        tensor (or chunk): `padded` reads zeros there. Used to shift a track without copying it.
+        """
+        base = tensor_chunk(tensor)
+        chunk = cls.__new__(cls)
+        chunk.tensor = base.tensor
+        chunk.offset = base.offset + offset
+        chunk.length = length
+        chunk.device = base.device
+        return chunk
+
     @property
     def shape(self) -> tp.List[int]:
         shape = list(self.tensor.shape)
@@ -266,11 +279,12 @@ def _apply_shifted(model, mix, callback, callback_arg: dict, kwargs: dict) -> to
     kwargs = dict(kwargs, shifts=0)
     length = mix.shape[-1]
     max_shift = int(0.5 * model.samplerate)
-    padded_mix = tensor_chunk(mix).padded(length + 2 * max_shift)
     out: tp.Union[float, torch.Tensor] = 0.
     for shift_idx in range(shifts):
         offset = random.randint(0, max_shift)
-        shifted = TensorChunk(padded_mix, offset, length + max_shift - offset)
+        # The mix delayed by max_shift - offset samples (zeros before it), as a window: the
+        # whole track is never copied into a padded one.
+        shifted = TensorChunk.window(mix, offset - max_shift, length + max_shift - offset)
         shifted_out = apply_model(model, shifted, **kwargs, callback_arg=callback_arg,
                                   callback=_child_callback(callback, "shift_idx", shift_idx))
         out += shifted_out[..., max_shift - offset:]
@@ -298,7 +312,7 @@ def _apply_split(model, mix, callback, callback_arg: dict, kwargs: dict) -> torc
     if stride <= 0:
         raise ValueError(f"overlap {kwargs['overlap']} leaves no stride between segments of "
                          f"{segment_length} samples; use a longer segment or a smaller overlap")
-    weight = segment_weight(segment_length, kwargs["transition_power"], kwargs["device"])
+    weight = segment_weight(segment_length, kwargs["transition_power"], mix.device)
     futures = []
     for offset in range(0, length, stride):
         chunk = TensorChunk(mix, offset, segment_length)
@@ -316,8 +330,10 @@ def _apply_split(model, mix, callback, callback_arg: dict, kwargs: dict) -> torc
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         chunk_length = chunk_out.shape[-1]
-        out[..., offset:offset + segment_length] += (weight[:chunk_length] * chunk_out).to(mix.device)
-        sum_weight[offset:offset + segment_length] += weight[:chunk_length].to(mix.device)
+        # in place: no temporary of the weighted segment
+        out[..., offset:offset + chunk_length].addcmul_(weight[:chunk_length],
+                                                        chunk_out.to(mix.device))
+        sum_weight[offset:offset + chunk_length] += weight[:chunk_length]
     if sum_weight.min() <= 0:
         raise RuntimeError("some samples were covered by no segment; check overlap < 1")
     out /= sum_weight

@@ -691,8 +691,13 @@ def scaled_query_key_softmax(q: torch.Tensor, k: torch.Tensor,
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  att_mask: tp.Optional[torch.Tensor],
                                  dropout: nn.Module) -> torch.Tensor:
-    """Masked attention: dropout(scaled_query_key_softmax(q, k, att_mask)) @ v."""
-    return dropout(scaled_query_key_softmax(q, k, att_mask)) @ v
+    """Masked attention: dropout(scaled_query_key_softmax(q, k, att_mask)) @ v.
+
+    Computed by `F.scaled_dot_product_attention` (flash kernels where available), which never
+    materialises the weights; `dropout` is a `nn.Dropout` whose rate applies in training.
+    """
+    rate = dropout.p if dropout.training else 0.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=att_mask, dropout_p=rate)
 
 
 def dynamic_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -248,7 +248,8 @@ class Separator:
         if "overlap" in given and not 0 <= given["overlap"] < 1:
             raise ValueError(f"overlap must be in [0, 1), got {given['overlap']}")
         if given.get("segment") is not None and not given["segment"] > 0:
-            raise ValueError(f"segment must be a positive number of seconds, got {given['segment']}")
+            raise ValueError(
+                f"segment must be a positive number of seconds, got {given['segment']}")
         for key in ["shifts", "jobs"]:
             if key in given and given[key] < 0:
                 raise ValueError(f"{key} must be 0 or more, got {given[key]}")

@@ -122,8 +122,9 @@ class RemoteRepo(ModelOnlyRepo):
         try:
             _verify_or_remove(path, checksum)
         except ModelLoadingError as error:
-            raise ModelLoadingError(f"the download of {url} failed: {error}. Try again, or "
-                                    "download the file yourself and use `--repo FOLDER`.") from error
+            raise ModelLoadingError(
+                f"the download of {url} failed: {error}. Try again, or download the file "
+                "yourself and use `--repo FOLDER`.") from error
         return path
 
     def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:

@@ -54,8 +54,8 @@ def mutations(data: bytes, max_changes: int = 8) -> st.SearchStrategy[bytes]:
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2 ** 40, 2 ** 40) | st.floats(allow_nan=True)
     | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8),
-                                                                       children, max_size=3),
+    lambda children: (st.lists(children, max_size=3)
+                      | st.dictionaries(st.text(max_size=8), children, max_size=3)),
     max_leaves=8)
 
 

@@ -101,9 +101,8 @@ def test_any_sample_rate_is_resampled_to_the_model_rate(separator: Separator, sa
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=st.sampled_from([math.nan, math.inf, -math.inf]), channel=st.integers(0, 1),
        position=st.integers(0, 999), count=st.integers(1, 3))
-def test_non_finite_samples_are_refused_with_their_position(separator: Separator, value: float,
-                                                             channel: int, position: int,
-                                                             count: int):
+def test_non_finite_samples_are_refused_with_their_position(
+        separator: Separator, value: float, channel: int, position: int, count: int):
     wav = _signal("noise", 2, 1000, seed=position)
     wav[channel, position:position + count] = value
     bad = min(count, 1000 - position)

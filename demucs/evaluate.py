@@ -5,6 +5,7 @@ Each worker separates its share of the MusDB test tracks; the scores are compute
 """
 from concurrent import futures
 import logging
+import multiprocessing
 import typing as tp
 
 import musdb
@@ -127,6 +128,15 @@ def summarize(tracks: tp.Dict[str, TrackScores], sources: tp.Sequence[str]) -> t
     return result
 
 
+def _scoring_pool(workers: int):
+    """Process pool scoring the tracks (in process when `workers` is 0). Workers are spawned:
+    forked ones inherit torch's OpenMP thread pool without its threads and hang on their first
+    parallel tensor operation."""
+    if not workers:
+        return DummyPoolExecutor(workers)
+    return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def evaluate(solver, compute_sdr: bool = False) -> tp.Dict[str, float]:
     """Separate the MusDB test set with `solver.model` and return the aggregated scores
     (`nsdr*` always, `sdr*`, `isr*`, `sir*`, `sar*` when `compute_sdr`)."""
@@ -138,9 +148,8 @@ def evaluate(solver, compute_sdr: bool = False) -> tp.Dict[str, float]:
         raise FileNotFoundError(f"No MusDB test tracks found under {location}/test.")
     win = hop = int(1. * model.samplerate)
     indexes = range(distrib.rank, len(test_set), distrib.world_size)
-    pool_class = futures.ProcessPoolExecutor if args.test.workers else DummyPoolExecutor
     pendings = []
-    with pool_class(args.test.workers) as pool:
+    with _scoring_pool(args.test.workers) as pool:
         for index in tqdm(indexes, desc="Eval (separation)", disable=distrib.rank != 0,
                           leave=False):
             track = test_set.tracks[index]

@@ -120,3 +120,20 @@ def test_evaluate_reports_missing_test_set(tmp_path):
                              folder=tmp_path)
     with pytest.raises(FileNotFoundError, match="test tracks"):
         evaluate(solver)
+
+
+@pytest.mark.timeout(120)
+def test_evaluate_scoring_workers_do_not_hang_after_parallel_torch_ops(tmp_path):
+    """Regression: forked scoring workers inherited a dead OpenMP pool and hung forever."""
+    _write_test_set(tmp_path / "musdb")
+    torch.set_num_threads(2)
+    assert float(torch.ones(1_000_000).mul(2).sum()) == 2_000_000  # starts the OpenMP threads
+    args = OmegaConf.create({
+        "dset": {"musdb": str(tmp_path / "musdb"), "musdb_samplerate": RATE},
+        "test": {"nonhq": None, "workers": 2, "shifts": 0, "split": False, "overlap": 0.25,
+                 "save": False}})
+    solver = SimpleNamespace(args=args, model=QuarterMix(), device=torch.device("cpu"),
+                             folder=tmp_path / "xp")
+    in_pool = evaluate(solver, compute_sdr=False)
+    args.test.workers = 0
+    assert in_pool == pytest.approx(evaluate(solver, compute_sdr=False))

@@ -189,15 +189,19 @@ def _read_bag(yaml_file: Path) -> dict:
     if not isinstance(bag, dict) or "models" not in bag:
         raise ModelLoadingError(f"{yaml_file} must be a mapping with a `models` list.")
     models, weights, segment = bag["models"], bag.get("weights"), bag.get("segment")
-    if not isinstance(models, list) or not models or not all(isinstance(sig, str)
-                                                             for sig in models):
+    if not isinstance(models, list) or not models or not all(
+            isinstance(sig, (str, int)) and not isinstance(sig, bool) for sig in models):
         raise ModelLoadingError(f"{yaml_file}: `models` must be a non-empty list of signatures, "
                                 f"got {models!r}")
+    bag["models"] = [str(sig) for sig in models]  # an all-digit signature is read as an int
     if weights is not None and not (
             isinstance(weights, list) and len(weights) == len(models)
             and all(isinstance(row, list) and all(_is_number(w) for w in row) for row in weights)):
         raise ModelLoadingError(f"{yaml_file}: `weights` must hold one list of numbers per model "
                                 f"({len(models)}), got {weights!r}")
+    if weights is not None and any(sum(column) == 0 for column in zip(*weights)):
+        raise ModelLoadingError(f"{yaml_file}: the `weights` of a source sum to 0 over the "
+                                "models, its estimate would be undefined (NaN)")
     if segment is not None and not (_is_number(segment) and segment > 0):
         raise ModelLoadingError(f"{yaml_file}: `segment` must be a positive number of seconds, "
                                 f"got {segment!r}")

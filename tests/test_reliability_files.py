@@ -184,6 +184,13 @@ def test_malicious_bag_yaml_is_refused(tmp_path: Path):
     assert not canary.exists()
 
 
+def test_bag_weights_summing_to_zero_are_refused(tmp_path: Path):
+    (tmp_path / "zero.yaml").write_text(f"models: ['{SIG}', '{SIG}']\n"
+                                        "weights: [[1, 0, 1, 1], [1, 0, 1, 1]]\n")
+    with pytest.raises(ModelLoadingError, match="zero.yaml: the `weights` of a source sum to 0"):
+        get_model("zero", repo=tmp_path)
+
+
 def _tamper_append(data: bytes) -> bytes:
     return data + b"\0"
 

@@ -153,10 +153,11 @@ def read_padded(source, start: int, length: int) -> torch.Tensor:
     reader of an audio file for the streaming path).
     """
     total_length = source.shape[-1]
-    end = start + length
     valid_start = min(max(0, start), total_length)
-    valid_end = max(min(total_length, end), valid_start)
-    return F.pad(source[..., valid_start:valid_end], (valid_start - start, end - valid_end))
+    valid_end = min(max(valid_start, start + length), total_length)
+    left = min(max(0, valid_start - start), length)  # all zeros for a range off the track
+    return F.pad(source[..., valid_start:valid_end],
+                 (left, length - left - (valid_end - valid_start)))
 
 
 def tensor_chunk(tensor_or_chunk) -> TensorChunk:

@@ -1,0 +1,189 @@
+"""The speed-oriented code paths give the outputs of the plain computations they replace.
+
+Each test runs an optimized path (direct `scaled_dot_product_attention`, the shift trick on a
+window instead of a padded copy, the in-place overlap-add) against a straightforward reference
+written here, and requires a relative L2 error within 1e-4 (issue 7: optimizations must not
+change the default numerics).
+"""
+import random
+
+from hypothesis import given, settings, strategies as st
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from demucs import transformer
+from demucs.apply import TensorChunk, apply_model, segment_weight
+from demucs.htdemucs import HTDemucs
+from demucs.transformer import (CrossTransformerEncoderLayer, MultiheadAttention,
+                                MyTransformerEncoderLayer, attend, get_mask,
+                                scaled_query_key_softmax)
+from demucs.utils import center_trim
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+TOL = 1e-4
+torch.set_num_threads(1)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+def module_attention(attn, query, key, attn_mask=None, key_padding_mask=None):
+    """The plain path: torch's own `nn.MultiheadAttention` forward."""
+    return attn(query, key, key, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                need_weights=False)[0]
+
+
+def _tokens(batch: int, length: int, dim: int, batch_first: bool, seed: int) -> torch.Tensor:
+    x = torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(seed))
+    return x if batch_first else x.transpose(0, 1)
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch_first=st.booleans(), cross=st.booleans(), heads=st.sampled_from([1, 2, 4]),
+       queries=st.integers(1, 40), keys=st.integers(1, 40), batch=st.integers(1, 3))
+def test_attend_matches_torch_multihead_attention(batch_first, cross, heads, queries, keys,
+                                                  batch):
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, heads, batch_first=batch_first).eval()
+    query = _tokens(batch, queries, 16, batch_first, seed=1)
+    key = _tokens(batch, keys, 16, batch_first, seed=2) if cross else query
+    with torch.no_grad():
+        ref = module_attention(attn, query, key)
+        out = attend(attn, query, key)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < TOL
+
+
+def test_attend_gradients_match_torch_multihead_attention():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 4, batch_first=True).train()
+    query = _tokens(2, 30, 16, True, seed=1).requires_grad_()
+    key = _tokens(2, 20, 16, True, seed=2)
+    grads = []
+    for fn in (module_attention, attend):
+        attn.zero_grad()
+        query.grad = None
+        fn(attn, query, key).square().sum().backward()
+        grads.append([query.grad.clone(), attn.in_proj_weight.grad.clone(),
+                      attn.out_proj.weight.grad.clone()])
+    for ref, out in zip(*grads):
+        assert rel_err(out, ref) < TOL
+
+
+def test_attend_keeps_masked_calls_on_the_module():
+    """A user-given mask keeps torch's semantics (True = masked out), through the module."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = _tokens(1, 6, 8, True, seed=3)
+    mask = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    with torch.no_grad():
+        assert torch.equal(attend(attn, x, x, attn_mask=mask),
+                           module_attention(attn, x, x, attn_mask=mask))
+
+
+def test_sparse_attention_matches_explicit_masked_softmax():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 50, 8) for _ in range(3))
+    mask = get_mask(50, 50, "diag_jmask", sparse_attn_window=3, global_window=4,
+                    mask_random_seed=42, sparsity=0.9, device="cpu")
+    ref = scaled_query_key_softmax(q, k, mask) @ v
+    out = transformer.scaled_dot_product_attention(q, k, v, mask, nn.Dropout(0.5).eval())
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("layer_class", [MyTransformerEncoderLayer, CrossTransformerEncoderLayer])
+def test_sparse_layers_still_match_dense_masked_attention(layer_class):
+    """A sparse layer (custom MultiheadAttention + fixed mask) equals its math definition."""
+    torch.manual_seed(0)
+    layer = layer_class(16, 2, dim_feedforward=32, dropout=0., sparse=True, mask_type="diag",
+                        sparse_attn_window=2, batch_first=True, norm_first=True).eval()
+    attn = layer.self_attn if layer_class is MyTransformerEncoderLayer else layer.cross_attn
+    assert isinstance(attn, MultiheadAttention)
+    x = _tokens(1, 12, 16, True, seed=4)
+    mask = get_mask(12, 12, "diag", 2, 50, 42, 0.95, "cpu")
+    heads = attn._heads
+    with torch.no_grad():
+        q, k, v = heads(attn.q(x)), heads(attn.k(x)), heads(attn.v(x))
+        ref = (scaled_query_key_softmax(q, k, mask) @ v).view(1, 2, 12, 8).transpose(1, 2)
+        ref = attn.proj(ref.reshape(1, 12, 16))
+        out = attn(x, x, x, attn_mask=mask)[0]
+    assert rel_err(out, ref) < TOL
+
+
+def tiny_htdemucs() -> HTDemucs:
+    """Small HTDemucs (8 kHz, 0.25 s segments) with the released layer plan and a transformer."""
+    torch.manual_seed(0)
+    return HTDemucs(SOURCES, channels=8, nfft=4096, depth=4, t_layers=2, t_heads=2,
+                    bottom_channels=16, dconv_mode=3, samplerate=8000, segment=0.25).eval()
+
+
+def test_htdemucs_forward_matches_module_attention(monkeypatch):
+    model = tiny_htdemucs()
+    mix = torch.randn(2, 2, 2000, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(mix)
+        monkeypatch.setattr(transformer, "attend", module_attention)
+        ref = model(mix)
+    assert rel_err(out, ref) < TOL
+
+
+def plain_split(model, mix: torch.Tensor, overlap: float) -> torch.Tensor:
+    """Reference overlap-add: every segment evaluated alone, weighted sums kept out of place."""
+    length = mix.shape[-1]
+    segment_length = int(model.samplerate * model.segment)
+    stride = int((1 - overlap) * segment_length)
+    weight = segment_weight(segment_length, 1.)
+    total = torch.zeros(mix.shape[0], len(model.sources), mix.shape[1], length)
+    weights = torch.zeros(length)
+    for offset in range(0, length, stride):
+        chunk = TensorChunk(mix, offset, segment_length)
+        with torch.no_grad():
+            out = center_trim(model(chunk.padded(segment_length)), chunk.length)
+        n = out.shape[-1]
+        total[..., offset:offset + n] = total[..., offset:offset + n] + weight[:n] * out
+        weights[offset:offset + n] = weights[offset:offset + n] + weight[:n]
+    return total / weights
+
+
+def plain_shifted(model, mix: torch.Tensor, overlap: float, seed: int) -> torch.Tensor:
+    """Reference shift trick: the whole track copied into a zero-padded one, then windowed."""
+    random.seed(seed)
+    length = mix.shape[-1]
+    max_shift = int(0.5 * model.samplerate)
+    padded = F.pad(mix, (max_shift, max_shift))
+    offset = random.randint(0, max_shift)
+    shifted = padded[..., offset:length + max_shift]  # zeros before it, as in the padding
+    return plain_split(model, shifted, overlap)[..., max_shift - offset:]
+
+
+@pytest.mark.parametrize("length", [700, 5003])
+def test_split_matches_plain_overlap_add(length):
+    model = tiny_htdemucs()
+    mix = torch.randn(1, 2, length, generator=torch.Generator().manual_seed(6))
+    out = apply_model(model, mix, shifts=0, split=True, overlap=0.25)
+    assert rel_err(out, plain_split(model, mix, 0.25)) < TOL
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_shift_window_matches_padded_copy(seed):
+    model = tiny_htdemucs()
+    mix = torch.randn(1, 2, 6000, generator=torch.Generator().manual_seed(7))
+    random.seed(seed)
+    out = apply_model(model, mix, shifts=1, split=True, overlap=0.25)
+    ref = plain_shifted(model, mix, 0.25, seed)
+    assert out.shape == ref.shape == (1, 4, 2, 6000)
+    assert rel_err(out, ref) < TOL
+
+
+def test_tensor_chunk_window_reads_zeros_outside_the_track():
+    mix = torch.arange(1., 6.)[None]
+    window = TensorChunk.window(mix, -2, 9)
+    assert window.shape == [1, 9]
+    assert window.padded(9).tolist() == [[0., 0., 1., 2., 3., 4., 5., 0., 0.]]
+    inner = TensorChunk(window, 1, 4)
+    assert inner.padded(6).tolist() == [[0., 0., 1., 2., 3., 4.]]
+    assert TensorChunk.window(mix, -9, 3).padded(3).tolist() == [[0., 0., 0.]]
+    assert TensorChunk.window(mix, 7, 2).padded(4).tolist() == [[0., 0., 0., 0.]]

@@ -9,7 +9,7 @@ import pytest
 import soundfile
 
 from tests.conftest import TOY_MUSDB
-from tools import demo as demo_tool, toy_musdb
+from tools import toy_musdb
 from tools.toy_musdb import (MUSDB_VALID_TRACKS, SOURCES, ensure_toy_musdb, generate,
                              make_track)
 
@@ -172,14 +172,3 @@ def test_toy_dset_config_matches_the_generator():
     assert (conf.dset.samplerate, conf.dset.channels) == (SR, 2)
     assert conf.dset.segment < conf.dset.toy.seconds
     inspect.signature(generate).bind("out", **conf.dset.toy)
-
-
-def test_demo_generates_then_reuses(tmp_path, capsys, monkeypatch):
-    small = dict(musdb="data/toy_musdb", toy=dict(tracks=2, test_tracks=1, seconds=0.3, seed=1))
-    monkeypatch.setattr(demo_tool.Demo, "toy_settings", property(lambda self: small))
-    assert demo_tool.main(["--workdir", str(tmp_path)]) == 0
-    first = capsys.readouterr().out
-    assert "[1/1] Generate the toy MusDB" in first and "Generated." in first
-    assert (tmp_path / "data" / "toy_musdb" / "train").is_dir()
-    assert demo_tool.main(["--workdir", str(tmp_path)]) == 0
-    assert "Already present" in capsys.readouterr().out

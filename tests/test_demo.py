@@ -1,0 +1,155 @@
+"""`python3 -m tools.demo` (`make demo`): each step's outputs and printed figures, with the quick
+setup in a temporary folder; the baseline and report helpers against hand computations. The full
+demo (minutes of training) is marked slow."""
+import contextlib
+import io
+import json
+from pathlib import Path
+import re
+import typing as tp
+
+import numpy as np
+import pytest
+import soundfile
+
+from tools import demo as demo_tool
+from tools.demo import FULL, QUICK, STEPS, Demo, mixture_baseline, score_table, verdict
+from tools.toy_musdb import MIXTURE, SOURCES
+
+FLOAT = r"(-?\d+\.\d+)"
+
+
+def run_demo(*argv: str) -> tp.Tuple[int, str]:
+    """Exit code and printed report of `python -m tools.demo ARGV` (commands' output aside)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = demo_tool.main(list(argv))
+    return code, out.getvalue()
+
+
+def score_row(report: str, name: str) -> tp.List[float]:
+    """The 4 per-source nSDRs and their mean printed on the row `name` of the score table."""
+    match = re.search(rf"^{re.escape(name)}\s+" + r"\s+".join([FLOAT] * 5) + "$", report,
+                      re.MULTILINE)
+    assert match, f"no score row {name!r} in:\n{report}"
+    return [float(value) for value in match.groups()]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> tp.Tuple[Path, str]:
+    """The quick demo, run once in a fresh folder: (folder, printed report)."""
+    workdir = tmp_path_factory.mktemp("demo")
+    code, report = run_demo("--quick", "--workdir", str(workdir))
+    assert code == 0, report
+    return workdir, report
+
+
+def signature(report: str) -> str:
+    match = re.search(r"^XP ([0-9a-f]{8}), (\d+) epochs", report, re.MULTILINE)
+    assert match, report
+    return match.group(1)
+
+
+def test_quick_demo_prints_every_step_and_real_commands(quick_demo):
+    _, report = quick_demo
+    for number, (title, _) in enumerate(STEPS, start=1):
+        assert f"[{number}/{len(STEPS)}] {title}" in report
+    sig = signature(report)
+    assert "$ dora -P demucs run dset=toy dset.toy.tracks=3" in report
+    assert f"$ python -m tools.export {sig} -o release_models" in report
+    assert f"$ demucs --repo ./release_models -n {sig} 'data/toy_musdb/test/" in report
+    assert f"$ python -m tools.test_pretrained --repo ./release_models -n {sig} dset=toy" in report
+
+
+def test_quick_demo_trains_exports_and_separates(quick_demo):
+    workdir, report = quick_demo
+    sig = signature(report)
+    history = json.loads((workdir / "outputs" / "xps" / sig / "history.json").read_text())
+    assert len(history) == 1 and "test" in history[0]
+    assert f"test nSDR (best state): {history[0]['test']['nsdr']:.2f} dB" in report
+    assert (workdir / "release_models" / f"{sig}.th").stat().st_size > 0
+    tracks = sorted((workdir / "data" / "toy_musdb" / "test").iterdir())
+    length = soundfile.info(str(tracks[0] / f"{MIXTURE}.wav")).frames
+    for source in SOURCES:
+        stem = soundfile.info(str(workdir / "separated" / sig / MIXTURE / f"{source}.wav"))
+        assert (stem.frames, stem.channels) == (length, 2)
+
+
+def test_quick_demo_compares_the_model_with_the_mixture_baseline(quick_demo):
+    workdir, report = quick_demo
+    sig = signature(report)
+    baseline = mixture_baseline(workdir / "data" / "toy_musdb" / "test")
+    printed = score_row(report, "mixture baseline")
+    expected = [baseline[f"nsdr_{source}"] for source in SOURCES] + [baseline["nsdr"]]
+    assert printed == pytest.approx(expected, abs=0.006)
+    model = score_row(report, f"model {sig}")
+    assert model[-1] == pytest.approx(np.mean(model[:4]), abs=0.01)
+    assert verdict(model[-1], printed[-1]).split(" by ")[0].split(" (")[0] in report
+
+
+def test_generation_step_reuses_an_existing_set(tmp_path, capsys):
+    demo = Demo(tmp_path, QUICK)
+    demo_tool.run(demo, STEPS[:1])
+    first = capsys.readouterr().out
+    assert "[1/1] Generate the toy MusDB" in first and "Generated." in first
+    assert "train/: 3 tracks" in first and "test/: 1 tracks" in first
+    demo_tool.run(demo, STEPS[:1])
+    assert "Already present" in capsys.readouterr().out
+
+
+def test_training_config_describes_the_generated_set():
+    demo = Demo(Path("unused"), QUICK)
+    assert demo.toy_settings["toy"]["tracks"] == 3 and demo.toy_settings["toy"]["seed"] == 42
+    assert demo.train_argv[:2] == ["dset=toy", "dset.toy.tracks=3"]
+    assert Demo(Path("unused")).train_argv[0] == "dset=toy" and "model=htdemucs" in FULL.train
+
+
+def test_steps_after_training_need_a_trained_xp(tmp_path):
+    with pytest.raises(demo_tool.DemoError, match="training step"):
+        demo_tool.export_xp(Demo(tmp_path, QUICK))
+
+
+def test_mixture_baseline_matches_hand_computation(tmp_path):
+    rng = np.random.default_rng(0)
+    expected = {source: [] for source in SOURCES}
+    for name in ["A - a", "B - b"]:
+        folder = tmp_path / name
+        folder.mkdir()
+        stems = {source: 0.1 * rng.standard_normal((1000, 2)) for source in SOURCES}
+        mixture = sum(stems.values())
+        for source, stem in stems.items():
+            soundfile.write(folder / f"{source}.wav", stem, 8000, subtype="FLOAT")
+            noise = ((stem - mixture) ** 2).sum() + 1e-7
+            expected[source].append(10 * np.log10(((stem ** 2).sum() + 1e-7) / noise))
+        soundfile.write(folder / f"{MIXTURE}.wav", mixture, 8000, subtype="FLOAT")
+    result = mixture_baseline(tmp_path)
+    for source in SOURCES:
+        assert result[f"nsdr_{source}"] == pytest.approx(np.mean(expected[source]), abs=1e-4)
+    assert result["nsdr"] == pytest.approx(np.mean([np.mean(v) for v in expected.values()]))
+
+
+def test_score_table_and_verdict():
+    scores = {f"nsdr_{source}": float(index) for index, source in enumerate(SOURCES)}
+    scores["nsdr"] = 1.5
+    table = score_table({"model x": scores, "mixture baseline": scores})
+    assert score_row(table, "model x") == [0, 1, 2, 3, 1.5]
+    assert "BEATS" in verdict(2.0, -5.0) and "by 7.00 dB" in verdict(2.0, -5.0)
+    assert "does NOT beat" in verdict(-6.0, -5.0)
+
+
+@pytest.mark.slow
+def test_rerun_reuses_the_finished_xp(quick_demo):
+    workdir, first = quick_demo
+    code, again = run_demo("--quick", "--workdir", str(workdir))
+    assert code == 0 and signature(again) == signature(first)
+    assert "Already present" in again
+    assert score_row(again, "mixture baseline") == score_row(first, "mixture baseline")
+
+
+@pytest.mark.slow
+def test_full_demo_model_beats_the_mixture_baseline(tmp_path):
+    code, report = run_demo("--workdir", str(tmp_path))
+    assert code == 0, report
+    model = score_row(report, f"model {signature(report)}")
+    assert model[-1] > score_row(report, "mixture baseline")[-1] + 3
+    assert "BEATS" in report

@@ -1,6 +1,8 @@
 """Benchmarks of Demucs.
 
     python3 -m tools.bench --train [--batch-sizes 1 2] [--steps 3] [--device cpu|cuda] [--json OUT]
+    python3 -m tools.bench --separate [--seconds 30] [--shifts 1] [--overlap 0.25] [--threads 2]
+                           [--package MODEL.th] [--repeat 2] [--device cpu|cuda] [--json OUT]
 
 `--train` measures training steps per second and peak memory for the released `htdemucs`
 configuration (XP 955717e8 of the `mmi` grid): forward, l1 loss, backward and Adam step on
@@ -8,13 +10,22 @@ random stems as long as the real training examples (`dset.segment` after the rep
 shift augmentation: 7.8 s). Each batch size runs in a fresh process, so that the peak resident
 memory (CPU) or the peak allocated memory (CUDA) belongs to that configuration only.
 
-Other modes (e.g. separation speed) plug in as further `--<mode>` flags with their own
-`bench_<mode>` function.
+`--separate` times `apply_model` on a synthetic stereo mixture (tones plus noise) with the
+released htdemucs configuration (random weights; or a model package given with `--package`),
+and reports the real-time factor, the peak memory and the time spent in each stage of the model
+(STFT, each encoder/decoder layer, transformer, iSTFT; "other" is apply_model's own work: padding,
+cross-fades, normalisation). Stage times come from forward hooks, measured on one extra
+untimed run so that the hooks do not slow the timed ones.
+
+Other modes plug in as further `--<mode>` flags with their own `bench_<mode>` function.
 """
 import argparse
+import collections
 import json
 import logging
+import math
 import multiprocessing as mp
+import random
 import resource
 import sys
 import time
@@ -99,29 +110,177 @@ def run_train_steps(batch_size: int, steps: int, warmup: int, device_name: str) 
     }
 
 
-def _child(queue, *args) -> None:
+def _child(queue, function: tp.Callable[..., dict], *args) -> None:
     try:
-        queue.put(run_train_steps(*args))
+        queue.put(function(*args))
     except Exception as error:  # reported by the parent
         queue.put({"error": f"{type(error).__name__}: {error}"})
+
+
+def _run_isolated(function: tp.Callable[..., dict], *args) -> dict:
+    """`function(*args)` in a fresh process, so that its peak memory is its own."""
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    process = context.Process(target=_child, args=(queue, function) + args)
+    process.start()
+    process.join()
+    return queue.get() if not queue.empty() else {"error": f"exit code {process.exitcode}"}
 
 
 def bench_train(batch_sizes: tp.Sequence[int], steps: int, warmup: int,
                 device: str) -> tp.List[dict]:
     """Run `run_train_steps` for each batch size in its own process."""
-    context = mp.get_context("spawn")
     results = []
     for batch_size in batch_sizes:
-        queue = context.SimpleQueue()
-        process = context.Process(target=_child, args=(queue, batch_size, steps, warmup, device))
-        process.start()
-        process.join()
-        result = queue.get() if not queue.empty() else {"error": f"exit code {process.exitcode}"}
+        result = _run_isolated(run_train_steps, batch_size, steps, warmup, device)
         if "error" in result:
             raise RuntimeError(f"training benchmark at batch size {batch_size} failed: "
                                f"{result['error']}")
         results.append(result)
     return results
+
+
+def synthetic_mix(seconds: float, samplerate: int, channels: int, seed: int = 0) -> torch.Tensor:
+    """A [1, channels, T] mixture: noise plus a few harmonic tones (as the peer benchmark)."""
+    generator = torch.Generator().manual_seed(seed)
+    length = int(seconds * samplerate)
+    times = torch.arange(length) / samplerate
+    mix = 0.1 * torch.randn(channels, length, generator=generator)
+    for frequency in (55., 110., 220., 440., 880.):
+        mix += 0.05 * torch.sin(2 * math.pi * frequency * times)
+    return mix[None]
+
+
+class StageTimer:
+    """Wall time spent in each top-level stage of a model's forward, from hooks.
+
+    Stages are the layers of the model's top-level module lists (`encoder.0`, ...), its other
+    top-level modules (`crosstransformer`, ...) and, for hybrid models, the `_spec`/`_ispec`
+    methods (`stft`, `istft`). Use as a context manager around the runs to measure.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model = model
+        self.device = device
+        self.seconds: tp.Dict[str, float] = collections.defaultdict(float)
+        self._handles: tp.List[tp.Any] = []
+        self._starts: tp.Dict[str, float] = {}
+
+    def _stages(self) -> tp.Iterator[tp.Tuple[str, torch.nn.Module]]:
+        for name, child in self.model.named_children():
+            if isinstance(child, torch.nn.ModuleList):
+                for index, layer in enumerate(child):
+                    yield f"{name}.{index}", layer
+            else:
+                yield name, child
+
+    def _now(self) -> float:
+        _sync(self.device)
+        return time.perf_counter()
+
+    def _start(self, name: str) -> None:
+        self._starts[name] = self._now()
+
+    def _stop(self, name: str) -> None:
+        self.seconds[name] += self._now() - self._starts.pop(name)
+
+    def _timed_method(self, method_name: str, stage: str) -> None:
+        method = getattr(self.model, method_name)
+
+        def timed(*args, **kwargs):
+            self._start(stage)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._stop(stage)
+        setattr(self.model, method_name, timed)
+
+    def __enter__(self) -> "StageTimer":
+        for name, module in self._stages():
+            self._handles.append(module.register_forward_pre_hook(
+                lambda _module, _args, name=name: self._start(name)))
+            self._handles.append(module.register_forward_hook(
+                lambda _module, _args, _out, name=name: self._stop(name)))
+        for method_name, stage in (("_spec", "stft"), ("_ispec", "istft")):
+            if hasattr(self.model, method_name):
+                self._timed_method(method_name, stage)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for method_name in ("_spec", "_ispec"):
+            self.model.__dict__.pop(method_name, None)
+
+
+def _separation_model(package: tp.Optional[str]) -> torch.nn.Module:
+    if package:
+        from demucs.states import load_model
+        return load_model(package)
+    from demucs.train import get_model
+    torch.manual_seed(0)
+    return get_model(released_htdemucs_config())
+
+
+def run_separation(seconds: float, shifts: int, overlap: float, repeat: int, threads: int,
+                   device_name: str, package: tp.Optional[str]) -> dict:
+    """Time `apply_model` on `seconds` of synthetic audio; one more run gives stage times."""
+    from demucs.apply import apply_model
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    model = _separation_model(package).to(device).eval()
+    mix = synthetic_mix(seconds, model.samplerate, model.audio_channels).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def separate() -> float:
+        random.seed(0)
+        _sync(device)
+        begin = time.perf_counter()
+        with torch.no_grad():
+            apply_model(model, mix, shifts=shifts, split=True, overlap=overlap)
+        _sync(device)
+        return time.perf_counter() - begin
+
+    durations = sorted(separate() for _ in range(repeat))
+    with StageTimer(model, device) as timer:
+        profiled = separate()
+    stages = dict(timer.seconds)
+    stages["other"] = max(0., profiled - sum(stages.values()))
+    median = durations[len(durations) // 2]
+    return {
+        "model": package or f"htdemucs ({RELEASED_HTDEMUCS_SIG}, random weights)",
+        "seconds_of_audio": seconds, "shifts": shifts, "overlap": overlap,
+        "wall_s": median, "all_wall_s": durations, "realtime_factor": seconds / median,
+        "peak_memory_mb": _peak_memory_mb(device), "stages_s": stages,
+        "device": device_name if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+
+
+def bench_separate(seconds: float, shifts: int, overlap: float, repeat: int, threads: int,
+                   device: str, package: tp.Optional[str]) -> dict:
+    """Run `run_separation` in its own process."""
+    result = _run_isolated(run_separation, seconds, shifts, overlap, repeat, threads, device,
+                           package)
+    if "error" in result:
+        raise RuntimeError(f"separation benchmark failed: {result['error']}")
+    return result
+
+
+def format_separate(result: dict) -> str:
+    """Summary and per-stage table of the separation benchmark."""
+    stages = result["stages_s"]
+    total = sum(stages.values()) or 1.
+    lines = [f"Separation benchmark, {result['model']}, {result['seconds_of_audio']:g} s stereo, "
+             f"shifts={result['shifts']} overlap={result['overlap']}, device "
+             f"{result['device']} ({result['threads']} threads), torch {result['torch']}",
+             f"wall {result['wall_s']:.2f} s (median of {len(result['all_wall_s'])}), "
+             f"{result['realtime_factor']:.2f}x real time, peak {result['peak_memory_mb']:.0f} MB",
+             f"{'stage':<22} {'seconds':>8} {'share':>6}"]
+    for name, seconds in sorted(stages.items(), key=lambda item: -item[1]):
+        lines.append(f"{name:<22} {seconds:>8.2f} {100 * seconds / total:>5.1f}%")
+    return "\n".join(lines)
 
 
 def format_train(results: tp.Sequence[dict]) -> str:
@@ -141,6 +300,16 @@ def get_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true",
                       help="training steps/s and peak memory of the released htdemucs")
+    mode.add_argument("--separate", action="store_true",
+                      help="separation speed, peak memory and per-stage times")
+    parser.add_argument("--seconds", type=float, default=30., help="separate: mixture length")
+    parser.add_argument("--shifts", type=int, default=1, help="separate: random shifts")
+    parser.add_argument("--overlap", type=float, default=0.25, help="separate: segment overlap")
+    parser.add_argument("--repeat", type=int, default=2, help="separate: timed runs")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="separate: torch CPU threads")
+    parser.add_argument("--package", help="separate: a model package (.th) instead of the "
+                                          "released htdemucs configuration")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
@@ -152,9 +321,14 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: tp.Optional[tp.List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = get_parser().parse_args(argv)
+    results: tp.Any
     if args.train:
         results = bench_train(args.batch_sizes, args.steps, args.warmup, args.device)
         print(format_train(results))
+    else:
+        results = bench_separate(args.seconds, args.shifts, args.overlap, args.repeat,
+                                 args.threads, args.device, args.package)
+        print(format_separate(results))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=2)

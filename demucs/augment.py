@@ -3,6 +3,8 @@
 Each module is active only in training mode (except `Shift`, which also trims in eval mode so that
 lengths match) and draws its randomness from torch's global generator.
 """
+import typing as tp
+
 import torch
 from torch import nn
 
@@ -116,3 +118,20 @@ class Scale(nn.Module):
         scales = torch.empty(batch, sources, 1, 1, device=wav.device, dtype=wav.dtype)
         scales.uniform_(self.min, self.max)
         return wav * scales
+
+
+def augmentation_from_config(args) -> nn.Sequential:
+    """The training augmentation pipeline described by a training config (`augment.*`, `dset.*`).
+
+    Shift by up to `dset.shift` seconds, then random channel/sign flips (`augment.flip`), random
+    gains (`augment.scale`) and remixing across the batch (`augment.remix`), in that order.
+    """
+    modules: tp.List[nn.Module] = [
+        Shift(shift=int(args.dset.samplerate * args.dset.shift), same=args.augment.shift_same)]
+    if args.augment.flip:
+        modules += [FlipChannels(), FlipSign()]
+    if args.augment.scale.proba:
+        modules.append(Scale(**args.augment.scale))
+    if args.augment.remix.proba:
+        modules.append(Remix(**args.augment.remix))
+    return nn.Sequential(*modules)

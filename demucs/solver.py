@@ -345,16 +345,7 @@ class Solver:
                 f"dset.shift={args.dset.shift} must be smaller than dset.segment="
                 f"{args.dset.segment}: the random shift augmentation cuts training examples to "
                 "segment - shift seconds, which would leave nothing to train on.")
-        modules: tp.List[torch.nn.Module] = [
-            augment.Shift(shift=int(args.dset.samplerate * args.dset.shift),
-                          same=args.augment.shift_same)]
-        if args.augment.flip:
-            modules += [augment.FlipChannels(), augment.FlipSign()]
-        if args.augment.scale.proba:
-            modules.append(augment.Scale(**args.augment.scale))
-        if args.augment.remix.proba:
-            modules.append(augment.Remix(**args.augment.remix))
-        return torch.nn.Sequential(*modules)
+        return augment.augmentation_from_config(args)
 
     # ---------------------------------------------------------------- state
     def _serialize(self, epoch: int) -> None:

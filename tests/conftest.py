@@ -9,9 +9,10 @@ GOLDEN = ROOT.parent / "shared" / "golden"
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """Folder of the official implementation's reference vectors; skips when absent (user checkout)."""
+    """Folder of the official reference vectors; skips when absent (a plain user checkout)."""
     if not GOLDEN.is_dir():
-        pytest.skip(f"reference vectors not found at {GOLDEN} (they live in the team's shared/ folder)")
+        pytest.skip(f"reference vectors not found at {GOLDEN} "
+                    "(they live in the team's shared/ folder)")
     return GOLDEN
 
 
@@ -27,3 +28,17 @@ def toy_musdb(tmp_path_factory) -> Path:
     """
     from tools.toy_musdb import generate
     return generate(tmp_path_factory.mktemp("toy") / "musdb", **TOY_MUSDB)
+
+
+@pytest.fixture(scope="module")
+def tiny_musdb(tmp_path_factory) -> Path:
+    """MusDB layout at 8 kHz: 4 train tracks (2 with musdb validation names), 2 test tracks."""
+    from tests.training_helpers import write_tiny_musdb
+    return write_tiny_musdb(tmp_path_factory.mktemp("tiny_musdb"))
+
+
+@pytest.fixture
+def dora_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh Dora output folder for one test (through `_DORA_TEST_PATH`)."""
+    from tests.training_helpers import use_dora_dir
+    return use_dora_dir(tmp_path / "outputs", monkeypatch)

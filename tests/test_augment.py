@@ -115,3 +115,20 @@ def test_training_pipeline_shape_and_determinism():
     second = pipeline()(batch())
     assert first.shape == (8, 4, 2, 56)
     assert torch.equal(first, second)
+
+
+def test_augmentation_from_config_follows_the_config_keys():
+    from omegaconf import OmegaConf
+    from demucs.augment import augmentation_from_config
+    args = OmegaConf.create({
+        "dset": {"samplerate": 100, "shift": 0.5},
+        "augment": {"shift_same": True, "flip": True,
+                    "scale": {"proba": 1, "min": 0.25, "max": 1.25},
+                    "remix": {"proba": 0, "group_size": 4}}})
+    pipeline = augmentation_from_config(args)
+    assert [type(m).__name__ for m in pipeline] == ["Shift", "FlipChannels", "FlipSign", "Scale"]
+    assert pipeline[0].shift == 50 and pipeline[0].same
+    args.augment.flip = False
+    args.augment.scale.proba = 0
+    args.augment.remix.proba = 1
+    assert [type(m).__name__ for m in augmentation_from_config(args)] == ["Shift", "Remix"]

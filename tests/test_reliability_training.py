@@ -26,7 +26,7 @@ from demucs import solver as solver_module
 from demucs.solver import (CheckpointWriteError, NonFiniteLossError, XPLock, XPLockedError,
                            save_atomic)
 from demucs.wav import DatasetError, _get_musdb_valid
-from tests.training_helpers import (ROOT, base_argv, dora_env, dora_run, history, use_dora_dir,
+from tests.training_helpers import (ROOT, base_argv, dora_env, dora_run, history,
                                     write_tiny_musdb, xp_folder)
 
 # Runs `dora run ARGV...` and SIGKILLs itself at the N-th time the fault point is reached:
@@ -78,16 +78,6 @@ sys.argv = ["dora", "run", *argv]
 from dora.__main__ import main
 main()
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_musdb(tmp_path_factory) -> Path:
-    return write_tiny_musdb(tmp_path_factory.mktemp("tiny_musdb"))
-
-
-@pytest.fixture
-def dora_dir(tmp_path, monkeypatch) -> Path:
-    return use_dora_dir(tmp_path / "outputs", monkeypatch)
 
 
 def run_until_fault(dora_dir: Path, argv: tp.List[str], point: str, nth: int) -> str:
@@ -464,4 +454,3 @@ def test_unfinished_writes_are_removed_on_start(tmp_path):
     (tmp_path / "checkpoint.th").write_bytes(b"good")
     assert solver_module.remove_unfinished_writes(tmp_path) == sorted(leftovers)
     assert [path.name for path in tmp_path.iterdir()] == ["checkpoint.th"]
-

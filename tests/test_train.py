@@ -16,19 +16,8 @@ import pytest
 import torch
 
 from tests.training_helpers import (
-    RATE, ROOT, SOURCES, TINY_MODELS, base_argv, dora_env, dora_run, history, use_dora_dir,
-    wait_for_history, write_tiny_musdb, xp_folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_musdb(tmp_path_factory) -> Path:
-    """MusDB layout at 8 kHz: 4 train tracks (2 with musdb validation names), 2 test tracks."""
-    return write_tiny_musdb(tmp_path_factory.mktemp("tiny_musdb"))
-
-
-@pytest.fixture
-def dora_dir(tmp_path, monkeypatch) -> Path:
-    return use_dora_dir(tmp_path / "outputs", monkeypatch)
+    RATE, ROOT, SOURCES, TINY_MODELS, base_argv, dora_env, dora_run, history, wait_for_history,
+    xp_folder)
 
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))

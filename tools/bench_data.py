@@ -30,19 +30,6 @@ def load_config(overrides: tp.List[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def make_augment(args) -> torch.nn.Module:
-    """The training augmentations described by the config's `augment` section."""
-    modules: tp.List[torch.nn.Module] = [
-        augment.Shift(int(args.dset.samplerate * args.dset.shift), same=args.augment.shift_same)]
-    if args.augment.flip:
-        modules += [augment.FlipChannels(), augment.FlipSign()]
-    if args.augment.scale.proba:
-        modules.append(augment.Scale(**args.augment.scale))
-    if args.augment.remix.proba:
-        modules.append(augment.Remix(**args.augment.remix))
-    return torch.nn.Sequential(*modules)
-
-
 def _endless(loader: DataLoader) -> tp.Iterator[torch.Tensor]:
     """Batches of `loader`, epoch after epoch."""
     while True:
@@ -101,7 +88,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     args = load_config(overrides)
     from demucs.train import get_datasets
     train_set, _ = get_datasets(args)
-    pipeline = make_augment(args).train()
+    pipeline = augment.augmentation_from_config(args).train()
     logger.info("%d training examples of %.1f s, batch %d, repitch proba %.2f",
                 len(train_set), opts.segment, opts.batch_size, args.augment.repitch.proba)
     for workers in opts.workers:

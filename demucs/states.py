@@ -270,17 +270,18 @@ def _torch_load_legacy(path: Path) -> tp.Any:
 
 
 def _json_default(value: tp.Any) -> tp.Any:
+    # Fractions (HTDemucs's `segment`) are written as Demucs 4.1's safetensors files store them.
     if isinstance(value, Fraction):
-        return {"__fraction__": [value.numerator, value.denominator]}
+        return {"_type": "fraction", "numerator": value.numerator,
+                "denominator": value.denominator}
     if isinstance(value, (tuple, set)):
         return list(value)
     raise TypeError(f"cannot store {type(value).__name__} {value!r} in safetensors metadata")
 
 
 def _json_object_hook(obj: dict) -> tp.Any:
-    if set(obj) == {"__fraction__"}:
-        numerator, denominator = obj["__fraction__"]
-        return Fraction(numerator, denominator)
+    if obj.get("_type") == "fraction":
+        return Fraction(obj["numerator"], obj["denominator"])
     return obj
 
 

@@ -94,6 +94,28 @@ def test_safetensors_round_trip(tmp_path: Path):
     torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
 
 
+def test_safetensors_metadata_uses_the_demucs_4_1_layout(tmp_path: Path):
+    """klass/args/kwargs are JSON strings, fractions are `{"_type": "fraction", ...}` objects."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    model = tiny_model()
+    package = serialize_model(model, None, half=False)
+    package["kwargs"]["segment"] = Fraction(39, 5)
+    path = save_safetensors(package, tmp_path / "model.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["klass"] == "demucs.demucs.Demucs"
+    assert json.loads(metadata["kwargs"])["segment"] == {
+        "_type": "fraction", "numerator": 39, "denominator": 5}
+    # A file laid out by hand the same way (as the 4.1 hub files are) loads.
+    by_hand = tmp_path / "by_hand.safetensors"
+    save_file(dict(model.state_dict()), str(by_hand), metadata={
+        "klass": "demucs.demucs.Demucs", "args": metadata["args"],
+        "kwargs": metadata["kwargs"]})
+    assert load_model(by_hand).segment == Fraction(39, 5)
+
+
 def test_safetensors_refuses_unknown_class(tmp_path: Path):
     from safetensors.torch import save_file
     path = tmp_path / "model.safetensors"

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.sysdeps
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: all setup sysdeps test test-all test-slurm demo golden lint clean dist bench-separate bench-train
+.PHONY: all setup sysdeps test test-all test-slurm demo golden lint clean dist bench-separate bench-speed bench-train
 
 all: test
 
@@ -43,6 +43,9 @@ demo: setup
 
 bench-separate: setup
 	$(PY) -m tools.bench_separate --minutes 10 60
+
+bench-speed: setup
+	$(PY) -m tools.bench --separate
 
 bench-train: setup
 	$(PY) -m tools.bench --train

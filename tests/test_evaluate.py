@@ -89,14 +89,19 @@ def _write_test_set(root: Path) -> dict:
     return stems_by_track
 
 
-def test_evaluate_tiny_musdb_against_hand_nsdr(tmp_path):
-    stems = _write_test_set(tmp_path / "musdb")
+def _quarter_mix_solver(tmp_path, workers: int, save: bool) -> SimpleNamespace:
+    """The parts of a Solver that `evaluate` uses, with the QuarterMix model."""
     args = OmegaConf.create({
         "dset": {"musdb": str(tmp_path / "musdb"), "musdb_samplerate": RATE},
-        "test": {"nonhq": None, "workers": 0, "shifts": 0, "split": False, "overlap": 0.25,
-                 "save": True}})
-    solver = SimpleNamespace(args=args, model=QuarterMix(), device=torch.device("cpu"),
-                             folder=tmp_path / "xp")
+        "test": {"nonhq": None, "workers": workers, "shifts": 0, "split": False, "overlap": 0.25,
+                 "save": save}})
+    return SimpleNamespace(args=args, model=QuarterMix(), device=torch.device("cpu"),
+                           folder=tmp_path / "xp")
+
+
+def test_evaluate_tiny_musdb_against_hand_nsdr(tmp_path):
+    stems = _write_test_set(tmp_path / "musdb")
+    solver = _quarter_mix_solver(tmp_path, workers=0, save=True)
     result = evaluate(solver, compute_sdr=False)
     expected = {src: [] for src in SOURCES}
     for track in stems.values():
@@ -128,12 +133,8 @@ def test_evaluate_scoring_workers_do_not_hang_after_parallel_torch_ops(tmp_path)
     _write_test_set(tmp_path / "musdb")
     torch.set_num_threads(2)
     assert float(torch.ones(1_000_000).mul(2).sum()) == 2_000_000  # starts the OpenMP threads
-    args = OmegaConf.create({
-        "dset": {"musdb": str(tmp_path / "musdb"), "musdb_samplerate": RATE},
-        "test": {"nonhq": None, "workers": 2, "shifts": 0, "split": False, "overlap": 0.25,
-                 "save": False}})
-    solver = SimpleNamespace(args=args, model=QuarterMix(), device=torch.device("cpu"),
-                             folder=tmp_path / "xp")
+    solver = _quarter_mix_solver(tmp_path, workers=2, save=False)
+    args = solver.args
     in_pool = evaluate(solver, compute_sdr=False)
     args.test.workers = 0
     assert in_pool == pytest.approx(evaluate(solver, compute_sdr=False))

@@ -19,12 +19,14 @@ import typing as tp
 
 import pytest
 
+from demucs.grids import toy
 from tools.slurm_local import LocalSlurm, SlurmError, free_port, missing_requirements
 
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parent.parent
-EPOCHS = 4  # demucs.grids.toy.TINY["epochs"]
+EPOCHS = toy.TINY["epochs"]
+VICTIM_EPOCHS = toy.LONG_EPOCHS  # the seed=43 XP, cancelled after its first epoch
 DONE_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 SCHEDULED = re.compile(r"Scheduled job (\d+) for sheep (\w+)/(.*)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -168,7 +170,7 @@ def test_history_and_checkpoints_under_xps(grid_run, workdir):
         assert (folder / "checkpoint.th").is_file() and (folder / "best.th").is_file()
         history = read_history(workdir, sig)
         if sig == grid_run["victim"]:
-            assert 1 <= len(history) < EPOCHS
+            assert 1 <= len(history) < VICTIM_EPOCHS
         else:
             assert len(history) == EPOCHS and "nsdr" in history[-1]["test"]
 
@@ -195,7 +197,7 @@ def test_cancelled_job_relaunched_resumes_from_checkpoint(grid_run, cluster, wor
     recorder.wait(recorder.all_done, 240, f"the relaunched job of {victim}")
     assert recorder.last(relaunched[victim]) == "COMPLETED", recorder.states
     history = read_history(workdir, victim)
-    assert len(history) == EPOCHS
+    assert len(history) == VICTIM_EPOCHS
     before = grid_run["history_at_cancel"]
     assert history[:len(before)] == before, "epochs done before scancel must be kept, not redone"
     log = xp_folder(workdir, victim) / "submitit" / f"{relaunched[victim]}_0_log.out"
@@ -222,7 +224,7 @@ def test_failed_job_shows_failure_and_log_path(grid_run, cluster, workdir):
     sig = next(sig for sig, name in grid_run["names"].items() if "htdemucs" in name)
     (xp_folder(workdir, sig) / "checkpoint.th").write_bytes(b"not a checkpoint")
     jobs = scheduled_jobs(dora_grid(cluster, workdir, "--retry", "--replace_done",
-                                          patterns=["htdemucs"]))
+                                    patterns=["htdemucs"]))
     assert list(jobs) == [sig]
     recorder = StateRecorder(cluster, jobs.values())
     recorder.wait(recorder.all_done, 180, "the job with a damaged checkpoint to end")

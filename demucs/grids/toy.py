@@ -1,7 +1,8 @@
 """Tiny CPU XPs on the toy MusDB, to check that `dora grid` works on a Slurm cluster in minutes.
 
 Three XPs (two seeds of a tiny Demucs, a tiny Hybrid Transformer Demucs), each a few epochs of a
-few batches on `dset=toy` (generate it first: `python3 -m tools.toy_musdb data/toy_musdb`, as
+few batches (the second seed runs `LONG_EPOCHS`, long enough to be cancelled mid-training and
+resumed) on `dset=toy` (generate it first: `python3 -m tools.toy_musdb data/toy_musdb`, as
 the jobs would otherwise race to create it). They run on a CPU-only node:
 `launcher.slurm_(gpus=0, cpus_per_task=1, mem_per_gpu=...)`, which Dora turns into one task with
 one CPU and that memory (with `gpus=0`, `mem_per_gpu` is the memory of the job). The GPU-only
@@ -46,6 +47,7 @@ TINY = {
     "test.workers": 0,
     "test.sdr": False,
 }
+LONG_EPOCHS = 16  # the XP that the Slurm tests cancel after its first epoch, then relaunch
 TINY_DEMUCS = {"model": "demucs", "demucs.channels": 4, "demucs.depth": 2}
 TINY_HTDEMUCS = {"model": "htdemucs", "htdemucs.channels": 8, "htdemucs.depth": 2,
                  "htdemucs.nfft": 64, "htdemucs.t_layers": 1, "htdemucs.t_heads": 1}
@@ -90,5 +92,5 @@ def explorer(launcher: Launcher) -> None:
                     constraint="", setup=[])
     launcher.bind_(TINY)
     launcher(TINY_DEMUCS)
-    launcher(TINY_DEMUCS, {"seed": 43})
+    launcher(TINY_DEMUCS, {"seed": 43, "epochs": LONG_EPOCHS})
     launcher(TINY_HTDEMUCS)

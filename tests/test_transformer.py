@@ -11,8 +11,9 @@ from torch.nn import functional as F
 from demucs.transformer import (
     CrossTransformerEncoder, CrossTransformerEncoderLayer, LayerScale, MultiheadAttention,
     MyGroupNorm, MyTransformerEncoderLayer, ScaledEmbedding, create_2d_sin_embedding,
-    create_sin_embedding, create_sin_embedding_cape, dynamic_sparse_attention, get_causal_mask,
-    get_elementary_mask, get_mask, scaled_query_key_softmax)
+    create_sin_embedding, create_sin_embedding_cape, dropout_attention, dynamic_sparse_attention,
+    get_causal_mask, get_elementary_mask, get_mask, scaled_query_key_softmax)
+from demucs import transformer
 
 
 @pytest.fixture(autouse=True)
@@ -343,3 +344,62 @@ def test_make_optim_group():
     assert group["weight_decay"] == 0.05 and "lr" not in group
     assert len(group["params"]) == len(list(enc.parameters()))
     assert _encoder(lr=1e-4).make_optim_group()["lr"] == 1e-4
+
+
+# ---------------------------------------------------------------- attention with dropout (CPU)
+
+def _seeded_dropout_attention(p: float):
+    """dropout_attention drawing the same masks at every call (a deterministic function)."""
+    return lambda q, k, v: dropout_attention(q, k, v, p, torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("block_elements", [2 ** 25, 40])
+def test_dropout_attention_gradients_match_its_forward(monkeypatch, block_elements):
+    monkeypatch.setattr(transformer, "ATTENTION_BLOCK_ELEMENTS", block_elements)
+    q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64, requires_grad=True)
+               for n in (5, 7, 7))
+    assert torch.autograd.gradcheck(_seeded_dropout_attention(0.3), (q, k, v))
+
+
+def test_dropout_attention_masks_do_not_depend_on_the_block_size(monkeypatch):
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    whole = _seeded_dropout_attention(0.4)(q, k, v)
+    monkeypatch.setattr(transformer, "ATTENTION_BLOCK_ELEMENTS", 2 * 4 * 6 * 2)  # 2 rows
+    torch.testing.assert_close(_seeded_dropout_attention(0.4)(q, k, v), whole)
+
+
+def test_dropout_attention_drops_weights_with_probability_p_and_rescales():
+    p, keys = 0.25, 400
+    q, k = torch.zeros(1, 2, 50, 8), torch.zeros(1, 2, keys, 8)  # uniform weights 1/keys
+    weights = dropout_attention(q, k, torch.eye(keys).expand(1, 2, keys, keys), p)
+    kept = weights != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.01  # 40,000 draws: sd 0.002
+    torch.testing.assert_close(weights[kept], torch.full_like(weights[kept], 1 / keys / (1 - p)))
+
+
+def test_dropout_attention_without_drops_is_plain_attention():
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 6)
+    torch.testing.assert_close(dropout_attention(q, k, v, 1e-12),
+                               F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("p", [0., 1., -0.1])
+def test_dropout_attention_rejects_rates_outside_0_1(p):
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        dropout_attention(q, q, q, p)
+
+
+def test_training_layers_use_dropout_attention_only_with_gradients(monkeypatch):
+    calls = []
+    original = transformer._DropoutAttention.apply
+    monkeypatch.setattr(transformer._DropoutAttention, "apply",
+                        lambda *args: calls.append(1) or original(*args))
+    layer = MyTransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True).train()
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(calls) == 1 and x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        layer(x)
+    layer.eval()(x)
+    assert len(calls) == 1  # no gradient or no dropout: torch's fused kernels

@@ -1,11 +1,16 @@
 """Peak memory of the `demucs` command on long generated tracks (is it bounded by the duration?).
 
-    python -m tools.bench_separate [--minutes 10 60] [-n demucs_unittest] [--workdir DIR]
+    python -m tools.bench_separate [--minutes 10 60] [-n demucs_unittest] [--repo DIR]
+                                   [--compare OTHER_PYTHON] [--workdir DIR]
 
 Each track (stereo 44.1 kHz 16-bit wav, a few tones plus noise) is written in blocks, then
 separated by `python -m demucs` in a fresh process on CPU; the peak resident memory of that
 process (ru_maxrss) and the wall time are reported. Streaming separation should give about the
 same peak for every duration.
+
+`--compare PY` also separates each track with the `demucs` installed in the interpreter `PY`
+(e.g. the official package in `~/.cache/demucs-peer/bin/python`, as set up by
+`../shared/bench/peer_compare.py`) and prints the peak-memory and time ratios ours/theirs.
 """
 import argparse
 import json
@@ -38,10 +43,12 @@ def generate_track(path: Path, minutes: float, seed: int = 0) -> None:
             file.write((tones[:, None] + noise).astype(np.float32))
 
 
-def measure(track: Path, out: Path, model: str, extra: tp.List[str]) -> tp.Dict[str, float]:
-    """Run the separation in a child process; its peak RSS (MiB) and wall time (s)."""
+def measure(track: Path, out: Path, model: str, extra: tp.List[str],
+            python: str = sys.executable) -> tp.Dict[str, float]:
+    """Run the separation with `python -m demucs` in a child process; its peak RSS (MiB) and
+    wall time (s)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    command = [sys.executable, "-m", "demucs", "-n", model, "-d", "cpu", "-o", str(out),
+    command = [python, "-m", "demucs", "-n", model, "-d", "cpu", "-o", str(out),
                *extra, str(track)]
     begin = time.time()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
@@ -71,19 +78,32 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     parser = argparse.ArgumentParser("tools.bench_separate", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[10., 60.])
     parser.add_argument("-n", "--name", default="demucs_unittest")
+    parser.add_argument("--repo", type=Path, help="Local folder of model packages (`--repo`).")
+    parser.add_argument("--compare", metavar="PYTHON",
+                        help="Also run the demucs of this interpreter and print the ratios.")
     parser.add_argument("--workdir", type=Path, help="Where tracks and outputs go (default: tmp).")
     parser.add_argument("extra", nargs="*", help="Extra flags for `demucs` (after --).")
     args = parser.parse_args(argv)
+    extra = (["--repo", str(args.repo)] if args.repo else []) + args.extra
+    sides = {"ours": sys.executable, **({"theirs": args.compare} if args.compare else {})}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        results = {}
+        results: tp.Dict[str, tp.Dict[str, tp.Dict[str, float]]] = {}
         for minutes in args.minutes:
             track = Path(tmp) / f"track_{minutes:g}min.wav"
             generate_track(track, minutes)
-            out = Path(tmp) / "out"
-            results[f"{minutes:g}min"] = measure(track, out, args.name, args.extra)
-            check_outputs(track, out / args.name / track.stem)
+            key = f"{minutes:g}min"
+            results[key] = {}
+            for side, python in sides.items():
+                out = Path(tmp) / "out"
+                results[key][side] = measure(track, out, args.name, extra, python)
+                check_outputs(track, out / args.name / track.stem)
+                print(f"{key} {side}: {json.dumps(results[key][side])}", flush=True)
+            if args.compare:
+                ours, theirs = results[key]["ours"], results[key]["theirs"]
+                print(f"{key}: peak memory ratio ours/theirs "
+                      f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.3f}, time ratio "
+                      f"{ours['wall_s'] / theirs['wall_s']:.3f}", flush=True)
             track.unlink()
-            print(f"{minutes:g} min: {json.dumps(results[f'{minutes:g}min'])}", flush=True)
     print(json.dumps(results))
 
 

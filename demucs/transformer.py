@@ -219,9 +219,18 @@ class LayerScale(nn.Module):
 
 class MyGroupNorm(nn.GroupNorm):
     """GroupNorm over token sequences shaped (B, T, C): with one group, each item is normalised
-    over all its tokens and channels together."""
+    over all its tokens and channels together.
+
+    One group is computed in the token layout itself (a layer norm over (T, C), then the
+    per-channel affine), because GroupNorm on the transposed tokens returns channel-major
+    memory that makes every following residual add and norm stride through memory."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_groups == 1 and x.dim() == 3:
+            normalized = F.layer_norm(x, x.shape[1:], eps=self.eps)
+            if not self.affine:
+                return normalized
+            return torch.addcmul(self.bias, normalized, self.weight)
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 

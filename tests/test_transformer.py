@@ -159,6 +159,20 @@ def test_my_group_norm_normalises_tokens_and_channels_together():
     torch.testing.assert_close(norm(x), ref)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_my_group_norm_equals_group_norm_of_transposed_tokens(groups):
+    norm = MyGroupNorm(groups, 6)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    reference = nn.GroupNorm(groups, 6)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 5, 6) * 3 + 1
+    out = norm(x)
+    torch.testing.assert_close(out, reference(x.transpose(1, 2)).transpose(1, 2))
+    if groups == 1:  # computed in the token layout: the output stays token-major
+        assert out.is_contiguous()
+
+
 # ---------------------------------------------------------------- layers
 
 SELF_KEYS = ["self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",

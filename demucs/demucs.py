@@ -205,9 +205,56 @@ class DConv(nn.Module):
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fuse = not torch.is_grad_enabled() and x.device.type == "cpu"
         for branch in self.layers:
-            x = x + branch(x)
+            *body, layer_scale = branch
+            y = x
+            # [..., 1x1 conv, norm, GLU]: in inference on CPU the conv and a GroupNorm fuse
+            if fuse and isinstance(body[-2], nn.GroupNorm):
+                for module in body[:-3]:
+                    y = module(y)
+                y = body[-1](conv1x1_group_norm(body[-3], body[-2], y))
+            else:
+                for module in body:
+                    y = module(y)
+            # the residual add and the LayerScale in one pass: x + scale * y
+            x = torch.addcmul(x, layer_scale.scale[:, None], y)
         return x
+
+
+def conv1x1_group_norm(conv: nn.Conv1d, norm: nn.GroupNorm, h: torch.Tensor) -> torch.Tensor:
+    """`norm(conv(h))` for a 1x1 `conv` and a one-group `norm`, as one grouped convolution.
+
+    Why: in a DConv branch `conv` widens a few hidden channels (e.g. 6) to `2 * channels` (96),
+    and the GroupNorm then reads that wide output twice and writes it again. The mean and variance
+    of `conv(h)` over channels and time follow from the mean and the Gram matrix of the hidden
+    channels of `h` (computed in float64, so no precision is lost), so the normalisation folds
+    into per-item weights and biases and the wide output is written once. Same values as the
+    modules up to float rounding (tests/test_perf_equivalence.py); inference only.
+    """
+    if norm.num_groups != 1 or conv.kernel_size != (1,):
+        raise ValueError("conv1x1_group_norm needs a 1x1 convolution and a one-group GroupNorm")
+    items, hidden, frames = h.shape
+    weight = conv.weight[:, :, 0].double()  # [M, K]
+    bias = conv.bias.double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+    wide = weight.shape[0]
+    h64 = h.double()
+    mean_h = h64.mean(-1)  # [N, K]
+    gram = torch.bmm(h64, h64.transpose(1, 2)) / frames  # [N, K, K]
+    mean = mean_h @ weight.mean(0) + bias.mean()  # over channels and time, [N]
+    mean_square = ((gram * (weight.t() @ weight)).sum((1, 2)) + 2 * mean_h @ (weight.t() @ bias)
+                   + bias @ bias) / wide
+    scale = torch.rsqrt(mean_square - mean ** 2 + norm.eps)[:, None]  # [N, 1]
+    if norm.affine:
+        scale = scale * norm.weight.double()  # [N, M]
+    shift = (bias - mean[:, None]) * scale
+    if norm.affine:
+        shift = shift + norm.bias.double()
+    scale = scale.expand(items, wide)
+    item_weights = (scale[:, :, None] * weight).to(h.dtype).reshape(items * wide, hidden, 1)
+    out = F.conv1d(h.reshape(1, items * hidden, frames), item_weights,
+                   shift.reshape(-1).to(h.dtype), groups=items)
+    return out.view(items, wide, frames)
 
 
 def rescale_conv(conv: nn.Module, reference: float) -> None:

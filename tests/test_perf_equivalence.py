@@ -1,7 +1,8 @@
 """The speed-oriented code paths give the outputs of the plain computations they replace.
 
 Each test runs an optimized path (direct `scaled_dot_product_attention`, the shift trick on a
-window instead of a padded copy, the in-place overlap-add) against a straightforward reference
+window instead of a padded copy, the in-place overlap-add, the DConv's 1x1 conv and GroupNorm
+fused in inference) against a straightforward reference
 written here, and requires a relative L2 error within 1e-4 (issue 7: optimizations must not
 change the default numerics).
 """
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from demucs import transformer
+from demucs import demucs as demucs_module, transformer
 from demucs.apply import TensorChunk, apply_model, segment_weight
+from demucs.demucs import DConv, conv1x1_group_norm
 from demucs.htdemucs import HTDemucs
 from demucs.transformer import (CrossTransformerEncoderLayer, MultiheadAttention,
                                 MyTransformerEncoderLayer, attend, get_mask,
@@ -187,3 +189,56 @@ def test_tensor_chunk_window_reads_zeros_outside_the_track():
     assert inner.padded(6).tolist() == [[0., 0., 1., 2., 3., 4.]]
     assert TensorChunk.window(mix, -9, 3).padded(3).tolist() == [[0., 0., 0.]]
     assert TensorChunk.window(mix, 7, 2).padded(4).tolist() == [[0., 0., 0., 0.]]
+
+
+# ---------------------------------------------------------------- DConv: fused 1x1 conv + GroupNorm
+
+def _plain_dconv(dconv, x: torch.Tensor) -> torch.Tensor:
+    """DConv as upstream computes it: x + branch(x) through every module, with autograd on."""
+    with torch.enable_grad():
+        for branch in dconv.layers:
+            x = x + branch(x)
+    return x.detach()
+
+
+@settings(max_examples=15, deadline=None)
+@given(channels=st.sampled_from([8, 48]), compress=st.sampled_from([4, 8]),
+       items=st.integers(1, 6), frames=st.integers(3, 200), offset=st.sampled_from([0., 50.]),
+       seed=st.integers(0, 1000))
+def test_fused_dconv_matches_its_modules(channels, compress, items, frames, offset, seed):
+    torch.manual_seed(seed)
+    dconv = DConv(channels, compress=compress, depth=2, init=0.5)
+    for module in dconv.modules():  # non-trivial affine parameters
+        if isinstance(module, nn.GroupNorm):
+            nn.init.normal_(module.weight)
+            nn.init.normal_(module.bias)
+    x = torch.randn(items, channels, frames) + offset  # a large mean tests the variance formula
+    with torch.no_grad():
+        fused = dconv(x)
+    assert rel_err(fused, _plain_dconv(dconv, x)) < TOL
+
+
+def test_fused_dconv_is_only_used_in_inference_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demucs_module, "conv1x1_group_norm",
+                        lambda *args: calls.append(1) or F.group_norm(args[0](args[2]), 1,
+                                                                      args[1].weight,
+                                                                      args[1].bias))
+    dconv = DConv(16, compress=4, depth=2)
+    x = torch.randn(2, 16, 30)
+    dconv(x)
+    assert not calls
+    with torch.no_grad():
+        dconv(x)
+    assert len(calls) == 2  # one per branch
+    without_norm = DConv(16, compress=4, depth=2, norm=False)
+    with torch.no_grad():
+        without_norm(x)
+    assert len(calls) == 2
+
+
+def test_conv1x1_group_norm_refuses_other_layers():
+    with pytest.raises(ValueError, match="1x1 convolution and a one-group GroupNorm"):
+        conv1x1_group_norm(nn.Conv1d(4, 8, 3), nn.GroupNorm(1, 8), torch.randn(1, 4, 5))
+    with pytest.raises(ValueError, match="1x1 convolution and a one-group GroupNorm"):
+        conv1x1_group_norm(nn.Conv1d(4, 8, 1), nn.GroupNorm(2, 8), torch.randn(1, 4, 5))

@@ -333,6 +333,7 @@ def main(args: DictConfig) -> None:
     lock = _lock_xp()
     try:
         get_solver(args).train()
+        distrib.close()
     finally:
         if lock is not None:
             lock.release()

@@ -20,6 +20,7 @@ def test_single_process_is_a_no_op():
     loader = distrib.loader(list(range(5)), batch_size=2)
     assert isinstance(loader, DataLoader) and len(loader) == 3
     distrib.barrier()
+    distrib.close()  # no process group: nothing to tear down
 
 
 def test_backend_is_gloo_without_cuda():
@@ -47,8 +48,9 @@ def _worker(rank: int, port: int, queue) -> None:
     shuffled = [int(x) for batch in distrib.loader(list(range(8)), batch_size=2, shuffle=True)
                 for x in batch]
     wrapped = type(distrib.wrap(torch.nn.Linear(2, 2))).__name__
-    queue.put((rank, distrib.world_size, averaged, shared, ordered, shuffled, wrapped))
-    torch.distributed.destroy_process_group()
+    distrib.close()
+    closed = not torch.distributed.is_initialized()
+    queue.put((rank, distrib.world_size, averaged, shared, ordered, shuffled, wrapped, closed))
 
 
 @pytest.mark.slow
@@ -59,8 +61,8 @@ def test_two_process_gloo_group(tmp_path, monkeypatch):
     queue = context.SimpleQueue()
     mp.start_processes(_worker, args=(_free_port(), queue), nprocs=2, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
-    for rank, world_size, averaged, shared, ordered, shuffled, wrapped in results:
-        assert world_size == 2
+    for rank, world_size, averaged, shared, ordered, shuffled, wrapped, closed in results:
+        assert world_size == 2 and closed
         # weighted by count: (1*1 + 2*2) / (1 + 2)
         assert averaged["loss"] == pytest.approx(5 / 3)
         assert shared == {"from": 1}

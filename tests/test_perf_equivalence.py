@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from demucs import demucs as demucs_module, transformer
 from demucs.apply import TensorChunk, apply_model, segment_weight
-from demucs.demucs import DConv, conv1x1_group_norm
+from demucs.demucs import DConv, conv1x1_group_norm, dilated_conv_as_gemm
 from demucs.htdemucs import HTDemucs
 from demucs.transformer import (CrossTransformerEncoderLayer, MultiheadAttention,
                                 MyTransformerEncoderLayer, attend, get_mask,
@@ -242,3 +242,25 @@ def test_conv1x1_group_norm_refuses_other_layers():
         conv1x1_group_norm(nn.Conv1d(4, 8, 3), nn.GroupNorm(1, 8), torch.randn(1, 4, 5))
     with pytest.raises(ValueError, match="1x1 convolution and a one-group GroupNorm"):
         conv1x1_group_norm(nn.Conv1d(4, 8, 1), nn.GroupNorm(2, 8), torch.randn(1, 4, 5))
+
+
+@settings(max_examples=25, deadline=None)
+@given(channels=st.integers(1, 24), out_channels=st.integers(1, 8),
+       kernel=st.sampled_from([1, 3, 5]), dilation=st.integers(1, 4), frames=st.integers(1, 40),
+       bias=st.booleans(), seed=st.integers(0, 1000))
+def test_dilated_conv_as_gemm_matches_conv1d(channels, out_channels, kernel, dilation, frames,
+                                             bias, seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv1d(channels, out_channels, kernel, dilation=dilation,
+                     padding=dilation * (kernel // 2), bias=bias)
+    x = torch.randn(3, channels, frames)
+    with torch.no_grad():
+        assert rel_err(dilated_conv_as_gemm(conv, x), conv(x)) < TOL
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(4, 2, 3, stride=2, padding=1),
+                                  nn.Conv1d(4, 2, 3, padding=0),
+                                  nn.Conv1d(4, 2, 3, padding=1, groups=2)])
+def test_dilated_conv_as_gemm_refuses_other_convolutions(conv):
+    with pytest.raises(ValueError, match="stride-1, ungrouped convolution"):
+        dilated_conv_as_gemm(conv, torch.randn(1, 4, 9))

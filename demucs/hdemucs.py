@@ -436,10 +436,9 @@ class HybridSpectrogramMixin:
     def _ispec(self, z: torch.Tensor, length: int, scale: int = 0) -> torch.Tensor:
         """Inverse of `_spec`: adds back the last bin (and the side frames), crops to `length`."""
         hop = self.hop_length // (4 ** scale)
-        z = F.pad(z, (0, 0, 0, 1))
         if not self.hybrid:
-            return ispectro(z, hop, length)
-        z = F.pad(z, (2, 2))
+            return ispectro(F.pad(z, (0, 0, 0, 1)), hop, length)
+        z = F.pad(z, (2, 2, 0, 1))  # one pad (a fill and a copy) for the bin and the frames
         if self.hybrid_old:
             x = ispectro(z, hop, length=hop * int(math.ceil(length / hop)))
             return x[..., :length]

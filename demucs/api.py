@@ -308,8 +308,9 @@ class Separator:
         """Read `file` (any format ffmpeg knows) and separate it."""
         return self.separate_tensor(self._load_audio(Path(file)), self.samplerate)
 
-    def separate_audio_file_in_blocks(self, file: Path, block_seconds: float = 30.
-                                      ) -> tp.Iterator[tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]]:
+    def separate_audio_file_in_blocks(
+            self, file: Path, block_seconds: float = 30.
+    ) -> tp.Iterator[tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]]:
         """Like `separate_audio_file`, but yield consecutive `(origin, {source: stem})` blocks.
 
         Memory stays bounded whatever the duration: the decoded track lives in a temporary

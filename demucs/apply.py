@@ -76,7 +76,8 @@ class BagOfModels(nn.Module):
 
     def _check_weights(self, weights: tp.List[tp.List[float]]) -> None:
         if len(weights) != len(self.models):
-            raise ValueError(f"the bag has {len(self.models)} models but {len(weights)} weight lists")
+            raise ValueError(f"the bag has {len(self.models)} models but {len(weights)} "
+                             "weight lists")
         for index, model_weights in enumerate(weights):
             if len(model_weights) != len(self.sources):
                 raise ValueError(f"weights of model {index} have {len(model_weights)} entries, "

@@ -101,7 +101,8 @@ class StemWriter:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("demucs", description="Separate the sources for the given tracks")
+    parser = argparse.ArgumentParser("demucs",
+                                     description="Separate the sources for the given tracks")
     parser.add_argument("tracks", nargs="*", type=Path, default=[], help="Path to tracks")
     add_model_flags(parser)
     parser.add_argument("--list-models", action="store_true",
@@ -144,7 +145,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="Strategy for avoiding clipping: rescaling entire signal if "
                              "necessary  (rescale) or hard clipping (clamp).")
     format_group = parser.add_mutually_exclusive_group()
-    format_group.add_argument("--flac", action="store_true", help="Convert the output wavs to flac.")
+    format_group.add_argument("--flac", action="store_true",
+                              help="Convert the output wavs to flac.")
     format_group.add_argument("--mp3", action="store_true", help="Convert the output wavs to mp3.")
     parser.add_argument("--mp3-bitrate", default=320, type=int, help="Bitrate of converted mp3.")
     parser.add_argument("--mp3-preset", choices=range(2, 8), type=int, default=2,
@@ -222,7 +224,8 @@ def separate_track(separator: Separator, track: Path, out: Path, args: argparse.
         _remove_stale_partials(path)
     try:
         for origin, sources in _blocks(separator, track, args.split):
-            for name, block in _stems_of_block(origin, sources, args.stem, args.other_method).items():
+            stems = _stems_of_block(origin, sources, args.stem, args.other_method)
+            for name, block in stems.items():
                 writers[name].append(block)
         for name, path in paths.items():
             path.parent.mkdir(parents=True, exist_ok=True)

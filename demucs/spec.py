@@ -1,7 +1,8 @@
 """Short-time Fourier transform helpers shared by the hybrid models (HDemucs, HTDemucs).
 
-Both directions use a Hann window, `normalized=True` and centred frames with reflect padding, so that
-`ispectro(spectro(x), length=x.shape[-1])` gives `x` back. Any number of leading dimensions is kept.
+Both directions use a Hann window, `normalized=True` and centred frames with reflect padding, so
+that `ispectro(spectro(x), length=x.shape[-1])` gives `x` back. Any number of leading dimensions
+is kept.
 """
 import typing as tp
 

@@ -15,7 +15,8 @@ def unfold(a: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
     """View the last dimension of `a` as overlapping frames.
 
     The input `[*, T]` is zero padded on the right so that every sample falls in a frame, and the
-    result is `[*, frames, kernel_size]` with `frames = ceil(T / stride)`. No copy of the frames is made.
+    result is `[*, frames, kernel_size]` with `frames = ceil(T / stride)`. No copy of the frames
+    is made.
     """
     *shape, length = a.shape
     n_frames = math.ceil(length / stride)
@@ -107,7 +108,8 @@ def random_subset(dataset, max_samples: int, seed: int = 42):
 
 
 class DummyPoolExecutor:
-    """Stand-in for `concurrent.futures` executors that runs each task when its result is asked for."""
+    """Stand-in for `concurrent.futures` executors that runs each task when its result is
+    asked for."""
 
     class DummyResult:
         def __init__(self, func, *args, **kwargs):

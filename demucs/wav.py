@@ -405,8 +405,9 @@ class Wavset:
         if self.segment is not None:
             offset = int(meta["samplerate"] * self.shift * index)
             frames = int(math.ceil(meta["samplerate"] * self.segment))
-        wavs = [convert_audio_channels(_read_audio(self.get_file(name, source), offset, frames),
-                                 self.channels) for source in self.sources]
+        wavs = [convert_audio_channels(
+                    _read_audio(self.get_file(name, source), offset, frames), self.channels)
+                for source in self.sources]
         example = torch.stack(wavs)
         if meta["samplerate"] != self.samplerate:
             example = resample(example, meta["samplerate"], self.samplerate)

@@ -1,7 +1,7 @@
 """Multichannel Wiener filtering of source magnitude estimates (used by non-cac HDemucs / HTDemucs).
 
-Same interface and maths as Open-Unmix's `filtering.wiener` (which Demucs used), without depending on
-it: the source estimates get the mixture phase, then a few expectation-maximisation iterations
+Same interface and maths as Open-Unmix's `filtering.wiener` (which Demucs used), without depending
+on it: the source estimates get the mixture phase, then a few expectation-maximisation iterations
 re-estimate each source's power spectral density `v_j(t, f)` and spatial covariance `R_j(f)` and
 re-filter the mixture with the multichannel Wiener gains `v_j R_j Cxx⁻¹`, where
 `Cxx = Σ_j v_j R_j + √eps·I`.

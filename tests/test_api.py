@@ -131,7 +131,8 @@ def test_module_demo_writes_stems(repo: Path, track: Path, tmp_path: Path):
            "--flac", str(track)])
     written = sorted(p.name for p in (tmp_path / "tiny" / "song").iterdir())
     assert written == sorted(f"{name}.flac" for name in SOURCES)
-    assert soundfile.info(str(tmp_path / "tiny" / "song" / "bass.flac")).frames == int(1.3 * SAMPLERATE)
+    bass = tmp_path / "tiny" / "song" / "bass.flac"
+    assert soundfile.info(str(bass)).frames == int(1.3 * SAMPLERATE)
 
 
 def test_truncated_file_is_refused_in_both_modes(repo: Path, track: Path, tmp_path: Path):

@@ -165,7 +165,8 @@ def _streamed(model, mix, **kwargs) -> torch.Tensor:
 
 
 @settings(max_examples=15, deadline=None)
-@given(length=st.integers(30, 700), shifts=st.integers(0, 2), overlap=st.sampled_from([0.1, 0.25, 0.5]),
+@given(length=st.integers(30, 700), shifts=st.integers(0, 2),
+       overlap=st.sampled_from([0.1, 0.25, 0.5]),
        block=st.sampled_from([0.3, 1., 100.]), workers=st.sampled_from([0, 2]),
        seed=st.integers(0, 100))
 def test_streaming_matches_in_memory(length, shifts, overlap, block, workers, seed):

@@ -88,6 +88,7 @@ def test_v2_layout_has_82_entries():
 
 def test_legacy_v2_keys_are_remapped():
     model = tiny_demucs(dconv_mode=0)
+
     def legacy_name(key: str) -> str:
         return key.replace(".3.", ".2.") if key.startswith(("encoder.0.", "decoder.0.")) else key
 

@@ -1,4 +1,5 @@
-"""tools.export: release packages from a solver's best state (fp16 or quantized, segment, metrics)."""
+"""tools.export: release packages from a solver's best state (fp16 or quantized, segment,
+metrics)."""
 from fractions import Fraction
 import os
 from pathlib import Path

@@ -25,7 +25,8 @@ def test_release_files_are_parsed_with_their_roots():
 
 def test_parse_skips_comments_and_refuses_duplicates(tmp_path: Path):
     listing = tmp_path / "files.txt"
-    listing.write_text("# comment\n\nroot: a/\n11111111-aaaaaaaa.th\nroot: b/\n22222222-bbbbbbbb.th\n")
+    listing.write_text("# comment\n\nroot: a/\n11111111-aaaaaaaa.th\n"
+                       "root: b/\n22222222-bbbbbbbb.th\n")
     assert _parse_remote_files(listing) == {"11111111": ROOT_URL + "a/11111111-aaaaaaaa.th",
                                             "22222222": ROOT_URL + "b/22222222-bbbbbbbb.th"}
     listing.write_text("11111111-aaaaaaaa.th\n11111111-cccccccc.th\n")

@@ -56,7 +56,8 @@ def test_local_repo_detects_corruption_and_duplicates(repo: Path):
     with pytest.raises(ModelLoadingError, match="invalid checksum"):
         LocalRepo(repo).get_model("bbbb1111")
     torch.save(_tiny_package(2), repo / "bbbb1111.th")
-    with pytest.raises(ModelLoadingError, match="duplicate pre-trained models for signature bbbb1111"):
+    with pytest.raises(ModelLoadingError,
+                       match="duplicate pre-trained models for signature bbbb1111"):
         LocalRepo(repo)
 
 

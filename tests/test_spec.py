@@ -42,7 +42,8 @@ def test_pad_zero_pads_each_frame():
 
 
 def test_normalized_transform_preserves_energy_scale():
-    # normalized=True divides by sqrt(n_fft): a unit sine has its peak near sqrt(n_fft) / 4 * window.
+    # normalized=True divides by sqrt(n_fft): a unit sine has its peak near
+    # sqrt(n_fft) / 4 * window.
     n_fft = 256
     t = torch.arange(4096, dtype=torch.float32)
     x = torch.cos(2 * math.pi * 16 * t / n_fft)

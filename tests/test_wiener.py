@@ -1,4 +1,5 @@
-"""Multichannel Wiener filter: shapes, mixture phase, residual, mixture consistency, reference EM."""
+"""Multichannel Wiener filter: shapes, mixture phase, residual, mixture consistency, reference
+EM."""
 import numpy as np
 import pytest
 import torch

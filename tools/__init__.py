@@ -1,1 +1,2 @@
-"""Command line tools: `python3 -m tools.<name>` (export, test_pretrained, automix, toy_musdb, bench)."""
+"""Command line tools: `python3 -m tools.<name>` (export, test_pretrained, automix, toy_musdb,
+bench)."""

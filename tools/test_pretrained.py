@@ -1,6 +1,7 @@
 """Evaluate a pre-trained model or bag on the test set configured in `conf/`.
 
-    python -m tools.test_pretrained -n NAME [--repo DIR] [hydra overrides, e.g. dset=toy test.sdr=true]
+    python -m tools.test_pretrained -n NAME [--repo DIR] [hydra overrides,
+                                    e.g. dset=toy test.sdr=true]
 
 Reports the nSDR (always) and the museval SDR (when `test.sdr` is true), per source and averaged.
 """

@@ -284,11 +284,10 @@ def conv1x1_group_norm(conv: nn.Conv1d, norm: nn.GroupNorm, h: torch.Tensor) -> 
     mean_square = ((gram * (weight.t() @ weight)).sum((1, 2)) + 2 * mean_h @ (weight.t() @ bias)
                    + bias @ bias) / wide
     scale = torch.rsqrt(mean_square - mean ** 2 + norm.eps)[:, None]  # [N, 1]
+    shift = (bias - mean[:, None]) * scale  # [N, M]
     if norm.affine:
-        scale = scale * norm.weight.double()  # [N, M]
-    shift = (bias - mean[:, None]) * scale
-    if norm.affine:
-        shift = shift + norm.bias.double()
+        shift = shift * norm.weight.double() + norm.bias.double()
+        scale = scale * norm.weight.double()
     scale = scale.expand(items, wide)
     item_weights = (scale[:, :, None] * weight).to(h.dtype).reshape(items * wide, hidden, 1)
     out = F.conv1d(h.reshape(1, items * hidden, frames), item_weights,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .demucs import DConv, rescale_module
+from .demucs import DConv, conv_transpose_polyphase, polyphase_applies, rescale_module
 from .spec import ispectro, spectro
 from .states import capture_init
 from .wiener import wiener
@@ -226,6 +226,13 @@ class HDecLayer(nn.Module):
         if dconv:
             self.dconv = DConv(chin, **(dconv_kw or {}))
 
+    def _transposed_conv(self, y: torch.Tensor) -> torch.Tensor:
+        """`self.conv_tr(y)`, through `conv_transpose_polyphase` for inference on CPU."""
+        if (not torch.is_grad_enabled() and y.device.type == "cpu"
+                and polyphase_applies(self.conv_tr)):
+            return conv_transpose_polyphase(self.conv_tr, y)
+        return self.conv_tr(y)
+
     @staticmethod
     def _make_rewrite(chin: int, context: int, freq: bool, context_freq: bool) -> nn.Module:
         kernel = 1 + 2 * context
@@ -255,7 +262,7 @@ class HDecLayer(nn.Module):
                 y = F.glu(self.norm1(self.rewrite(y)), dim=1)
             if self.dconv is not None:
                 y = _dconv_over_freqs(self.dconv, y, self.freq)
-        z = self.norm2(self.conv_tr(y))
+        z = self.norm2(self._transposed_conv(y))
         if self.freq:
             if self.pad:
                 z = z[..., self.pad:-self.pad, :]

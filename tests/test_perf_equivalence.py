@@ -2,7 +2,7 @@
 
 Each test runs an optimized path (direct `scaled_dot_product_attention`, the shift trick on a
 window instead of a padded copy, the in-place overlap-add, the DConv's 1x1 conv and GroupNorm
-fused in inference) against a straightforward reference
+fused in inference, transposed convolutions as phase convolutions) against a straightforward reference
 written here, and requires a relative L2 error within 1e-4 (issue 7: optimizations must not
 change the default numerics).
 """
@@ -14,9 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from demucs import demucs as demucs_module, transformer
+from demucs import demucs as demucs_module, hdemucs as hdemucs_module, transformer
 from demucs.apply import TensorChunk, apply_model, segment_weight
-from demucs.demucs import DConv, conv1x1_group_norm, dilated_conv_as_gemm
+from demucs.demucs import (DConv, conv1x1_group_norm, conv_transpose_polyphase,
+                           dilated_conv_as_gemm, polyphase_applies)
+from demucs.hdemucs import HDecLayer
 from demucs.htdemucs import HTDemucs
 from demucs.transformer import (CrossTransformerEncoderLayer, MultiheadAttention,
                                 MyTransformerEncoderLayer, attend, get_mask,
@@ -264,3 +266,51 @@ def test_dilated_conv_as_gemm_matches_conv1d(channels, out_channels, kernel, dil
 def test_dilated_conv_as_gemm_refuses_other_convolutions(conv):
     with pytest.raises(ValueError, match="stride-1, ungrouped convolution"):
         dilated_conv_as_gemm(conv, torch.randn(1, 4, 9))
+
+
+@settings(max_examples=25, deadline=None)
+@given(two_d=st.booleans(), chin=st.integers(1, 12), chout=st.integers(1, 6),
+       stride=st.integers(1, 4), taps=st.integers(1, 3), length=st.integers(1, 30),
+       batch=st.integers(1, 2), bias=st.booleans(), seed=st.integers(0, 1000))
+def test_conv_transpose_polyphase_matches_the_module(two_d, chin, chout, stride, taps, length,
+                                                     batch, bias, seed):
+    torch.manual_seed(seed)
+    if two_d:
+        conv = nn.ConvTranspose2d(chin, chout, [taps * stride, 1], [stride, 1], bias=bias)
+        x = torch.randn(batch, chin, length, 5)
+    else:
+        conv = nn.ConvTranspose1d(chin, chout, taps * stride, stride, bias=bias)
+        x = torch.randn(batch, chin, length)
+    with torch.no_grad():
+        ref = conv(x)
+        out = conv_transpose_polyphase(conv, x)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("conv", [nn.ConvTranspose1d(4, 2, 6, stride=4),
+                                  nn.ConvTranspose1d(4, 2, 8, stride=4, padding=2),
+                                  nn.ConvTranspose1d(4, 2, 8, stride=4, groups=2),
+                                  nn.ConvTranspose1d(4, 2, 8, stride=4, dilation=2),
+                                  nn.ConvTranspose2d(4, 2, [8, 3], [4, 1]),
+                                  nn.ConvTranspose2d(4, 2, [8, 1], [4, 2]),
+                                  nn.Conv1d(4, 2, 8, stride=4)])
+def test_conv_transpose_polyphase_refuses_other_convolutions(conv):
+    assert not polyphase_applies(conv)
+    with pytest.raises(ValueError, match="kernel is a multiple of its stride"):
+        conv_transpose_polyphase(conv, torch.randn(1, 4, 9, 1)[..., 0])
+
+
+@pytest.mark.parametrize("freq", [True, False])
+def test_decoder_uses_polyphase_only_in_inference_on_cpu(monkeypatch, freq):
+    calls = []
+    monkeypatch.setattr(hdemucs_module, "conv_transpose_polyphase",
+                        lambda conv, x: calls.append(1) or conv(x))
+    layer = HDecLayer(8, 4, freq=freq, dconv=False)
+    x = torch.randn(1, 8, 6, 7) if freq else torch.randn(1, 8, 7)
+    skip = torch.randn_like(x)
+    layer(x, skip, 20)
+    assert not calls
+    with torch.no_grad():
+        layer(x, skip, 20)
+    assert calls == [1]

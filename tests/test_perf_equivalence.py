@@ -2,9 +2,9 @@
 
 Each test runs an optimized path (direct `scaled_dot_product_attention`, the shift trick on a
 window instead of a padded copy, the in-place overlap-add, the DConv's 1x1 conv and GroupNorm
-fused in inference, transposed convolutions as phase convolutions) against a straightforward
-reference written here, and requires a relative L2 error within 1e-4 (issue 7: optimizations must not
-change the default numerics).
+fused in inference, transposed convolutions as phase convolutions) against a plain
+reference written here, and requires a relative L2 error within 1e-4 (issue 7: optimizations must
+not change the default numerics).
 """
 import random
 

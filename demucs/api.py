@@ -16,13 +16,14 @@ import typing as tp
 
 import numpy as np
 import torch
+from torch import nn
 
 from .apply import BagOfModels, _is_htdemucs, _replace_dict, apply_model, apply_model_streaming
 from .audio import AudioFile, AudioReadError, convert_audio, convert_audio_channels, save_audio
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
 from .states import ModelPackageError
-from .utils import DummyPoolExecutor
+from .utils import check_amp, DummyPoolExecutor
 
 __all__ = ["Separator", "list_models", "save_audio", "LoadAudioError", "LoadModelError"]
 
@@ -216,27 +217,35 @@ class Separator:
         jobs: threads processing segments in parallel.
         progress: show a progress bar.
         callback, callback_arg: see `demucs.apply.apply_model`.
+        amp: mixed precision, "bf16" or "fp16" (opt-in, see `demucs.apply.apply_model`); None
+            keeps float32.
+        compile_model: compile the model(s) with `torch.compile` (opt-in): the first segments
+            are slow while it compiles, the next ones faster; the numbers are float32's up to
+            rounding.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[Path] = None,
                  device: str = _default_device(), shifts: int = 1, overlap: float = 0.25,
                  split: bool = True, segment: tp.Optional[float] = None, jobs: int = 0,
                  progress: bool = False, callback: tp.Optional[tp.Callable[[dict], None]] = None,
-                 callback_arg: tp.Optional[dict] = None):
+                 callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
+                 compile_model: bool = False):
         self._name = model
         self._repo = repo
         self._load_model()
+        if compile_model:
+            compile_leaves(self._model)
         self._pool: tp.Any = DummyPoolExecutor()
         self._jobs = 0
         self.update_parameter(device=device, shifts=shifts, overlap=overlap, split=split,
                               segment=segment, jobs=jobs, progress=progress, callback=callback,
-                              callback_arg=callback_arg)
+                              callback_arg=callback_arg, amp=amp)
 
     def update_parameter(self, device: tp.Any = NotProvided, shifts: tp.Any = NotProvided,
                          overlap: tp.Any = NotProvided, split: tp.Any = NotProvided,
                          segment: tp.Any = NotProvided, jobs: tp.Any = NotProvided,
                          progress: tp.Any = NotProvided, callback: tp.Any = NotProvided,
-                         callback_arg: tp.Any = NotProvided) -> None:
+                         callback_arg: tp.Any = NotProvided, amp: tp.Any = NotProvided) -> None:
         """Change some separation parameters; those not given keep their value."""
         given = {key: value for key, value in locals().items()
                  if key != "self" and value is not NotProvided}
@@ -253,6 +262,8 @@ class Separator:
         for key in ["shifts", "jobs"]:
             if key in given and given[key] < 0:
                 raise ValueError(f"{key} must be 0 or more, got {given[key]}")
+        if "amp" in given:
+            check_amp(given["amp"])
         for key, value in given.items():
             setattr(self, f"_{key}", value)
         if "jobs" in given:
@@ -275,7 +286,7 @@ class Separator:
 
     def _apply_kwargs(self) -> dict:
         return dict(segment=self._segment, shifts=self._shifts, overlap=self._overlap,
-                    device=self._device, progress=self._progress)
+                    device=self._device, progress=self._progress, amp=self._amp)
 
     def separate_tensor(self, wav: torch.Tensor, sr: tp.Optional[int] = None
                         ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
@@ -339,6 +350,16 @@ class Separator:
     @property
     def model(self):
         return self._model
+
+
+def compile_leaves(model: nn.Module) -> None:
+    """Compile every model of `model` (a model or a bag, nested or not) in place with
+    `torch.compile`: the objects keep their class and attributes."""
+    if isinstance(model, BagOfModels):
+        for member in model.models:
+            compile_leaves(member)
+    else:
+        model.compile()
 
 
 def list_models(repo: tp.Optional[Path] = None) -> tp.Dict[str, tp.Dict[str, tp.Union[str, Path]]]:

@@ -65,9 +65,10 @@ def _test_set(args) -> musdb.DB:
     return musdb.DB(args.test.nonhq, subsets=["test"], is_wav=False)
 
 
-def _separate_track(solver, track) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """Separate one MusDB track with the solver's model; returns (references, estimates), both
-    `[S, C, T]`."""
+def _separate_track(solver, track, amp: tp.Optional[str] = None
+                    ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """Separate one MusDB track with the solver's model (in the precision `amp` selects, see
+    `apply_model`); returns (references, estimates), both `[S, C, T]`."""
     args = solver.args
     model = solver.model
     src_rate = args.dset.musdb_samplerate
@@ -80,7 +81,7 @@ def _separate_track(solver, track) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     mix = (mix - mean) / (std + 1e-8)
     mix = convert_audio(mix, src_rate, model.samplerate, model.audio_channels)
     estimates = apply_model(model, mix[None], shifts=args.test.shifts, split=args.test.split,
-                            overlap=args.test.overlap)[0]
+                            overlap=args.test.overlap, amp=amp)[0]
     estimates = (estimates * std + mean).cpu()
     references = torch.stack(
         [torch.from_numpy(track.targets[name].audio).t().float() for name in model.sources])
@@ -137,9 +138,11 @@ def _scoring_pool(workers: int):
     return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def evaluate(solver, compute_sdr: bool = False) -> tp.Dict[str, float]:
+def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
+             ) -> tp.Dict[str, float]:
     """Separate the MusDB test set with `solver.model` and return the aggregated scores
-    (`nsdr*` always, `sdr*`, `isr*`, `sir*`, `sar*` when `compute_sdr`)."""
+    (`nsdr*` always, `sdr*`, `isr*`, `sir*`, `sar*` when `compute_sdr`). `amp` runs the model
+    in mixed precision (see `apply_model`); training tests keep float32."""
     args = solver.args
     model = solver.model
     test_set = _test_set(args)
@@ -153,7 +156,7 @@ def evaluate(solver, compute_sdr: bool = False) -> tp.Dict[str, float]:
         for index in tqdm(indexes, desc="Eval (separation)", disable=distrib.rank != 0,
                           leave=False):
             track = test_set.tracks[index]
-            references, estimates = _separate_track(solver, track)
+            references, estimates = _separate_track(solver, track, amp)
             if args.test.save:
                 _save_estimates(solver, track.name, estimates)
             pendings.append((track.name, pool.submit(eval_track, references, estimates, win=win,

@@ -33,7 +33,7 @@ from .apply import apply_model
 from .ema import ModelEMA
 from .evaluate import evaluate, new_sdr
 from .svd import svd_penalty
-from .utils import EMA, pull_metric
+from .utils import autocast, check_amp, EMA, pull_metric
 
 try:
     import fcntl
@@ -305,6 +305,17 @@ VALID_FORMATS = {"loss": ".4f", "reco": ".4f", "ms": ".2f", "penalty": ".4f", "b
 TEST_FORMATS = {"sdr": ".3f", "sdr_med": ".3f", "nsdr": ".3f"}
 
 
+def _training_amp(args: DictConfig) -> tp.Optional[str]:
+    """The `optim.amp` setting, refused unless None or bf16: float16 training needs loss scaling,
+    which this solver does not do."""
+    amp = args.optim.get("amp")
+    check_amp(amp)
+    if amp == "fp16":
+        raise ValueError("optim.amp=fp16 is not supported for training (it needs loss scaling); "
+                         "use optim.amp=bf16, or leave optim.amp empty for float32")
+    return amp
+
+
 class Solver:
     """Trains `model` with `optimizer` on `loaders['train']`, validates on `loaders['valid']`.
 
@@ -319,6 +330,9 @@ class Solver:
         self.model = model
         self.optimizer = optimizer
         self.quantizer = states.get_quantizer(self.model, args.quant, self.optimizer)
+        self.amp = _training_amp(args)
+        if args.misc.get("compile"):
+            model.compile()
         self.dmodel = distrib.wrap(model)
         self.device = next(iter(self.model.parameters())).device
         self.emas: tp.Dict[str, tp.List[ModelEMA]] = {"batch": [], "epoch": []}
@@ -565,7 +579,9 @@ class Solver:
             if not train and args.valid_apply:
                 estimate = apply_model(self.model, mix, split=args.test.split, overlap=0)
             else:
-                estimate = self.dmodel(mix)
+                with autocast(self.device, self.amp if train else None):
+                    estimate = self.dmodel(mix)
+                estimate = estimate.float()
             if train and hasattr(self.model, "transform_target"):
                 sources = self.model.transform_target(mix, sources)
             if estimate.shape != sources.shape:

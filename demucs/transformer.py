@@ -359,7 +359,9 @@ def _packed_attention(attn: nn.MultiheadAttention, query: torch.Tensor,
         k, v = F.linear(key, attn.in_proj_weight[dim:], attn.in_proj_bias[dim:]).chunk(2, dim=-1)
     q, k, v = (t.unflatten(-1, (heads, dim // heads)).transpose(1, 2) for t in (q, k, v))
     dropout = attn.dropout if attn.training else 0.
-    if dropout > 0 and q.device.type == "cpu" and torch.is_grad_enabled():
+    # torch.compile cannot trace dropout_attention's in-place draws: it gets torch's kernel
+    if (dropout > 0 and q.device.type == "cpu" and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
         out = dropout_attention(q, k, v, dropout)
     else:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)

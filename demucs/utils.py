@@ -1,5 +1,6 @@
 """Small helpers shared by the models, the solver and the separation code."""
 from collections import defaultdict
+import contextlib
 from contextlib import contextmanager
 import math
 import os
@@ -137,3 +138,24 @@ class DummyPoolExecutor:
 
     def __exit__(self, exc_type, exc_value, exc_tb):
         return
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp: tp.Optional[str]) -> None:
+    """Refuse an `amp` setting other than None (float32), "bf16" or "fp16"."""
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be bf16, fp16 or None (float32), got {amp!r}")
+
+
+def autocast(device: tp.Union[str, torch.device], amp: tp.Optional[str]) -> tp.ContextManager:
+    """Context that runs a model in mixed precision on `device`: `amp` "bf16" or "fp16" selects
+    `torch.autocast` with that dtype, None keeps float32 (a no-op context).
+
+    Autocast state belongs to the thread that enters it, so enter it where the model runs.
+    """
+    check_amp(amp)
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])

@@ -7,7 +7,9 @@ import pytest
 import soundfile
 import torch
 
+from demucs import apply as apply_module
 from demucs.api import LoadAudioError, LoadModelError, Separator, list_models
+from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
 from demucs.pretrained import SOURCES, demucs_unittest
 from demucs.states import serialize_model
@@ -144,3 +146,47 @@ def test_truncated_file_is_refused_in_both_modes(repo: Path, track: Path, tmp_pa
         separator.separate_audio_file(truncated)
     with pytest.raises(LoadAudioError, match="cut.wav is truncated"):
         list(separator.separate_audio_file_in_blocks(truncated))
+
+
+def test_amp_is_passed_to_every_segment_and_checked(repo: Path, monkeypatch):
+    seen = []
+    real_run_model = apply_module.run_model
+
+    def spy(model, mix, amp=None):
+        seen.append(amp)
+        return real_run_model(model, mix, amp)
+
+    monkeypatch.setattr(apply_module, "run_model", spy)
+    separator = Separator("duo", repo=repo, device="cpu", shifts=0, amp="bf16")
+    wav = torch.randn(2, 30000, generator=torch.Generator().manual_seed(0))
+    _, stems = separator.separate_tensor(wav)
+    assert seen and set(seen) == {"bf16"}
+    assert stems["bass"].dtype == torch.float32
+    with pytest.raises(ValueError, match="amp must be bf16, fp16 or None"):
+        separator.update_parameter(amp="half")
+    with pytest.raises(ValueError, match="amp must be bf16, fp16 or None"):
+        Separator("tiny", repo=repo, device="cpu", amp="float16")
+
+
+def test_compile_model_compiles_every_model_of_a_bag_in_place(repo: Path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    separator = Separator("duo", repo=repo, device="cpu", compile_model=True)
+    assert isinstance(separator.model, BagOfModels)
+    assert compiled == list(separator.model.models)
+    assert not compiled[0] is separator.model
+
+
+def test_compiled_transformer_model_gives_the_eager_output():
+    """torch.compile captures HTDemucs (the dynamo graph, run by the eager backend: generating
+    the kernels takes minutes on CPU) and changes no number."""
+    torch.manual_seed(0)
+    model = HTDemucs(SOURCES, channels=8, depth=2, t_layers=1, t_heads=1, segment=1,
+                     dconv_mode=3).eval()
+    mix = torch.randn(1, 2, SAMPLERATE)
+    with torch.no_grad():
+        reference = model(mix)
+        torch._dynamo.reset()
+        model.compile(backend="eager", fullgraph=True)
+        out = model(mix)
+    assert torch.allclose(out, reference, atol=1e-6)

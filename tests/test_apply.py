@@ -208,3 +208,49 @@ def test_streaming_matches_official_apply_model(golden_dir, case):
     streamed = _streamed(model, io["apply_mix"], block_seconds=0.5, **kwargs)
     reference = io["apply_out"]
     assert (streamed - reference).norm() / reference.norm() < 1e-4
+
+
+class DtypeRecorder(ConvSeparator):
+    """A ConvSeparator that records the dtype its convolution computes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def forward(self, mix):
+        out = self.conv(mix)
+        self.dtypes.append(out.dtype)
+        return out.view(mix.shape[0], len(self.sources), 2, -1)
+
+
+@pytest.mark.parametrize("amp, dtype", [(None, torch.float32), ("bf16", torch.bfloat16),
+                                        ("fp16", torch.float16)])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_amp_runs_every_segment_in_mixed_precision(amp, dtype, workers):
+    model = DtypeRecorder()
+    mix = _mix(350)
+    reference = apply_model(model, mix, shifts=0, split=True)
+    model.dtypes.clear()
+    out = apply_model(model, mix, shifts=0, split=True, amp=amp, num_workers=workers)
+    assert len(model.dtypes) == 5  # autocast is entered in each worker thread too
+    assert set(model.dtypes) == {dtype}
+    assert out.dtype == torch.float32
+    error = float((out - reference).norm() / reference.norm())
+    assert error < 1e-6 if amp is None else 1e-4 < error < 2e-2
+
+
+def test_amp_streaming_matches_in_memory():
+    model = DtypeRecorder()
+    mix = _mix(400)
+    random.seed(3)
+    reference = apply_model(model, mix, shifts=1, amp="bf16")
+    random.seed(3)
+    blocks = list(apply_model_streaming(model, mix, shifts=1, amp="bf16", block_seconds=1.))
+    assert set(model.dtypes) == {torch.bfloat16}
+    assert torch.allclose(torch.cat([out for _, out in blocks], -1), reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("run", [apply_model, lambda *a, **k: list(apply_model_streaming(*a, **k))])
+def test_unknown_amp_is_refused(run):
+    with pytest.raises(ValueError, match="amp must be bf16, fp16 or None .* got 'fp8'"):
+        run(ConvSeparator(), _mix(200), amp="fp8")

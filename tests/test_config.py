@@ -95,6 +95,8 @@ EXPECTED_DEFAULTS: tp.Dict[str, tp.Any] = {
 # signatures of upstream XPs (which never override them) are unchanged.
 ADDED_DEFAULTS: tp.Dict[str, tp.Any] = {
     "optim.skip_nonfinite": False,  # skip non-finite batches instead of stopping (docs/reliability)
+    "optim.amp": None,  # opt-in bf16 training forward (docs/performance)
+    "misc.compile": False,  # opt-in torch.compile of the trained model (docs/performance)
 }
 # Keys whose values a signature never depends on (dora.exclude), checked for presence only.
 UNHASHED_SECTIONS = {"slurm": {"time", "constraint", "setup"}, "hydra": {"job_logging"}}

@@ -87,3 +87,8 @@ def test_test_pretrained_tool_scores_a_local_model(toy_musdb: Path, tmp_path: Pa
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(scores) >= {f"nsdr_{name}" for name in SOURCES} | {"nsdr"}
     assert abs(scores["nsdr"] - sum(scores[f"nsdr_{name}"] for name in SOURCES) / 4) < 1e-6
+    main(["-n", "tiny", "--repo", str(tmp_path), "--amp", "bf16", "dset=toy",
+          f"dset.musdb={toy_musdb}", "test.sdr=false", "test.workers=0", "test.shifts=0",
+          f"dora.dir={tmp_path / 'dora'}"])
+    mixed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < abs(mixed["nsdr"] - scores["nsdr"]) < 0.5

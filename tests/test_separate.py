@@ -194,3 +194,23 @@ def test_rescale_uses_the_whole_stem_peak_like_save_audio(repo: Path, tmp_path: 
         written, _ = soundfile.read(str(tmp_path / "tiny" / "loud" / f"{name}.wav"), dtype="int16")
         expected, _ = soundfile.read(str(reference), dtype="int16")
         assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_amp_and_compile_flags_reach_the_separator(repo, track, tmp_path, monkeypatch):
+    made = []
+    real_init = Separator.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Separator, "__init__", spy)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+    _run(repo, tmp_path / "fp32", str(track))
+    _run(repo, tmp_path / "bf16", "--amp", "bf16", "--compile", str(track))
+    assert (made[0]["amp"], made[0]["compile_model"]) == (None, False)
+    assert (made[1]["amp"], made[1]["compile_model"]) == ("bf16", True)
+    reference = _read(tmp_path / "fp32" / "tiny" / "my song" / "vocals.wav")
+    mixed = _read(tmp_path / "bf16" / "tiny" / "my song" / "vocals.wav")
+    error = np.linalg.norm(mixed - reference) / np.linalg.norm(reference)
+    assert 0 < error < 2e-2

@@ -177,3 +177,40 @@ def test_quantization_adds_model_size(make_solver, quant):
     assert metrics["ms"] > 0
     if quant.startswith("quant.diffq"):
         assert any(len(group["params"]) for group in solver.optimizer.param_groups[1:])
+
+
+def _record_conv_dtypes(model: torch.nn.Module) -> tp.List[torch.dtype]:
+    dtypes: tp.List[torch.dtype] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv1d):
+            module.register_forward_hook(lambda mod, inputs, out: dtypes.append(out.dtype))
+    return dtypes
+
+
+def test_amp_bf16_trains_in_bfloat16_and_validates_in_float32(make_solver):
+    solver = make_solver("optim.amp=bf16", "max_batches=1", "valid_apply=false")
+    dtypes = _record_conv_dtypes(solver.model)
+    before = [p.detach().clone() for p in solver.model.parameters()]
+    metrics = solver._run_one_epoch(0, train=True)
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in solver.model.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, solver.model.parameters()))
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    dtypes.clear()
+    solver._run_one_epoch(0, train=False)
+    assert set(dtypes) == {torch.float32}
+
+
+@pytest.mark.parametrize("amp, message", [("fp16", "optim.amp=fp16 is not supported"),
+                                          ("int8", "amp must be bf16, fp16 or None")])
+def test_unsupported_training_amp_is_refused(make_solver, amp, message):
+    with pytest.raises(ValueError, match=message):
+        make_solver(f"optim.amp={amp}")
+
+
+def test_misc_compile_compiles_the_trained_model_in_place(make_solver, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    solver = make_solver("misc.compile=true")
+    assert compiled == [solver.model]
+    assert not make_solver().args.misc.compile

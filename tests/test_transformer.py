@@ -417,3 +417,6 @@ def test_training_layers_use_dropout_attention_only_with_gradients(monkeypatch):
         layer(x)
     layer.eval()(x)
     assert len(calls) == 1  # no gradient or no dropout: torch's fused kernels
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    layer.train()(x).sum().backward()
+    assert len(calls) == 1  # torch.compile cannot trace it: torch's kernel with dropout

@@ -1,9 +1,11 @@
 """Evaluate a pre-trained model or bag on the test set configured in `conf/`.
 
-    python -m tools.test_pretrained -n NAME [--repo DIR] [hydra overrides,
-                                    e.g. dset=toy test.sdr=true]
+    python -m tools.test_pretrained -n NAME [--repo DIR] [--amp bf16|fp16] [--compile]
+                                    [hydra overrides, e.g. dset=toy test.sdr=true]
 
 Reports the nSDR (always) and the museval SDR (when `test.sdr` is true), per source and averaged.
+`--amp` and `--compile` score the speed options of the `demucs` command, to compare with the
+default float32 scores.
 """
 import argparse
 import json
@@ -14,6 +16,7 @@ import typing as tp
 import torch
 
 from demucs import evaluate, pretrained, train
+from demucs.api import compile_leaves
 
 logger = logging.getLogger("tools.test_pretrained")
 
@@ -21,28 +24,37 @@ logger = logging.getLogger("tools.test_pretrained")
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("tools.test_pretrained", description=__doc__.splitlines()[0])
     pretrained.add_model_flags(parser)
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                        help="Separate in mixed precision, like `demucs --amp`.")
+    parser.add_argument("--compile", action="store_true",
+                        help="Compile the model(s) with torch.compile, like `demucs --compile`.")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="Hydra overrides of conf/config.yaml (dataset, test options).")
     return parser
 
 
-def run(name: tp.Optional[str], repo, overrides: tp.List[str]) -> tp.Dict[str, float]:
-    """Scores of model `name` (from `repo`) on the test set of the configuration `overrides`."""
+def run(name: tp.Optional[str], repo, overrides: tp.List[str], amp: tp.Optional[str] = None,
+        compile_model: bool = False) -> tp.Dict[str, float]:
+    """Scores of model `name` (from `repo`) on the test set of the configuration `overrides`,
+    separated in the precision `amp` selects and compiled when `compile_model`."""
     model = pretrained.get_model_from_args(argparse.Namespace(name=name, repo=repo))
+    if compile_model:
+        compile_leaves(model)
     xp = train.main.get_xp(overrides)
     with xp.enter():
         solver = train.get_solver(xp.cfg, model_only=True)
         solver.model = model.to(solver.device)
         solver.model.eval()
         with torch.no_grad():
-            return evaluate.evaluate(solver, compute_sdr=xp.cfg.test.sdr)
+            return evaluate.evaluate(solver, compute_sdr=xp.cfg.test.sdr, amp=amp)
 
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        scores = run(args.name or args.sig, args.repo, args.overrides)
+        scores = run(args.name or args.sig, args.repo, args.overrides, amp=args.amp,
+                     compile_model=args.compile)
     except (pretrained.ModelLoadingError, FileNotFoundError) as error:
         logger.error("%s", error)
         sys.exit(1)

@@ -4,6 +4,11 @@
     python3 -m tools.bench --separate [--seconds 30] [--shifts 1] [--overlap 0.25] [--threads 2]
                            [--package MODEL.th] [--repeat 2] [--device cpu|cuda] [--json OUT]
 
+Both take the opt-in speed options `--amp bf16|fp16` (`torch.autocast` around the forward, as
+`demucs --amp` and `optim.amp`) and `--compile` (`torch.compile`, as `demucs --compile` and
+`misc.compile`); with `--compile`, one untimed separation (or the warm-up steps) pays for the
+compilation, reported as `first_wall_s`.
+
 `--train` measures training steps per second and peak memory for the released `htdemucs`
 configuration (XP 955717e8 of the `mmi` grid): forward, l1 loss, backward and Adam step on
 random stems as long as the real training examples (`dset.segment` after the repitch crop and the
@@ -71,14 +76,19 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2 ** 20
 
 
-def run_train_steps(batch_size: int, steps: int, warmup: int, device_name: str) -> dict:
-    """Time `steps` training steps (after `warmup` untimed ones) of the released htdemucs."""
+def run_train_steps(batch_size: int, steps: int, warmup: int, device_name: str,
+                    amp: tp.Optional[str] = None, compile_model: bool = False) -> dict:
+    """Time `steps` training steps (after `warmup` untimed ones) of the released htdemucs, its
+    forward in the precision `amp` selects, compiled when `compile_model`."""
     from demucs.train import get_model, get_optimizer
+    from demucs.utils import autocast
     device = torch.device(device_name)
     cfg = released_htdemucs_config()
     torch.manual_seed(0)
     model = get_model(cfg).to(device)
     model.train()
+    if compile_model:
+        model.compile()
     optimizer = get_optimizer(model, cfg)
     length = training_length(cfg)
     shape = (batch_size, len(model.sources), model.audio_channels, length)
@@ -90,8 +100,9 @@ def run_train_steps(batch_size: int, steps: int, warmup: int, device_name: str) 
     for step in range(warmup + steps):
         _sync(device)
         begin = time.perf_counter()
-        estimate = model(mix)
-        loss = (estimate - sources).abs().mean()
+        with autocast(device, amp):
+            estimate = model(mix)
+        loss = (estimate.float() - sources).abs().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -99,7 +110,7 @@ def run_train_steps(batch_size: int, steps: int, warmup: int, device_name: str) 
         if step >= warmup:
             durations.append(time.perf_counter() - begin)
     return {
-        "batch_size": batch_size,
+        "batch_size": batch_size, "amp": amp, "compile": compile_model,
         "seconds_of_audio": length / cfg.dset.samplerate,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "steps_per_s": len(durations) / sum(durations),
@@ -127,12 +138,13 @@ def _run_isolated(function: tp.Callable[..., dict], *args) -> dict:
     return queue.get() if not queue.empty() else {"error": f"exit code {process.exitcode}"}
 
 
-def bench_train(batch_sizes: tp.Sequence[int], steps: int, warmup: int,
-                device: str) -> tp.List[dict]:
+def bench_train(batch_sizes: tp.Sequence[int], steps: int, warmup: int, device: str,
+                amp: tp.Optional[str] = None, compile_model: bool = False) -> tp.List[dict]:
     """Run `run_train_steps` for each batch size in its own process."""
     results = []
     for batch_size in batch_sizes:
-        result = _run_isolated(run_train_steps, batch_size, steps, warmup, device)
+        result = _run_isolated(run_train_steps, batch_size, steps, warmup, device, amp,
+                               compile_model)
         if "error" in result:
             raise RuntimeError(f"training benchmark at batch size {batch_size} failed: "
                                f"{result['error']}")
@@ -223,12 +235,16 @@ def _separation_model(package: tp.Optional[str]) -> torch.nn.Module:
 
 
 def run_separation(seconds: float, shifts: int, overlap: float, repeat: int, threads: int,
-                   device_name: str, package: tp.Optional[str]) -> dict:
-    """Time `apply_model` on `seconds` of synthetic audio; one more run gives stage times."""
+                   device_name: str, package: tp.Optional[str], amp: tp.Optional[str] = None,
+                   compile_model: bool = False) -> dict:
+    """Time `apply_model` on `seconds` of synthetic audio (in the precision `amp` selects,
+    compiled when `compile_model`); one more run gives stage times."""
     from demucs.apply import apply_model
     torch.set_num_threads(threads)
     device = torch.device(device_name)
     model = _separation_model(package).to(device).eval()
+    if compile_model:
+        model.compile()
     mix = synthetic_mix(seconds, model.samplerate, model.audio_channels).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -238,10 +254,11 @@ def run_separation(seconds: float, shifts: int, overlap: float, repeat: int, thr
         _sync(device)
         begin = time.perf_counter()
         with torch.no_grad():
-            apply_model(model, mix, shifts=shifts, split=True, overlap=overlap)
+            apply_model(model, mix, shifts=shifts, split=True, overlap=overlap, amp=amp)
         _sync(device)
         return time.perf_counter() - begin
 
+    first = separate() if compile_model else None
     durations = sorted(separate() for _ in range(repeat))
     with StageTimer(model, device) as timer:
         profiled = separate()
@@ -250,8 +267,9 @@ def run_separation(seconds: float, shifts: int, overlap: float, repeat: int, thr
     median = durations[len(durations) // 2]
     return {
         "model": package or f"htdemucs ({RELEASED_HTDEMUCS_SIG}, random weights)",
-        "seconds_of_audio": seconds, "shifts": shifts, "overlap": overlap,
-        "wall_s": median, "all_wall_s": durations, "realtime_factor": seconds / median,
+        "seconds_of_audio": seconds, "shifts": shifts, "overlap": overlap, "amp": amp,
+        "compile": compile_model, "first_wall_s": first, "wall_s": median,
+        "all_wall_s": durations, "realtime_factor": seconds / median,
         "peak_memory_mb": _peak_memory_mb(device), "stages_s": stages,
         "device": device_name if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -259,10 +277,11 @@ def run_separation(seconds: float, shifts: int, overlap: float, repeat: int, thr
 
 
 def bench_separate(seconds: float, shifts: int, overlap: float, repeat: int, threads: int,
-                   device: str, package: tp.Optional[str]) -> dict:
+                   device: str, package: tp.Optional[str], amp: tp.Optional[str] = None,
+                   compile_model: bool = False) -> dict:
     """Run `run_separation` in its own process."""
     result = _run_isolated(run_separation, seconds, shifts, overlap, repeat, threads, device,
-                           package)
+                           package, amp, compile_model)
     if "error" in result:
         raise RuntimeError(f"separation benchmark failed: {result['error']}")
     return result
@@ -274,20 +293,29 @@ def format_separate(result: dict) -> str:
     total = sum(stages.values()) or 1.
     lines = [f"Separation benchmark, {result['model']}, {result['seconds_of_audio']:g} s stereo, "
              f"shifts={result['shifts']} overlap={result['overlap']}, device "
-             f"{result['device']} ({result['threads']} threads), torch {result['torch']}",
+             f"{result['device']} ({result['threads']} threads), torch {result['torch']}, "
+             f"{_speed_options(result)}",
              f"wall {result['wall_s']:.2f} s (median of {len(result['all_wall_s'])}), "
-             f"{result['realtime_factor']:.2f}x real time, peak {result['peak_memory_mb']:.0f} MB",
-             f"{'stage':<22} {'seconds':>8} {'share':>6}"]
+             f"{result['realtime_factor']:.2f}x real time, peak {result['peak_memory_mb']:.0f} MB"]
+    if result["first_wall_s"] is not None:
+        lines.append(f"first run (with compilation) {result['first_wall_s']:.2f} s")
+    lines.append(f"{'stage':<22} {'seconds':>8} {'share':>6}")
     for name, seconds in sorted(stages.items(), key=lambda item: -item[1]):
         lines.append(f"{name:<22} {seconds:>8.2f} {100 * seconds / total:>5.1f}%")
     return "\n".join(lines)
+
+
+def _speed_options(result: dict) -> str:
+    precision = f"amp {result['amp']}" if result["amp"] else "float32"
+    return precision + (", compiled" if result["compile"] else "")
 
 
 def format_train(results: tp.Sequence[dict]) -> str:
     """A small table of the training benchmark."""
     lines = [f"Training benchmark, released htdemucs ({RELEASED_HTDEMUCS_SIG}), "
              f"{results[0]['params_m']:.1f} M params, {results[0]['seconds_of_audio']:.2f} s "
-             f"examples, device {results[0]['device']} ({results[0]['threads']} threads)",
+             f"examples, device {results[0]['device']} ({results[0]['threads']} threads), "
+             f"{_speed_options(results[0])}",
              f"{'batch':>5} {'steps/s':>9} {'s/step':>8} {'peak MB':>9}"]
     for res in results:
         lines.append(f"{res['batch_size']:>5} {res['steps_per_s']:>9.3f} {res['step_s']:>8.2f} "
@@ -315,6 +343,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                        help="run the forward in mixed precision (opt-in speed option)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (opt-in speed option)")
     return parser
 
 
@@ -323,11 +355,12 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     results: tp.Any
     if args.train:
-        results = bench_train(args.batch_sizes, args.steps, args.warmup, args.device)
+        results = bench_train(args.batch_sizes, args.steps, args.warmup, args.device, args.amp,
+                              args.compile)
         print(format_train(results))
     else:
         results = bench_separate(args.seconds, args.shifts, args.overlap, args.repeat,
-                                 args.threads, args.device, args.package)
+                                 args.threads, args.device, args.package, args.amp, args.compile)
         print(format_separate(results))
     if args.json:
         with open(args.json, "w") as file:

@@ -281,6 +281,9 @@ def _make_separator(args: argparse.Namespace) -> Separator:
         separator.update_parameter(segment=args.segment)
     except ValueError as error:
         _fatal(f"error: --segment: {error}")
+    if args.amp == "fp16" and torch.device(args.device).type == "cpu":
+        logger.warning("--amp fp16 is usually slower than float32 on CPU (few CPUs compute in "
+                       "float16); --amp bf16 is faster on CPUs with bfloat16 support.")
     if args.stem is not None and args.stem not in separator.model.sources:
         _fatal(f'error: stem "{args.stem}" is not in selected model. '
                f"STEM must be one of {', '.join(separator.model.sources)}.")

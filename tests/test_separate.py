@@ -214,3 +214,10 @@ def test_amp_and_compile_flags_reach_the_separator(repo, track, tmp_path, monkey
     mixed = _read(tmp_path / "bf16" / "tiny" / "my song" / "vocals.wav")
     error = np.linalg.norm(mixed - reference) / np.linalg.norm(reference)
     assert 0 < error < 2e-2
+
+
+def test_fp16_on_cpu_is_warned_about(repo, track, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _run(repo, tmp_path, "--amp", "fp16", str(track))
+    assert "--amp fp16 is usually slower than float32 on CPU" in caplog.text
+    assert (tmp_path / "tiny" / "my song" / "bass.wav").exists()

@@ -16,6 +16,12 @@ from .transformer import LayerScale
 from .utils import center_trim, unfold
 
 
+def _cpu_float16_autocast(x: torch.Tensor) -> bool:
+    """Whether `x` is on the CPU inside a float16 `torch.autocast` region."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.float16)
+
+
 class BLSTM(nn.Module):
     """Bidirectional LSTM over the time of a `[B, C, T]` tensor, projected back to `C` channels.
 
@@ -42,7 +48,13 @@ class BLSTM(nn.Module):
 
     def _recurrent(self, x: torch.Tensor) -> torch.Tensor:
         """Run the LSTM and projection on `[N, C, T]`, returning `[N, C, T]`."""
-        y = self.lstm(x.permute(2, 0, 1))[0]
+        steps = x.permute(2, 0, 1)
+        if _cpu_float16_autocast(steps):
+            # oneDNN has no float16 LSTM on CPU: the recurrence runs in float32
+            with torch.autocast("cpu", enabled=False):
+                y = self.lstm(steps.float())[0]
+        else:
+            y = self.lstm(steps)[0]
         return self.linear(y).permute(1, 2, 0)
 
     def _windowed(self, x: torch.Tensor) -> torch.Tensor:

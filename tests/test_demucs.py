@@ -162,6 +162,21 @@ def test_blstm_windows_match_the_plain_lstm_on_the_first_window():
     torch.testing.assert_close(lstm(short), lstm._recurrent(short) + short)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blstm_runs_under_cpu_autocast_close_to_float32(dtype: torch.dtype):
+    # oneDNN has no float16 LSTM on CPU: `demucs --amp fp16` on a Demucs v3 used to fail
+    torch.manual_seed(0)
+    lstm = BLSTM(8, layers=2, skip=True)
+    x = torch.randn(2, 8, 50)
+    with torch.no_grad():
+        reference = lstm(x)
+        with torch.autocast("cpu", dtype=dtype):
+            mixed = lstm(x)
+    assert mixed.shape == reference.shape
+    error = (mixed.float() - reference).norm() / reference.norm()
+    assert error < 3e-2
+
+
 def test_rescale_module_moves_weight_std_towards_reference():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ConvTranspose2d(8, 2, 3), nn.Linear(4, 4))

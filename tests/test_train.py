@@ -250,6 +250,14 @@ def test_bench_uses_the_released_htdemucs_training_length():
     assert training_length(cfg) == 343980  # 10 s x 0.88 repitch crop - 1 s shift, at 44.1 kHz
 
 
+def test_bench_separation_model_has_the_released_segment():
+    from fractions import Fraction
+    from tools.bench import _separation_model
+    model = _separation_model(None)
+    assert model.segment == Fraction(39, 5)  # as exported, not the configured 4 x 10 s
+    assert model.valid_length(1000) == 343980
+
+
 def test_wav2_is_appended_with_its_weight(tiny_musdb, tmp_path):
     import shutil
     from demucs.train import get_datasets

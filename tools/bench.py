@@ -26,6 +26,7 @@ Other modes plug in as further `--<mode>` flags with their own `bench_<mode>` fu
 """
 import argparse
 import collections
+from fractions import Fraction
 import json
 import logging
 import math
@@ -226,12 +227,18 @@ class StageTimer:
 
 
 def _separation_model(package: tp.Optional[str]) -> torch.nn.Module:
+    """The model package `package`, or the released htdemucs configuration with random weights
+    and the segment its package has (7.8 s, set by `tools.export`): a model fresh from
+    `get_model` still has the configured 40 s, and would separate in 40 s segments."""
     if package:
         from demucs.states import load_model
         return load_model(package)
     from demucs.train import get_model
     torch.manual_seed(0)
-    return get_model(released_htdemucs_config())
+    cfg = released_htdemucs_config()
+    model = get_model(cfg)
+    model.segment = Fraction(training_length(cfg), cfg.dset.samplerate)
+    return model
 
 
 def run_separation(seconds: float, shifts: int, overlap: float, repeat: int, threads: int,

@@ -1,7 +1,7 @@
 """Peak memory of the `demucs` command on long generated tracks (is it bounded by the duration?).
 
     python -m tools.bench_separate [--minutes 10 60] [-n demucs_unittest] [--repo DIR]
-                                   [--compare OTHER_PYTHON] [--workdir DIR]
+                                   [--compare OTHER_PYTHON] [--workdir DIR] [--threads 1]
 
 Each track (stereo 44.1 kHz 16-bit wav, a few tones plus noise) is written in blocks, then
 separated by `python -m demucs` in a fresh process on CPU; the peak resident memory of that
@@ -43,21 +43,34 @@ def generate_track(path: Path, minutes: float, seed: int = 0) -> None:
             file.write((tones[:, None] + noise).astype(np.float32))
 
 
+_STDERR_TAIL_BYTES = 4000
+
+
 def measure(track: Path, out: Path, model: str, extra: tp.List[str],
-            python: str = sys.executable) -> tp.Dict[str, float]:
-    """Run the separation with `python -m demucs` in a child process; its peak RSS (MiB) and
-    wall time (s)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            python: str = sys.executable, threads: int = 1) -> tp.Dict[str, float]:
+    """Run the separation with `python -m demucs` in a child process with `threads` OpenMP
+    threads; its peak RSS (MiB) and wall time (s). A failing child raises RuntimeError with
+    the end of its stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [python, "-m", "demucs", "-n", model, "-d", "cpu", "-o", str(out),
                *extra, str(track)]
-    begin = time.time()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with status {process.returncode}")
-    return {"peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": time.time() - begin}
+    with tempfile.TemporaryFile() as log:
+        begin = time.time()
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.time() - begin
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed with status {process.returncode}; "
+                               f"the end of its stderr:\n{_tail(log)}")
+    return {"peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": wall}
+
+
+def _tail(file: tp.BinaryIO) -> str:
+    """The last `_STDERR_TAIL_BYTES` of `file`, decoded."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - _STDERR_TAIL_BYTES))
+    return file.read().decode(errors="replace").strip()
 
 
 def check_outputs(track: Path, folder: Path) -> None:
@@ -82,6 +95,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     parser.add_argument("--compare", metavar="PYTHON",
                         help="Also run the demucs of this interpreter and print the ratios.")
     parser.add_argument("--workdir", type=Path, help="Where tracks and outputs go (default: tmp).")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OpenMP threads of each separation (default: 1).")
     parser.add_argument("extra", nargs="*", help="Extra flags for `demucs` (after --).")
     args = parser.parse_args(argv)
     extra = (["--repo", str(args.repo)] if args.repo else []) + args.extra
@@ -95,7 +110,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
             results[key] = {}
             for side, python in sides.items():
                 out = Path(tmp) / "out"
-                results[key][side] = measure(track, out, args.name, extra, python)
+                results[key][side] = measure(track, out, args.name, extra, python,
+                                             args.threads)
                 check_outputs(track, out / args.name / track.stem)
                 print(f"{key} {side}: {json.dumps(results[key][side])}", flush=True)
             if args.compare:

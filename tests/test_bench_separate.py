@@ -43,6 +43,14 @@ def test_measure_passes_the_threads_and_reports_peak_memory(tmp_path: Path):
         measure(tmp_path / "track.wav", tmp_path / "out", "model", [], python, threads=1)
 
 
+def test_the_separation_runs_in_the_track_folder(tmp_path: Path):
+    # from a checkout, `python -m demucs` of another interpreter would import this project
+    tracks = tmp_path / "tracks"
+    tracks.mkdir()
+    python = _fake_python(tmp_path / "python", f'test "$PWD" = "{tracks}" || exit 9\n')
+    measure(tracks / "track.wav", tmp_path / "out", "model", [], python)
+
+
 def test_outputs_of_the_wrong_length_are_reported(tmp_path: Path):
     track = tmp_path / "track.wav"
     soundfile.write(str(track), np.zeros((1000, 2)), SAMPLERATE)

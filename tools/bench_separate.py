@@ -50,13 +50,18 @@ def measure(track: Path, out: Path, model: str, extra: tp.List[str],
             python: str = sys.executable, threads: int = 1) -> tp.Dict[str, float]:
     """Run the separation with `python -m demucs` in a child process with `threads` OpenMP
     threads; its peak RSS (MiB) and wall time (s). A failing child raises RuntimeError with
-    the end of its stderr."""
+    the end of its stderr.
+
+    The child runs in the track's folder: `python -m` puts the working directory first on
+    `sys.path`, so from a checkout of this project another interpreter would import this
+    project's `demucs` instead of its own."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [python, "-m", "demucs", "-n", model, "-d", "cpu", "-o", str(out),
                *extra, str(track)]
     with tempfile.TemporaryFile() as log:
         begin = time.time()
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        process = subprocess.Popen(command, env=env, cwd=track.parent,
+                                   stdout=subprocess.DEVNULL, stderr=log)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.time() - begin
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -99,17 +104,17 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
                         help="OpenMP threads of each separation (default: 1).")
     parser.add_argument("extra", nargs="*", help="Extra flags for `demucs` (after --).")
     args = parser.parse_args(argv)
-    extra = (["--repo", str(args.repo)] if args.repo else []) + args.extra
+    extra = (["--repo", str(args.repo.resolve())] if args.repo else []) + args.extra
     sides = {"ours": sys.executable, **({"theirs": args.compare} if args.compare else {})}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         results: tp.Dict[str, tp.Dict[str, tp.Dict[str, float]]] = {}
         for minutes in args.minutes:
-            track = Path(tmp) / f"track_{minutes:g}min.wav"
+            track = Path(tmp).resolve() / f"track_{minutes:g}min.wav"
             generate_track(track, minutes)
             key = f"{minutes:g}min"
             results[key] = {}
             for side, python in sides.items():
-                out = Path(tmp) / "out"
+                out = track.parent / "out"
                 results[key][side] = measure(track, out, args.name, extra, python,
                                              args.threads)
                 check_outputs(track, out / args.name / track.stem)

@@ -269,7 +269,7 @@ def get_solver(args: DictConfig, model_only: bool = False):
         return Solver(None, model, optimizer, args)
     train_set, valid_set = get_datasets(args, check_test_set=True)
     logger.info("train/valid set size: %d %d", len(train_set), len(valid_set))
-    num_workers = args.misc.num_workers
+    num_workers = distrib.loader_workers(args.misc.num_workers)
     train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
                                   num_workers=num_workers, drop_last=True)
     if args.dset.full_cv:

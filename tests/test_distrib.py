@@ -23,6 +23,17 @@ def test_single_process_is_a_no_op():
     distrib.close()  # no process group: nothing to tear down
 
 
+@pytest.mark.parametrize("cpus, requested, expected", [(2, 10, 2), (2, 2, 2), (2, 0, 0),
+                                                       (16, 10, 10), (1, 4, 1)])
+def test_loader_workers_are_capped_at_the_usable_cpus(monkeypatch, caplog, cpus, requested,
+                                                      expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    with caplog.at_level("INFO", logger="demucs.distrib"):
+        assert distrib.loader_workers(requested) == expected
+    capped = f"Using {cpus} data-loading workers instead of misc.num_workers={requested}"
+    assert (capped in caplog.text) == (expected < requested)
+
+
 def test_backend_is_gloo_without_cuda():
     expected = "nccl" if torch.cuda.is_available() else "gloo"
     assert distrib.backend_name() == expected

@@ -276,3 +276,14 @@ def test_wav2_is_appended_with_its_weight(tiny_musdb, tmp_path):
     assert len(train_set) == repeats * len(musdb_train) + len(extra_train)
     kept = min(len(extra_valid), round(0.2 * len(musdb_valid) / 0.8))
     assert len(valid_set) == len(musdb_valid) + kept
+
+
+def test_loaders_get_at_most_one_worker_per_usable_cpu(tiny_musdb, dora_dir, monkeypatch):
+    from demucs.train import get_solver, main
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    argv = [arg for arg in base_argv(tiny_musdb) if not arg.startswith("misc.num_workers")]
+    xp = main.get_xp(argv + ["misc.num_workers=10"])
+    Path(xp.folder).mkdir(parents=True, exist_ok=True)
+    with xp.enter():
+        solver = get_solver(xp.cfg)
+    assert [loader.num_workers for loader in solver.loaders.values()] == [2, 2]

@@ -281,13 +281,24 @@ def _make_separator(args: argparse.Namespace) -> Separator:
         separator.update_parameter(segment=args.segment)
     except ValueError as error:
         _fatal(f"error: --segment: {error}")
-    if args.amp == "fp16" and torch.device(args.device).type == "cpu":
-        logger.warning("--amp fp16 is usually slower than float32 on CPU (few CPUs compute in "
-                       "float16); --amp bf16 is faster on CPUs with bfloat16 support.")
+    _warn_about_slow_options_on_cpu(args)
     if args.stem is not None and args.stem not in separator.model.sources:
         _fatal(f'error: stem "{args.stem}" is not in selected model. '
                f"STEM must be one of {', '.join(separator.model.sources)}.")
     return separator
+
+
+def _warn_about_slow_options_on_cpu(args: argparse.Namespace) -> None:
+    """Speed options that usually slow a CPU separation down (docs/performance.md)."""
+    if torch.device(args.device).type != "cpu":
+        return
+    if args.amp == "fp16":
+        logger.warning("--amp fp16 is usually slower than float32 on CPU (few CPUs compute in "
+                       "float16); --amp bf16 is faster on CPUs with bfloat16 support.")
+    if args.compile:
+        logger.warning("--compile on CPU compiles for many minutes before the first segment "
+                       "(19 min for htdemucs on 2 cores) and the compiled model was no faster "
+                       "than the default; it is meant for GPUs.")
 
 
 def main(opts: tp.Optional[tp.List[str]] = None) -> None:

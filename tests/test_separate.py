@@ -220,4 +220,14 @@ def test_fp16_on_cpu_is_warned_about(repo, track, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         _run(repo, tmp_path, "--amp", "fp16", str(track))
     assert "--amp fp16 is usually slower than float32 on CPU" in caplog.text
+    assert "--compile on CPU" not in caplog.text
+    assert (tmp_path / "tiny" / "my song" / "bass.wav").exists()
+
+
+def test_compile_on_cpu_is_warned_about(repo, track, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+    with caplog.at_level(logging.WARNING):
+        _run(repo, tmp_path, "--compile", str(track))
+    assert "--compile on CPU compiles for many minutes" in caplog.text
+    assert "--amp fp16" not in caplog.text
     assert (tmp_path / "tiny" / "my song" / "bass.wav").exists()

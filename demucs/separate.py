@@ -293,8 +293,9 @@ def _warn_about_slow_options_on_cpu(args: argparse.Namespace) -> None:
     if torch.device(args.device).type != "cpu":
         return
     if args.amp == "fp16":
-        logger.warning("--amp fp16 is usually slower than float32 on CPU (few CPUs compute in "
-                       "float16); --amp bf16 is faster on CPUs with bfloat16 support.")
+        logger.warning("--amp fp16 is usually slower than float32 on CPU, up to 40 times (few "
+                       "CPUs compute in float16); --amp bf16 is faster on CPUs with bfloat16 "
+                       "support.")
     if args.compile:
         logger.warning("--compile on CPU compiles for many minutes before the first segment "
                        "(19 min for htdemucs on 2 cores) and the compiled model was no faster "

@@ -1,0 +1,89 @@
+"""Writing files so that a reader never sees half of one.
+
+Every file the project writes for a user or for itself (stems, checkpoints, exported models,
+metadata and dataset caches) goes through `atomic_write`: the content is written to a temporary
+file beside the destination, then renamed over it in one step. A failure or an interrupt leaves
+the previous file (or nothing) in place, never a truncated one.
+
+All temporary files follow one naming convention, `.NAME.XXXXXXXX.partial` in the destination's
+folder, so that `remove_stale_partials` can clean up after a process that was killed before it
+could do so itself (SIGKILL, power loss).
+"""
+from contextlib import contextmanager
+import glob
+import logging
+import os
+from pathlib import Path
+import secrets
+import typing as tp
+
+logger = logging.getLogger(__name__)
+
+PathLike = tp.Union[str, os.PathLike]
+PARTIAL_SUFFIX = ".partial"
+
+
+def _current_umask() -> int:
+    """The process umask (reading it requires setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file: 0666 minus the umask."""
+    return 0o666 & ~_current_umask()
+
+
+def partial_path(path: PathLike) -> Path:
+    """A fresh temporary name for `path`, in its folder: `.NAME.XXXXXXXX.partial`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+@contextmanager
+def atomic_write(path: PathLike) -> tp.Iterator[Path]:
+    """Yield a temporary path to write `path`'s content to; it becomes `path` on success.
+
+    The temporary file lives in the destination's folder (so the final rename is atomic), gets
+    the mode a plain `open()` would give, and is removed if the block raises (KeyboardInterrupt
+    included). The folder must exist.
+
+    Example:
+        with atomic_write(out / "model.th") as tmp:
+            torch.save(package, tmp)
+    """
+    path = Path(path)
+    temporary = partial_path(path)
+    try:
+        yield temporary
+        if not temporary.exists():
+            raise FileNotFoundError(f"nothing was written to {temporary} for {path}")
+        os.chmod(temporary, default_file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: PathLike, mode: str = "w", **kwargs: tp.Any) -> tp.Iterator[tp.IO]:
+    """`open(path, mode)` through `atomic_write`: the file appears whole, or not at all."""
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_open writes new files, mode must start with 'w', got {mode!r}")
+    with atomic_write(path) as temporary:
+        with open(temporary, mode, **kwargs) as file:
+            yield file
+
+
+def remove_stale_partials(path: PathLike) -> int:
+    """Delete the temporary files of `path` left by a killed writer; returns how many."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return 0
+    removed = 0
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"):
+        logger.info("Removing %s, left by an interrupted run", stale)
+        stale.unlink(missing_ok=True)
+        removed += 1
+    return removed

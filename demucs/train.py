@@ -123,7 +123,7 @@ def _is_toy_dataset(args: DictConfig) -> bool:
 def _ensure_toy_dataset(args: DictConfig) -> None:
     """Generate the toy MusDB at `dset.musdb` with the `dset.toy` settings when it is missing
     (by worker 0, the others wait)."""
-    from tools.toy_musdb import ensure_toy_musdb
+    from .toy_musdb import ensure_toy_musdb
     settings = OmegaConf.to_container(args.dset.toy, resolve=True)
     if not isinstance(settings, dict):
         raise ValueError(f"dset.toy must hold the toy generation settings, got {settings!r}")

@@ -26,7 +26,7 @@ def toy_musdb(tmp_path_factory) -> Path:
 
     Shared by every test of the session: read it, never modify it.
     """
-    from tools.toy_musdb import generate
+    from demucs.toy_musdb import generate
     return generate(tmp_path_factory.mktemp("toy") / "musdb", **TOY_MUSDB)
 
 

@@ -163,7 +163,7 @@ def test_missing_dataset(tmp_path):
 @pytest.mark.slow
 def test_automix_on_toy_musdb(tmp_path):
     """The documented command on a default-sized toy set (6 usable train tracks)."""
-    toy_musdb = pytest.importorskip("tools.toy_musdb")
+    toy_musdb = pytest.importorskip("demucs.toy_musdb")
     toy = toy_musdb.generate(tmp_path / "toy", tracks=8, seconds=8.0, seed=42)
     out = tmp_path / "automix_toy"
     automix.main(["--musdb", str(toy), "--out", str(out), "--cache", str(tmp_path / "cache"),

@@ -14,7 +14,7 @@ import soundfile
 
 from tools import demo as demo_tool
 from tools.demo import FULL, QUICK, STEPS, Demo, mixture_baseline, score_table, verdict
-from tools.toy_musdb import MIXTURE, SOURCES
+from demucs.toy_musdb import MIXTURE, SOURCES
 
 FLOAT = r"(-?\d+\.\d+)"
 

@@ -52,7 +52,7 @@ def cluster(tmp_path_factory) -> tp.Iterator[LocalSlurm]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """Folder the grid is launched from: `outputs/` and `data/toy_musdb` are relative to it."""
-    from tools.toy_musdb import generate
+    from demucs.toy_musdb import generate
     folder = tmp_path_factory.mktemp("grid")
     generate(folder / "data" / "toy_musdb", **TOY_SET)
     return folder

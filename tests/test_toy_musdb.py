@@ -9,8 +9,8 @@ import pytest
 import soundfile
 
 from tests.conftest import TOY_MUSDB
-from tools import toy_musdb
-from tools.toy_musdb import (MUSDB_VALID_TRACKS, SOURCES, ensure_toy_musdb, generate,
+from demucs import toy_musdb
+from demucs.toy_musdb import (MUSDB_VALID_TRACKS, SOURCES, ensure_toy_musdb, generate,
                              make_track)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -207,10 +207,9 @@ def test_missing_soundstretch_fails_before_loading_data(monkeypatch, tmp_path):
 
 
 def test_toy_dataset_is_generated_when_missing(monkeypatch, tmp_path):
-    import tools.toy_musdb
-    from demucs import train
+    from demucs import toy_musdb, train
     calls = []
-    monkeypatch.setattr(tools.toy_musdb, "ensure_toy_musdb",
+    monkeypatch.setattr(toy_musdb, "ensure_toy_musdb",
                         lambda path, **kwargs: calls.append((path, kwargs)))
     args = _config("dset=toy", f"dset.musdb={tmp_path / 'toy'}", "dset.toy.tracks=3")
     assert train._is_toy_dataset(args)

@@ -55,7 +55,7 @@ def examples_per_second(dataset, pipeline: torch.nn.Module, batch_size: int, wor
 
 def ensure_toy_musdb(path: Path) -> Path:
     if not (path / "train").is_dir():
-        from tools.toy_musdb import generate
+        from demucs.toy_musdb import generate
         logger.info("Generating the toy MusDB at %s", path)
         generate(path)
     return path

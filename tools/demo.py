@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 import soundfile
 import torch
 
-from tools.toy_musdb import MIXTURE, SOURCES, describe, ensure_toy_musdb, is_toy_musdb
+from demucs.toy_musdb import MIXTURE, SOURCES, describe, ensure_toy_musdb, is_toy_musdb
 
 logger = logging.getLogger(__name__)
 

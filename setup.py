@@ -26,7 +26,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["demucs", "demucs.*", "tools"]),
+    packages=find_packages(include=["demucs", "demucs.*"]),
     package_data={"demucs": ["py.typed", "remote/*.txt", "remote/*.yaml"]},
     include_package_data=True,
     install_requires=read_requirements("requirements_minimal.txt"),

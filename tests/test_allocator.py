@@ -14,7 +14,10 @@ GLIBC_LINUX = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # Fills and frees a 64 MB tensor, then counts the minor page faults of filling a 48 MB one, which
 # fits in the freed block (both are above glibc's largest mmap threshold, 32 MB).
 REFAULT_PROBE = """
-import resource, torch, demucs
+import resource, sys, torch
+import demucs.api, demucs.separate, demucs.pretrained
+if sys.argv[1] == "tune":
+    demucs.allocator.tune_malloc()
 first = torch.ones(16 * 2 ** 20)
 del first
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -46,9 +49,9 @@ def test_tuning_applies_on_glibc(clean_env):
     assert allocator.tune_malloc() is True
 
 
-def _refaults(**env) -> int:
+def _refaults(action: str, **env) -> int:
     clean = {k: v for k, v in os.environ.items() if k not in allocator.USER_ALLOCATOR_SETTINGS}
-    res = subprocess.run([sys.executable, "-c", REFAULT_PROBE], env={**clean, **env},
+    res = subprocess.run([sys.executable, "-c", REFAULT_PROBE, action], env={**clean, **env},
                          capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1])
 
@@ -56,7 +59,13 @@ def _refaults(**env) -> int:
 @pytest.mark.skipif(not GLIBC_LINUX, reason="mallopt tuning only exists with glibc")
 def test_freed_large_tensors_are_reused_without_page_faults():
     pages = 48 * 2 ** 20 // 4096
-    untuned = _refaults(DEMUCS_TUNE_MALLOC="0")
-    tuned = _refaults()
+    untuned = _refaults("tune", DEMUCS_TUNE_MALLOC="0")
+    tuned = _refaults("tune")
     assert untuned > pages // 2  # the system allocator maps the 48 MB afresh
     assert tuned < pages // 20  # the tuned heap hands back memory already faulted in
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="mallopt tuning only exists with glibc")
+def test_importing_demucs_leaves_the_allocator_alone():
+    """Programs that only import the package (torch.hub users, services) keep their allocator."""
+    assert _refaults("import only") > 48 * 2 ** 20 // 4096 // 2

@@ -15,7 +15,7 @@ GLIBC_LINUX = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # fits in the freed block (both are above glibc's largest mmap threshold, 32 MB).
 REFAULT_PROBE = """
 import resource, sys, torch
-import demucs.api, demucs.separate, demucs.pretrained
+import demucs.allocator, demucs.api, demucs.separate, demucs.pretrained
 if sys.argv[1] == "tune":
     demucs.allocator.tune_malloc()
 first = torch.ones(16 * 2 ** 20)

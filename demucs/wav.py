@@ -17,7 +17,6 @@ import logging
 import math
 import os
 from pathlib import Path
-import tempfile
 import typing as tp
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch.nn import functional as F
 import yaml
 
 from .audio import convert_audio_channels, resample
+from .files import atomic_open, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +81,9 @@ def _read_audio(path: Path, offset: int = 0, frames: int = -1) -> torch.Tensor:
 
 def _write_audio_atomic(path: Path, wav: torch.Tensor, samplerate: int) -> None:
     """Write a float `[C, T]` tensor as a 32-bit float wav through a temporary file and a rename."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=path.suffix)
-    os.close(handle)
-    try:
-        soundfile.write(tmp, wav.t().numpy(), samplerate, subtype="FLOAT")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as temporary:
+        soundfile.write(str(temporary), wav.t().numpy(), samplerate, subtype="FLOAT",
+                        format="WAV")
 
 
 def _find_tracks(root: Path) -> tp.List[str]:
@@ -281,14 +276,8 @@ def _load_json(path: Path) -> tp.Optional[dict]:
 
 def _write_json_atomic(path: Path, content: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_" + path.name)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(content, file)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path) as file:
+        json.dump(content, file)
 
 
 def _distributed() -> tp.Tuple[int, tp.Callable[[], None]]:

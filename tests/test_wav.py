@@ -1,7 +1,9 @@
 """Tests for demucs.wav: track datasets, metadata cache and bad data reports."""
 import logging
 import math
+import os
 from pathlib import Path
+import stat
 
 from hypothesis import given, settings, strategies as st
 import julius
@@ -351,3 +353,16 @@ def test_only_rank_zero_builds_the_cache(tmp_path, monkeypatch):
     headers, _ = count_reads(monkeypatch)
     train, _ = wav.get_wav_datasets(dset)
     assert len(train) == 2 and headers.calls == 0
+
+
+def test_metadata_cache_and_created_mixtures_get_a_plain_file_mode(tmp_path):
+    """Files the dataset code writes are readable by other users, as a plain open() makes them."""
+    write_track(tmp_path / "train" / "song", mixture=False)
+    previous = os.umask(0o022)
+    try:
+        wav.cached_metadata(tmp_path / "meta.json", {"train": tmp_path / "train"}, SOURCES)
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "meta.json", tmp_path / "train" / "song" / (wav.MIXTURE + wav.EXT)]
+    assert [stat.S_IMODE(path.stat().st_mode) for path in written] == [0o644, 0o644]
+    assert not list(tmp_path.rglob("*.partial"))

@@ -27,6 +27,8 @@ import zipfile
 import torch
 from torch import nn
 
+from .files import atomic_open
+
 logger = logging.getLogger(__name__)
 
 PathLike = tp.Union[str, Path]
@@ -196,7 +198,8 @@ def save_with_checksum(content: tp.Any, path: PathLike) -> Path:
     data = buffer.getvalue()
     signature = hashlib.sha256(data).hexdigest()[:8]
     target = path.parent / f"{path.stem}-{signature}{path.suffix}"
-    target.write_bytes(data)
+    with atomic_open(target, "wb") as file:
+        file.write(data)
     return target
 
 

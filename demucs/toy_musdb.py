@@ -23,7 +23,6 @@ import json
 import logging
 import math
 from pathlib import Path
-import secrets
 import shutil
 import time
 import typing as tp
@@ -31,6 +30,8 @@ import typing as tp
 import numpy as np
 from scipy import signal
 import soundfile
+
+from .files import partial_path
 
 logger = logging.getLogger(__name__)
 
@@ -588,7 +589,7 @@ def generate(out: tp.Union[str, Path], tracks: int = 8, seconds: float = 10.0, s
     plan = track_plan(seed, tracks, valid_tracks, test_tracks)
     _check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.part"
+    staging = partial_path(out)
     begin = time.time()
     try:
         for number, (split, name) in enumerate(plan):

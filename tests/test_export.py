@@ -3,6 +3,7 @@ metrics)."""
 from fractions import Fraction
 import os
 from pathlib import Path
+import stat
 import subprocess
 import sys
 import types
@@ -56,6 +57,17 @@ def test_package_holds_best_state_in_half_with_training_segment(tmp_path: Path):
     assert model.segment == Fraction(39, 5)
     for key, value in solver.best_state.items():
         assert torch.allclose(model.state_dict()[key], value.half().float())
+
+
+@pytest.mark.parametrize("sign", [False, True])
+def test_exported_files_get_a_plain_file_mode(tmp_path: Path, sign: bool):
+    previous = os.umask(0o022)
+    try:
+        path = write_package(build_package(_solver(), "abcd1234"), "abcd1234", tmp_path, sign)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_signed_package_loads_from_a_local_repo(tmp_path: Path):

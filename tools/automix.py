@@ -32,6 +32,7 @@ import soundfile
 import torch
 
 from demucs.audio import convert_audio, save_audio
+from demucs.files import atomic_open
 from demucs.pretrained import SOURCES
 from demucs.repitch import check_soundstretch, repitch
 from demucs.utils import DummyPoolExecutor
@@ -150,9 +151,8 @@ def cached_analysis(track: Path, cache: Path) -> tp.Dict[str, tp.Any]:
     if path.exists():
         return json.loads(path.read_text())
     result = analyse_track(track)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    with atomic_open(path) as file:
+        file.write(json.dumps(result))
     return result
 
 

@@ -8,7 +8,6 @@ The file is `SIG.th`, or `SIG-HASH8.th` with `--sign` (HASH8 checked by `--repo`
 import argparse
 from fractions import Fraction
 import logging
-import os
 from pathlib import Path
 import sys
 import typing as tp
@@ -16,6 +15,7 @@ import typing as tp
 import torch
 
 from demucs import states
+from demucs.files import atomic_write
 
 logger = logging.getLogger("tools.export")
 
@@ -72,9 +72,8 @@ def write_package(package: dict, sig: str, out: Path, sign: bool) -> Path:
     if sign:
         return states.save_with_checksum(package, out / f"{sig}.th")
     path = out / f"{sig}.th"
-    partial = out / f".{sig}.th.partial"
-    torch.save(package, partial)
-    os.replace(partial, path)
+    with atomic_write(path) as temporary:
+        torch.save(package, temporary)
     return path
 
 

@@ -20,6 +20,8 @@ import typing as tp
 from dora.grid import RunGridArgs, run_grid
 from dora.main import DecoratedMain
 
+from demucs.files import atomic_open
+
 logger = logging.getLogger(__name__)
 
 GRIDS = ["mdx", "mdx_extra", "mmi", "mmi_ft"]
@@ -50,8 +52,7 @@ def write_tarball(xps_dir: Path, sigs: tp.Iterable[str], output: Path) -> None:
 
     Entries are sorted and carry no time or owner, so the archive only changes with its content.
     """
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "wb") as raw, \
+    with atomic_open(output, "wb") as raw, \
             gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as compressed, \
             tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar:
         _add_entry(tar, "outputs")
@@ -60,7 +61,6 @@ def write_tarball(xps_dir: Path, sigs: tp.Iterable[str], output: Path) -> None:
             _add_entry(tar, f"outputs/xps/{sig}")
             _add_entry(tar, f"outputs/xps/{sig}/{ARGV_FILE}",
                        (xps_dir / sig / ARGV_FILE).read_bytes())
-    tmp.replace(output)
 
 
 def _add_entry(tar: tarfile.TarFile, name: str, data: tp.Optional[bytes] = None) -> None:

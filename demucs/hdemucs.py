@@ -520,6 +520,54 @@ def _from_layer(index: int, first: tp.Optional[int]) -> bool:
     return first is not None and index >= first
 
 
+@dataclass
+class _LayerWidths:
+    """Channels of the next encoder layer and frequency bins left, updated layer after layer.
+
+    `chin`/`chout` are the time branch's input/output channels, `chin_z`/`chout_z` those of the
+    frequency branch (twice the audio channels at the input with complex-as-channels).
+    """
+    chin: int
+    chin_z: int
+    chout: int
+    chout_z: int
+    freqs: int
+
+    def next_layer(self, growth: float, kernel_size: int, stride: int, freq: bool) -> None:
+        """Moves to the next, deeper layer: its input is this layer's output."""
+        self.chin, self.chin_z = self.chout, self.chout_z
+        self.chout, self.chout_z = int(growth * self.chout), int(growth * self.chout_z)
+        if freq:
+            self.freqs = 1 if self.freqs <= kernel_size else self.freqs // stride
+
+
+@dataclass
+class _LayerSpec:
+    """Options of one layer of the frequency branch and of its time-branch twin."""
+    kw: tp.Dict[str, tp.Any]
+    time_kw: tp.Dict[str, tp.Any]
+    last_freq: bool  # collapses the remaining bins; its time twin is an empty bare conv
+    multi_freqs: tp.Optional[tp.Sequence[float]]  # band split of a MultiWrap, None if not wrapped
+
+
+def _layer_spec(widths: _LayerWidths, *, kernel_size: int, time_stride: int, stride: int,
+                norm: bool, rewrite: bool, norm_groups: int, dconv_kw: dict,
+                multi_freqs: tp.Optional[tp.Sequence[float]]) -> _LayerSpec:
+    """Options of the next layer pair. The layer collapsing the last bins has both branches'
+    output width set to the larger one (`widths` is updated)."""
+    freq = widths.freqs > 1
+    last_freq = freq and widths.freqs <= kernel_size
+    kw = {"kernel_size": kernel_size if freq else 2 * time_stride,
+          "stride": stride if freq else time_stride, "freq": freq, "pad": True, "norm": norm,
+          "rewrite": rewrite, "norm_groups": norm_groups, "dconv_kw": dconv_kw}
+    if last_freq:
+        kw.update(kernel_size=widths.freqs, pad=False)
+        widths.chout_z = max(widths.chout, widths.chout_z)
+        widths.chout = widths.chout_z
+    time_kw = dict(kw, freq=False, kernel_size=kernel_size, stride=stride, pad=True)
+    return _LayerSpec(kw, time_kw, last_freq, multi_freqs or None)
+
+
 class HybridUNetMixin:
     """Layer plan and execution of the two U-Nets of `HDemucs` and `HTDemucs`.
 
@@ -562,62 +610,53 @@ class HybridUNetMixin:
             self.tencoder = nn.ModuleList()
             self.tdecoder = nn.ModuleList()
         dconv_kw = {"depth": dconv_depth, "compress": dconv_comp, "init": dconv_init, "gelu": True}
-
         chin = self.audio_channels
-        chin_z = chin * 2 if self.cac else chin
-        chout = channels_time or channels
-        chout_z = channels
-        freqs = self.nfft // 2
+        widths = _LayerWidths(chin=chin, chin_z=chin * 2 if self.cac else chin,
+                              chout=channels_time or channels, chout_z=channels,
+                              freqs=self.nfft // 2)
         for index in range(depth):
-            freq = freqs > 1
-            last_freq = freq and freqs <= kernel_size
-            kw = {
-                "kernel_size": kernel_size if freq else 2 * time_stride,
-                "stride": stride if freq else time_stride,
-                "freq": freq,
-                "pad": True,
-                "norm": index >= norm_starts,
-                "rewrite": rewrite,
-                "norm_groups": norm_groups,
-                "dconv_kw": dict(dconv_kw, lstm=_from_layer(index, dconv_lstm),
-                                 attn=_from_layer(index, dconv_attn)),
-            }
-            if last_freq:
-                kw.update(kernel_size=freqs, pad=False)
-                chout_z = max(chout, chout_z)
-                chout = chout_z
-            time_kw = dict(kw, freq=False, kernel_size=kernel_size, stride=stride, pad=True)
-            multi = bool(multi_freqs) and index < multi_freqs_depth
-            dec_kw = dict(kw, context_freq=False) if multi else kw
-
-            enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=dconv_mode & 1,
-                                       context=context_enc, **kw)
-            if self.hybrid and freq:
-                self.tencoder.append(HEncLayer(chin, chout, dconv=dconv_mode & 1,
-                                               context=context_enc, empty=last_freq, **time_kw))
-            self.encoder.append(MultiWrap(enc, multi_freqs) if multi else enc)
-
+            spec = _layer_spec(
+                widths, kernel_size=kernel_size, time_stride=time_stride, stride=stride,
+                norm=index >= norm_starts, rewrite=rewrite, norm_groups=norm_groups,
+                dconv_kw=dict(dconv_kw, lstm=_from_layer(index, dconv_lstm),
+                              attn=_from_layer(index, dconv_attn)),
+                multi_freqs=multi_freqs if index < multi_freqs_depth else None)
+            self._add_encoder_layer(spec, widths, dconv=dconv_mode & 1, context=context_enc)
             if index == 0:
                 chin = self.audio_channels * len(self.sources)
-                chin_z = chin * 2 if self.cac else chin
-            dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=dconv_mode & 2, last=index == 0,
-                                       context=context, **dec_kw)
-            if multi:
-                dec = MultiWrap(dec, multi_freqs)
-            if self.hybrid and freq:
-                self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=dconv_mode & 2,
-                                                  empty=last_freq, last=index == 0,
-                                                  context=context, **time_kw))
-            self.decoder.insert(0, dec)
-
-            chin, chin_z = chout, chout_z
-            chout, chout_z = int(growth * chout), int(growth * chout_z)
-            if freq:
-                freqs = 1 if freqs <= kernel_size else freqs // stride
+                widths.chin, widths.chin_z = chin, chin * 2 if self.cac else chin
+            self._add_decoder_layer(spec, widths, dconv=dconv_mode & 2, context=context,
+                                    last=index == 0)
+            widths.next_layer(growth, kernel_size, stride, spec.kw["freq"])
             if index == 0 and freq_emb:
-                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth,
+                self.freq_emb = ScaledEmbedding(widths.freqs, widths.chin_z, smooth=emb_smooth,
                                                 scale=emb_scale)
                 self.freq_emb_scale = freq_emb
+
+    def _add_encoder_layer(self, spec: "_LayerSpec", widths: "_LayerWidths", dconv: int,
+                           context: int) -> None:
+        """Appends one encoder layer (and its time-branch twin in hybrid models)."""
+        enc: nn.Module = HEncLayer(widths.chin_z, widths.chout_z, dconv=dconv, context=context,
+                                   **spec.kw)
+        if self.hybrid and spec.kw["freq"]:
+            self.tencoder.append(HEncLayer(widths.chin, widths.chout, dconv=dconv,
+                                           context=context, empty=spec.last_freq,
+                                           **spec.time_kw))
+        self.encoder.append(MultiWrap(enc, spec.multi_freqs) if spec.multi_freqs else enc)
+
+    def _add_decoder_layer(self, spec: "_LayerSpec", widths: "_LayerWidths", dconv: int,
+                           context: int, last: bool) -> None:
+        """Prepends the decoder layer mirroring an encoder layer (and its time twin)."""
+        dec_kw = dict(spec.kw, context_freq=False) if spec.multi_freqs else spec.kw
+        dec: nn.Module = HDecLayer(widths.chout_z, widths.chin_z, dconv=dconv, last=last,
+                                   context=context, **dec_kw)
+        if spec.multi_freqs:
+            dec = MultiWrap(dec, spec.multi_freqs)
+        if self.hybrid and spec.kw["freq"]:
+            self.tdecoder.insert(0, HDecLayer(widths.chout, widths.chin, dconv=dconv,
+                                              empty=spec.last_freq, last=last, context=context,
+                                              **spec.time_kw))
+        self.decoder.insert(0, dec)
 
     @staticmethod
     def _time_input(mix: torch.Tensor) -> tp.Tuple[torch.Tensor, Stats]:

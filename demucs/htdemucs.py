@@ -140,30 +140,26 @@ class HTDemucs(HybridSpectrogramMixin, HybridUNetMixin, nn.Module):
         if rescale:
             rescale_module(self, reference=rescale)
 
-        transformer_channels = int(channels * growth ** (depth - 1))
-        if bottom_channels:
-            self.channel_upsampler = nn.Conv1d(transformer_channels, bottom_channels, 1)
-            self.channel_downsampler = nn.Conv1d(bottom_channels, transformer_channels, 1)
-            self.channel_upsampler_t = nn.Conv1d(transformer_channels, bottom_channels, 1)
-            self.channel_downsampler_t = nn.Conv1d(bottom_channels, transformer_channels, 1)
-            transformer_channels = bottom_channels
+        # Every `t_*` argument, forwarded to the transformer under its own name.
+        transformer_options = {name: value for name, value in locals().items()
+                               if name.startswith("t_")}
+        self._build_transformer(int(channels * growth ** (depth - 1)), transformer_options)
 
+    def _build_transformer(self, channels: int, options: tp.Dict[str, tp.Any]) -> None:
+        """Creates the bottleneck's 1x1 channel projections (with `bottom_channels`) and the
+        cross transformer on `channels` channels from the constructor's `t_*` options."""
+        if self.bottom_channels:
+            self.channel_upsampler = nn.Conv1d(channels, self.bottom_channels, 1)
+            self.channel_downsampler = nn.Conv1d(self.bottom_channels, channels, 1)
+            self.channel_upsampler_t = nn.Conv1d(channels, self.bottom_channels, 1)
+            self.channel_downsampler_t = nn.Conv1d(self.bottom_channels, channels, 1)
+            channels = self.bottom_channels
         self.crosstransformer: tp.Optional[CrossTransformerEncoder] = None
-        if t_layers > 0:
-            self.crosstransformer = CrossTransformerEncoder(
-                dim=transformer_channels, emb=t_emb, hidden_scale=t_hidden_scale,
-                num_heads=t_heads, num_layers=t_layers, cross_first=t_cross_first,
-                dropout=t_dropout, max_positions=t_max_positions, norm_in=t_norm_in,
-                norm_in_group=t_norm_in_group, group_norm=t_group_norm, norm_first=t_norm_first,
-                norm_out=t_norm_out, max_period=t_max_period, weight_decay=t_weight_decay,
-                lr=t_lr, layer_scale=t_layer_scale, gelu=t_gelu,
-                sin_random_shift=t_sin_random_shift, weight_pos_embed=t_weight_pos_embed,
-                cape_mean_normalize=t_cape_mean_normalize, cape_augment=t_cape_augment,
-                cape_glob_loc_scale=t_cape_glob_loc_scale, sparse_self_attn=t_sparse_self_attn,
-                sparse_cross_attn=t_sparse_cross_attn, mask_type=t_mask_type,
-                mask_random_seed=t_mask_random_seed, sparse_attn_window=t_sparse_attn_window,
-                global_window=t_global_window, sparsity=t_sparsity,
-                auto_sparsity=t_auto_sparsity)
+        if options["t_layers"] > 0:
+            renamed = {"t_heads": "num_heads", "t_layers": "num_layers"}
+            kwargs = {renamed.get(name, name[len("t_"):]): value
+                      for name, value in options.items()}
+            self.crosstransformer = CrossTransformerEncoder(dim=channels, **kwargs)
 
     def _training_length(self) -> int:
         return int(self.segment * self.samplerate)

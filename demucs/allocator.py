@@ -10,7 +10,10 @@ the time of a separation and of a training step on CPU (see docs/performance.md)
 reuse (`mallopt(M_MMAP_MAX, 0)` and the largest trim threshold, 2 GB). The process then keeps
 its heap (up to 2 GB free on top) instead of shrinking between segments, and fragmentation can
 raise the peak a little: 50 forward passes of HTDemucs settle at 1282 MB instead of 1129 MB
-(docs/performance.md). It is applied once, when `demucs` is imported, and is skipped:
+(docs/performance.md). Importing `demucs` changes nothing: the entry points that separate or
+train call `tune_malloc` (the `demucs` command, `demucs.api.Separator`, `apply_model` on CPU and
+the training main), so that a program which merely imports the package keeps its allocator.
+Calling it again is harmless. It is skipped:
 
 - outside Linux/glibc;
 - when `DEMUCS_TUNE_MALLOC=0` is set;

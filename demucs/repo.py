@@ -1,8 +1,10 @@
 """Model repositories: where pre-trained models and bags of models are found by name.
 
 A single model is identified by its XP signature (e.g. `955717e8`) and stored as `SIG.th` or
-`SIG-HASH8.th` (HASH8 = first 8 hex digits of the file's sha256, checked on load). A bag is a
-`NAME.yaml` file listing member signatures (`models`), optional per-source `weights` and `segment`.
+`SIG-HASH8.th` (HASH8 = first 8 hex digits of the file's sha256, checked on load), or in the
+`.safetensors` format that Demucs 4.1 publishes on the HuggingFace hub (`SIG.safetensors`).
+A bag is a `NAME.yaml` file listing member signatures (`models`), optional per-source `weights`
+and `segment`.
 """
 from hashlib import sha256
 import logging
@@ -14,7 +16,9 @@ from urllib.error import URLError
 import torch
 import yaml
 
+from . import network
 from .apply import BagOfModels, Model
+from .files import atomic_write
 from .states import CorruptPackageError, load_model
 
 logger = logging.getLogger(__name__)
@@ -44,18 +48,6 @@ def check_checksum(path: Path, checksum: str) -> None:
             "the file is corrupted or was modified, delete it and export or download it again")
 
 
-def _verify_or_remove(path: Path, checksum: tp.Optional[str]) -> None:
-    """Delete `path` and raise `ModelLoadingError` unless its sha256 starts with `checksum`
-    (no check when the file name carries no checksum)."""
-    if checksum is None:
-        return
-    actual = _sha256_prefix(path, len(checksum))
-    if actual != checksum:
-        path.unlink(missing_ok=True)
-        raise ModelLoadingError(f"{path} is truncated or corrupted (sha256 starts with {actual}, "
-                                f"expected {checksum}); it was removed")
-
-
 class ModelOnlyRepo:
     """Interface of a repository of single models, indexed by signature."""
 
@@ -83,52 +75,82 @@ class RemoteRepo(ModelOnlyRepo):
             url = self._models[sig]
         except KeyError:
             raise ModelLoadingError(f"could not find a pre-trained model with signature {sig}.")
-        path = self._download(sig, url)
-        try:
-            return load_model(path)
-        except CorruptPackageError as error:
-            path.unlink(missing_ok=True)
-            raise ModelLoadingError(f"{error} It was removed from the cache: try again to "
-                                    "download it.") from error
-
-    def _download(self, sig: str, url: str) -> Path:
-        """Path of the model file in the hub cache, downloaded when absent or corrupted.
-
-        The sha256 prefix in the file name is checked on every use, so a corrupted cache entry
-        is removed and fetched again, and a bad download is removed before it is reported.
-        """
-        filename = url.rsplit("/", 1)[-1]
-        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
-        checksum = _split_signature(Path(filename).stem)[1]
+        path = self.cache_path(sig)
         if path.exists():
-            try:
-                _verify_or_remove(path, checksum)
-                return path
-            except ModelLoadingError as error:
-                logger.warning("%s; downloading it again", error)
+            return _load_cached(path)
+        return self._download_and_load(sig, url, path)
+
+    def cache_path(self, sig: str) -> Path:
+        """Where the model file of `sig` is kept: the torch hub cache, under the URL's name."""
+        return Path(torch.hub.get_dir()) / "checkpoints" / self._models[sig].rsplit("/", 1)[-1]
+
+    def _download_and_load(self, sig: str, url: str, path: Path) -> Model:
+        """Download `url` beside `path`, check it (checksum of its name, then a full parse) and
+        only then rename it to `path`: a failed or corrupted download leaves nothing behind."""
+        reason = network.unreachable_reason(url)
+        if reason is not None:
+            raise ModelLoadingError(
+                f"model {sig} is not in the torch hub cache ({path}) and cannot be downloaded "
+                f"from {url}: {reason}. {_OFFLINE_HINT.format(filename=path.name)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         logger.info("downloading %s to %s", url, path)
-        try:
-            torch.hub.download_url_to_file(url, str(path), hash_prefix=checksum, progress=True)
-        except (URLError, OSError) as error:
-            path.unlink(missing_ok=True)
-            raise ModelLoadingError(
-                f"could not download model {sig} from {url} ({error}). Without network access, "
-                f"put the model files (e.g. {filename}) and the bag's .yaml in a folder and pass "
-                "it with `--repo FOLDER` (or `repo=Path(FOLDER)` in Python).") from error
-        except RuntimeError as error:  # hash mismatch
-            path.unlink(missing_ok=True)
-            raise ModelLoadingError(f"the download of {url} is corrupted: {error}") from error
-        try:
-            _verify_or_remove(path, checksum)
-        except ModelLoadingError as error:
-            raise ModelLoadingError(
-                f"the download of {url} failed: {error}. Try again, or download the file "
-                "yourself and use `--repo FOLDER`.") from error
-        return path
+        with atomic_write(path) as partial:
+            _download(sig, url, partial)
+            _verify_download(url, partial, _split_signature(path.stem)[1])
+            try:
+                model = load_model(partial)
+            except CorruptPackageError as error:
+                raise ModelLoadingError(f"the download of {url} is truncated or corrupted "
+                                        f"({error}); it was not kept, try again.") from error
+        return model
 
     def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:
         return dict(self._models)
+
+
+_OFFLINE_HINT = ("Without network access, put the model files (e.g. {filename}) and the bag's "
+                 ".yaml in a folder and pass it with `--repo FOLDER` (or `repo=Path(FOLDER)` in "
+                 "Python).")
+
+
+def _download(sig: str, url: str, destination: Path) -> None:
+    try:
+        torch.hub.download_url_to_file(url, str(destination), hash_prefix=None, progress=True)
+    except (URLError, OSError) as error:
+        raise ModelLoadingError(
+            f"could not download model {sig} from {url} ({error}). "
+            + _OFFLINE_HINT.format(filename=url.rsplit("/", 1)[-1])) from error
+
+
+def _verify_download(url: str, path: Path, checksum: tp.Optional[str]) -> None:
+    """Raise `ModelLoadingError` when a download does not match the checksum in its name."""
+    if checksum is None:
+        return
+    actual = _sha256_prefix(path, len(checksum))
+    if actual != checksum:
+        raise ModelLoadingError(f"the download of {url} is truncated or corrupted (sha256 starts "
+                                f"with {actual}, expected {checksum}); it was not kept, try again.")
+
+
+def _load_cached(path: Path) -> Model:
+    """Load a model file found in the torch hub cache, as it is.
+
+    The file may have been placed there by the user: it is never deleted. When its content does
+    not match the checksum in its name, a warning says so and the file is used anyway (as the
+    official Demucs does, which checks the hash only when it downloads).
+    """
+    checksum = _split_signature(path.stem)[1]
+    if checksum is not None:
+        actual = _sha256_prefix(path, len(checksum))
+        if actual != checksum:
+            logger.warning("%s does not match the checksum in its name (sha256 starts with %s, "
+                           "expected %s); using it as it is. Delete it to download the "
+                           "released file again.", path, actual, checksum)
+    try:
+        return load_model(path)
+    except CorruptPackageError as error:
+        raise ModelLoadingError(f"{error} It is in the torch hub cache and was left in place: "
+                                "delete it to download the released file again.") from error
 
 
 def _split_signature(stem: str) -> tp.Tuple[str, tp.Optional[str]]:
@@ -140,8 +162,11 @@ def _split_signature(stem: str) -> tp.Tuple[str, tp.Optional[str]]:
     return stem, None
 
 
+MODEL_SUFFIXES = (".th", ".safetensors")
+
+
 class LocalRepo(ModelOnlyRepo):
-    """Models stored as `SIG.th` or `SIG-HASH8.th` files in a folder."""
+    """Models stored as `SIG.th`, `SIG-HASH8.th` or `SIG[-HASH8].safetensors` files in a folder."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -151,7 +176,7 @@ class LocalRepo(ModelOnlyRepo):
         self._models: tp.Dict[str, Path] = {}
         self._checksums: tp.Dict[str, str] = {}
         for file in sorted(self.root.iterdir()):
-            if file.suffix != ".th":
+            if file.suffix not in MODEL_SUFFIXES:
                 continue
             sig, checksum = _split_signature(file.stem)
             if sig in self._models:

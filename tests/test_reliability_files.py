@@ -1,14 +1,18 @@
-"""Untrusted model files: crafted pickles are never executed, checksums are enforced, and corrupted
-or truncated downloads are detected and removed from the torch hub cache (no network: the download
+"""Untrusted model files: crafted pickles are never executed, checksums are enforced, corrupted or
+truncated downloads never enter the torch hub cache, and files already in that cache (which the
+user may have placed there) are used as found and never deleted (no network: the download
 function of torch.hub is replaced by one writing the bytes a faulty network would give)."""
 import hashlib
 import io
+import logging
 from pathlib import Path
+import time
 import typing as tp
 
 import pytest
 import torch
 
+from demucs import network
 from demucs.api import LoadModelError, Separator
 from demucs.demucs import Demucs
 from demucs.pretrained import get_model
@@ -134,10 +138,12 @@ def _remote(data: bytes, hub: Path, downloads: tp.Optional[tp.List[bytes]] = Non
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch) -> Path:
-    """An empty torch hub folder; torch.hub's download function is restored after the test."""
+    """An empty torch hub folder, the network reachable; torch.hub's download function is
+    restored after the test."""
     folder = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(folder))
     monkeypatch.setattr(torch.hub, "download_url_to_file", torch.hub.download_url_to_file)
+    monkeypatch.setattr(network, "unreachable_reason", lambda url: None)
     return folder
 
 
@@ -226,26 +232,78 @@ def test_local_repo_refuses_tampered_files_and_keeps_them(tmp_path: Path, tamper
 
 
 @pytest.mark.parametrize("tampering", list(TAMPERINGS))
-def test_corrupted_download_is_detected_and_removed(hub: Path, tampering: str):
+def test_corrupted_download_never_enters_the_cache(hub: Path, tampering: str):
     data = _serialized(_tiny_package())
     remote = _remote(data, hub, downloads=[TAMPERINGS[tampering](data), data])
     cached = hub / "checkpoints" / f"{SIG}-{_checksum(data)}.th"
-    with pytest.raises(ModelLoadingError, match="truncated or corrupted .* it was removed"):
+    with pytest.raises(ModelLoadingError, match="truncated or corrupted .* it was not kept"):
         remote.get_model(SIG)
-    assert not cached.exists()
+    assert not list(cached.parent.iterdir())
     assert isinstance(remote.get_model(SIG), Demucs)  # the next try downloads it again
     assert cached.read_bytes() == data
 
 
-@pytest.mark.parametrize("tampering", list(TAMPERINGS))
-def test_corrupted_cache_entry_is_downloaded_again(hub: Path, tampering: str):
+def _no_download(url: str, dst: str, hash_prefix=None, progress=True) -> None:
+    raise AssertionError(f"a file in the cache must be used, yet {url} was downloaded")
+
+
+@pytest.mark.parametrize("tampering", ["append", "flip"])
+def test_mismatching_cache_entry_is_used_with_a_warning(hub: Path, tampering: str, caplog):
+    """A file in the torch hub cache whose content does not match its name is used as found
+    (as the official Demucs does) with a warning naming it; it is neither deleted nor replaced."""
     data = _serialized(_tiny_package())
     remote = _remote(data, hub)
+    torch.hub.download_url_to_file = _no_download
+    cached = hub / "checkpoints" / f"{SIG}-{_checksum(data)}.th"
+    cached.parent.mkdir(parents=True)
+    tampered = TAMPERINGS[tampering](data)
+    cached.write_bytes(tampered)
+    with caplog.at_level(logging.WARNING, logger="demucs.repo"):
+        try:
+            remote.get_model(SIG)
+        except ModelLoadingError as error:  # a flipped byte may break the file's structure
+            assert str(cached) in str(error) and "left in place" in str(error)
+    assert f"{cached} does not match the checksum in its name" in caplog.text
+    assert cached.read_bytes() == tampered
+
+
+@pytest.mark.parametrize("tampering", ["truncate", "empty"])
+def test_unreadable_cache_entry_is_reported_and_kept(hub: Path, tampering: str):
+    data = _serialized(_tiny_package())
+    remote = _remote(data, hub)
+    torch.hub.download_url_to_file = _no_download
     cached = hub / "checkpoints" / f"{SIG}-{_checksum(data)}.th"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(TAMPERINGS[tampering](data))
+    with pytest.raises(ModelLoadingError, match="left in place: delete it to download"):
+        remote.get_model(SIG)
+    assert cached.read_bytes() == TAMPERINGS[tampering](data)
+
+
+def test_user_file_without_checksum_in_the_cache_is_used(hub: Path):
+    data = _serialized(_tiny_package())
+    torch.hub.download_url_to_file = _no_download
+    cached = hub / "checkpoints" / f"{SIG}.th"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data)
+    remote = RemoteRepo({SIG: f"https://example.invalid/demucs/{SIG}.th"})
     assert isinstance(remote.get_model(SIG), Demucs)
     assert cached.read_bytes() == data
+
+
+def test_offline_download_fails_at_once_without_trying(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
+    monkeypatch.setattr(network, "unreachable_reason",
+                        lambda url: "cannot resolve example.invalid")
+    remote = RemoteRepo({SIG: f"https://example.invalid/demucs/{SIG}-0123abcd.th"})
+    start = time.monotonic()
+    with pytest.raises(ModelLoadingError) as info:
+        remote.get_model(SIG)
+    assert time.monotonic() - start < 1
+    message = str(info.value)
+    assert f"{SIG}-0123abcd.th" in message and "cannot resolve example.invalid" in message
+    assert "--repo" in message and str(tmp_path / "hub" / "checkpoints") in message
 
 
 def test_interrupted_download_leaves_nothing_in_the_cache(hub: Path):
@@ -263,7 +321,7 @@ def test_interrupted_download_leaves_nothing_in_the_cache(hub: Path):
 
 
 def test_unverifiable_corrupted_download_is_removed(hub: Path):
-    """Without a checksum in the URL, a download that does not parse is still removed."""
+    """Without a checksum in the URL, a download that does not parse is not kept either."""
     data = _serialized(_tiny_package())
 
     def truncated_download(url: str, dst: str, hash_prefix=None, progress=True) -> None:
@@ -271,9 +329,9 @@ def test_unverifiable_corrupted_download_is_removed(hub: Path):
 
     torch.hub.download_url_to_file = truncated_download
     remote = RemoteRepo({SIG: f"https://example.invalid/demucs/{SIG}.th"})
-    with pytest.raises(ModelLoadingError, match="truncated, corrupted .* removed from the cache"):
+    with pytest.raises(ModelLoadingError, match="truncated or corrupted .* it was not kept"):
         remote.get_model(SIG)
-    assert not (hub / "checkpoints" / f"{SIG}.th").exists()
+    assert not list((hub / "checkpoints").iterdir())
 
 
 @pytest.mark.parametrize("tampering", ["truncate", "empty"])

@@ -27,7 +27,7 @@ import zipfile
 import torch
 from torch import nn
 
-from .files import atomic_open
+from .files import atomic_open, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -292,30 +292,98 @@ def _class_path(klass: type) -> str:
     return f"{klass.__module__}.{klass.__qualname__}"
 
 
-def save_safetensors(package: Package, path: PathLike) -> Path:
-    """Write a (non quantized) package as `.safetensors`: the state as tensors and `klass`
-    (dotted path), `args`, `kwargs`, `training_args` as JSON strings in the metadata."""
-    state = package["state"]
-    if state.get("__quantized"):
-        raise ModelPackageError(f"cannot write {path}: diffq quantized states need the .th format")
-    metadata = {
+def _flatten_state(state: tp.Any) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Any]:
+    """A nested state (e.g. a diffq packed state) as flat `{key: tensor}` plus a JSON tree that
+    rebuilds it, in Demucs 4.1's `structure` layout: `{"_tensor": key}`, `{"_dict": [[k, v]]}`,
+    `{"_list": []}`, `{"_tuple": []}`, `{"_class": "module.Name"}` or a JSON scalar."""
+    tensors: tp.Dict[str, torch.Tensor] = {}
+
+    def flatten(value: tp.Any, key: str) -> tp.Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().contiguous().clone()
+            return {"_tensor": key}
+        if isinstance(value, dict):
+            return {"_dict": [[name, flatten(item, f"{key}.{name}")]
+                              for name, item in value.items()]}
+        if isinstance(value, (list, tuple)):
+            kind = "_tuple" if isinstance(value, tuple) else "_list"
+            return {kind: [flatten(item, f"{key}.{index}") for index, item in enumerate(value)]}
+        if isinstance(value, type):
+            return {"_class": _class_path(value)}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise ModelPackageError(f"cannot store a {type(value).__name__} ({key}) in safetensors")
+
+    return tensors, flatten(state, "state")
+
+
+def _unflatten_state(tensors: tp.Mapping[str, torch.Tensor], structure: tp.Any,
+                     origin: str) -> tp.Any:
+    """Inverse of `_flatten_state`; a `_class` node must be one of `ALLOWED_GLOBALS`."""
+    def unflatten(node: tp.Any) -> tp.Any:
+        if not isinstance(node, dict):
+            return node
+        if "_tensor" in node:
+            return tensors[node["_tensor"]]
+        if "_dict" in node:
+            return {name: unflatten(item) for name, item in node["_dict"]}
+        if "_list" in node:
+            return [unflatten(item) for item in node["_list"]]
+        if "_tuple" in node:
+            return tuple(unflatten(item) for item in node["_tuple"])
+        if node.get("_class") in ALLOWED_GLOBALS:
+            return _resolve_global(node["_class"])
+        raise ModelPackageError(f"{origin}: state structure node {node!r} is not allowed "
+                                "(classes must be listed in demucs.states.ALLOWED_GLOBALS)")
+
+    try:
+        return unflatten(structure)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelPackageError(f"{origin}: invalid state structure ({error!r})") from error
+
+
+def safetensors_metadata(package: Package) -> tp.Dict[str, str]:
+    """The metadata Demucs 4.1 reads from a model's `.safetensors` file: `klass` (dotted path),
+    `args` and `kwargs` as JSON strings (the training arguments travel separately)."""
+    return {
         "klass": _class_path(package["klass"]),
         "args": json.dumps(list(package["args"]), default=_json_default),
         "kwargs": json.dumps(package["kwargs"], default=_json_default),
-        "training_args": json.dumps(package.get("training_args"), default=_json_default),
     }
+
+
+def save_safetensors(package: Package, path: PathLike) -> Path:
+    """Write a package as `.safetensors`: the state as tensors, `klass`, `args`, `kwargs` (and
+    `training_args` when the package has them) as JSON strings in the metadata; a nested state
+    (diffq quantized) is flattened and its tree stored under `structure`, as Demucs 4.1 does."""
+    metadata = safetensors_metadata(package)
+    if package.get("training_args") is not None:
+        metadata["training_args"] = json.dumps(package["training_args"], default=_json_default)
+    state = package["state"]
+    if state.get("__quantized"):
+        tensors, structure = _flatten_state(state)
+        metadata["structure"] = json.dumps(structure)
+    else:
+        tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
     from safetensors.torch import save_file
-    tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_write(path) as partial:
+        save_file(tensors, str(partial), metadata=metadata)
     return Path(path)
 
 
 def load_safetensors(path: PathLike) -> Package:
-    """Read a package written by `save_safetensors`; `klass` must be one of `MODEL_CLASSES`."""
+    """Read a package written by `save_safetensors` (or by Demucs 4.1's hub export); `klass`
+    must be one of `MODEL_CLASSES`."""
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        metadata = handle.metadata() or {}
-        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # the parser's own error types, on untrusted bytes
+        raise CorruptPackageError(
+            f"{path} is truncated, corrupted or not a safetensors file "
+            f"({type(exc).__name__}: {exc}); delete it, then export or download it again."
+        ) from exc
     missing = [key for key in ["klass", "args", "kwargs"] if key not in metadata]
     if missing:
         raise ModelPackageError(f"{path} is not a Demucs model package: metadata lacks {missing}")
@@ -327,9 +395,11 @@ def load_safetensors(path: PathLike) -> Package:
     def decode(key: str) -> tp.Any:
         return json.loads(metadata.get(key, "null"), object_hook=_json_object_hook)
 
+    state = tensors
+    if "structure" in metadata:
+        state = _unflatten_state(tensors, json.loads(metadata["structure"]), str(path))
     return {"klass": _resolve_global(klass_name), "args": decode("args"),
-            "kwargs": decode("kwargs"),
-            "state": state, "training_args": decode("training_args")}
+            "kwargs": decode("kwargs"), "state": state, "training_args": decode("training_args")}
 
 
 def load_package(path: PathLike) -> Package:

@@ -4,6 +4,7 @@ import contextlib
 from contextlib import contextmanager
 import math
 import os
+import sys
 import tempfile
 import typing as tp
 
@@ -71,6 +72,13 @@ def EMA(beta: float = 1) -> tp.Callable[..., tp.Dict[str, float]]:
         return {key: total / weights[key] for key, total in totals.items()}
 
     return update
+
+
+def fatal(*args: tp.Any) -> tp.NoReturn:
+    """Print `args` to stderr and exit with status 1 (as Demucs 4.1's `utils.fatal`, which command
+    line tools use instead of importing dora's)."""
+    print(*args, file=sys.stderr)
+    sys.exit(1)
 
 
 def sizeof_fmt(num: float, suffix: str = "B") -> str:

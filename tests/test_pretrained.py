@@ -9,7 +9,8 @@ import yaml
 
 from demucs.hdemucs import HDemucs
 from demucs.pretrained import (REMOTE_ROOT, ROOT_URL, SOURCES, _parse_remote_files,
-                               add_model_flags, get_model, get_model_from_args)
+                               add_model_flags, get_model, get_model_from_args,
+                               get_model_from_sig)
 from demucs.repo import ModelLoadingError
 
 BAGS = ["htdemucs", "htdemucs_ft", "htdemucs_6s", "hdemucs_mmi", "mdx", "mdx_q", "mdx_extra",
@@ -92,3 +93,54 @@ def test_test_pretrained_tool_scores_a_local_model(toy_musdb: Path, tmp_path: Pa
           f"dora.dir={tmp_path / 'dora'}"])
     mixed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < abs(mixed["nsdr"] - scores["nsdr"]) < 0.5
+
+
+class _FakeSolver:
+    """What `get_model_from_sig` reads from `train.get_solver_from_sig(sig, model_only=True)`."""
+
+    def __init__(self, model: torch.nn.Module, best_state: dict):
+        self.model = model
+        self.best_state = best_state
+
+
+def test_sig_flag_loads_the_local_xp(monkeypatch):
+    """`args.sig` wins over the default name (it used to quietly load htdemucs)."""
+    import demucs.train
+    torch.manual_seed(0)
+    model, best = HDemucs(sources=SOURCES, channels=4), HDemucs(sources=SOURCES, channels=4)
+    asked = []
+
+    def solver_from_sig(sig: str, model_only: bool = False) -> _FakeSolver:
+        asked.append((sig, model_only))
+        return _FakeSolver(model, best.state_dict())
+
+    monkeypatch.setattr(demucs.train, "get_solver_from_sig", solver_from_sig)
+    loaded = get_model_from_args(argparse.Namespace(sig="abc", name=None, repo=None))
+    assert asked == [("abc", True)] and loaded is model and not loaded.training
+    for key, value in best.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_sig_without_training_dependencies_says_what_to_install(monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "demucs.train", None)  # import fails as without dora
+    with pytest.raises(SystemExit) as info:
+        get_model_from_sig("abc")
+    assert info.value.code == 1
+    assert "pip install demucs[train]" in capsys.readouterr().err
+
+
+def test_args_without_sig_or_repo_attributes(monkeypatch):
+    import demucs.pretrained
+    asked = []
+    monkeypatch.setattr(demucs.pretrained, "get_model",
+                        lambda name, repo=None: asked.append((name, repo)))
+    get_model_from_args(argparse.Namespace(name=None))
+    assert asked == [("htdemucs", None)]
+
+
+def test_fatal_prints_and_exits(capsys):
+    from demucs.utils import fatal
+    with pytest.raises(SystemExit) as info:
+        fatal("no model", "here")
+    assert info.value.code == 1 and capsys.readouterr().err == "no model here\n"

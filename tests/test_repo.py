@@ -112,3 +112,18 @@ def test_remote_repo_uses_the_hub_cache(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     remote = RemoteRepo({"aaaa0000": f"https://example.invalid/x/{cached.name}"})
     assert isinstance(remote.get_model("aaaa0000"), Demucs)
+
+
+def test_local_repo_reads_safetensors_packages(repo: Path):
+    """A `--repo` folder may hold models in the hub's `.safetensors` layout, next to `.th` ones."""
+    from demucs.states import save_safetensors
+    package = _tiny_package(3)
+    save_safetensors(package, repo / "cccc2222.safetensors")
+    model = LocalRepo(repo).get_model("cccc2222")
+    assert isinstance(model, Demucs)
+    for key, value in package["state"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    save_safetensors(package, repo / "aaaa0000.safetensors")
+    with pytest.raises(ModelLoadingError, match="aaaa0000.safetensors and aaaa0000.th|"
+                                                "aaaa0000.th and aaaa0000.safetensors"):
+        LocalRepo(repo)

@@ -11,6 +11,7 @@ import yaml
 
 from . import hf
 from .apply import Model
+from .hdemucs import HDemucs
 from .repo import (AnyModel, AnyModelRepo, BagOnlyRepo, LocalRepo, ModelLoadingError,
                    ModelOnlyRepo, RemoteRepo)
 from .states import ModelPackageError, _check_diffq
@@ -32,7 +33,6 @@ _SIGNATURE = re.compile(r"^[\w.-]+$")  # what a signature and a file name of fil
 
 def demucs_unittest() -> Model:
     """A small randomly initialised HDemucs, for smoke tests of the separation pipeline."""
-    from .hdemucs import HDemucs
     return HDemucs(channels=4, sources=SOURCES)
 
 

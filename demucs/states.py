@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .files import atomic_open, atomic_write
+from .utils import fatal  # noqa: F401  (importable from here in Demucs 4.1)
 
 logger = logging.getLogger(__name__)
 

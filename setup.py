@@ -12,6 +12,22 @@ def read_requirements(name: str) -> list:
     return [line for line in lines if line and not line.startswith("-r")]
 
 
+def read_extras(name: str) -> dict:
+    """`{extra: requirements}` from the `# extra: NAME` sections of `name`; `dev` gets them all
+    (the test suite exercises training, quantized models and ONNX export)."""
+    extras: dict = {}
+    current = None
+    for line in (HERE / name).read_text().splitlines():
+        if line.startswith("# extra:"):
+            current = extras.setdefault(line.split(":", 1)[1].strip(), [])
+            continue
+        requirement = line.split("#")[0].strip()
+        if requirement and not requirement.startswith("-r") and current is not None:
+            current.append(requirement)
+    extras["dev"] = [requirement for group in extras.values() for requirement in group]
+    return extras
+
+
 def read_version() -> str:
     for line in (HERE / "demucs" / "__init__.py").read_text().splitlines():
         if line.startswith("__version__"):
@@ -30,7 +46,7 @@ setup(
     package_data={"demucs": ["py.typed", "remote/*.txt", "remote/*.yaml"]},
     include_package_data=True,
     install_requires=read_requirements("requirements_minimal.txt"),
-    extras_require={"dev": read_requirements("requirements.txt")},
+    extras_require=read_extras("requirements.txt"),
     entry_points={"console_scripts": ["demucs=demucs.separate:main"]},
     license="MIT",
     classifiers=[

@@ -5,21 +5,23 @@
     origin, stems = separator.separate_audio_file("song.mp3")   # stems: {"drums": tensor, ...}
 
 `Separator.separate_audio_file_in_blocks` does the same with memory bounded independently of the
-track's duration: the decoded track is kept in a temporary file and separated block by block.
+track's duration: the decoded track is kept in a temporary file (`demucs.audio.DecodedAudio`)
+and separated block by block. `python -m demucs.api` is the `demucs` command.
 """
 from concurrent.futures import ThreadPoolExecutor
 import logging
 from pathlib import Path
-import subprocess
-import tempfile
+import runpy
 import typing as tp
 
-import numpy as np
 import torch
 from torch import nn
 
-from .apply import BagOfModels, _is_htdemucs, _replace_dict, apply_model, apply_model_streaming
-from .audio import AudioFile, AudioReadError, convert_audio, convert_audio_channels, save_audio
+from .allocator import tune_malloc
+from .apply import BagOfModels, apply_model, apply_model_streaming
+from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
+    convert_audio_channels, save_audio
+from .htdemucs import HTDemucs
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
 from .states import ModelPackageError
@@ -28,8 +30,6 @@ from .utils import check_amp, DummyPoolExecutor
 __all__ = ["Separator", "list_models", "save_audio", "LoadAudioError", "LoadModelError"]
 
 logger = logging.getLogger(__name__)
-_BLOCK_FRAMES = 2 ** 16
-_SHORT_READ_TOLERANCE_S = 0.1  # codec delay and padding (e.g. one mp3 frame)
 
 
 class LoadAudioError(Exception):
@@ -59,7 +59,7 @@ def max_allowed_segment(model) -> float:
     """Longest segment in seconds a model (or bag) can be applied with."""
     if isinstance(model, BagOfModels):
         return model.max_allowed_segment
-    if _is_htdemucs(model):
+    if isinstance(model, HTDemucs):
         return float(model.segment)
     return float("inf")
 
@@ -82,124 +82,24 @@ class Normalisation(tp.NamedTuple):
         return wav * (self.std + 1e-8) + self.mean
 
 
-def check_finite(wav: torch.Tensor, origin: str, samplerate: int, offset: int = 0) -> None:
-    """Raise `ValueError` naming the first NaN or infinite sample of `wav` `[C, T]`, if any.
+class NormalisedTrack:
+    """A decoded track seen as its normalised mix `[1, C, T]`, read lazily by slicing the time:
+    what `apply_model_streaming` takes."""
 
-    Such samples would turn every separated stem into NaN; `offset` is the position of `wav`
-    in the whole track, for the time reported.
-    """
-    bad = ~torch.isfinite(wav)
-    if not bad.any():
-        return
-    first = int(bad.any(0).nonzero()[0, 0]) + offset
-    raise ValueError(f"{origin} holds {int(bad.sum())} NaN or infinite sample(s), the first at "
-                     f"sample {first} ({first / samplerate:.3f} s); repair or re-encode the audio "
-                     "before separating it.")
-
-
-class DecodedTrack:
-    """A track decoded once into a temporary raw float32 file, read back in blocks.
-
-    Indexing `track[..., a:b]` gives the normalised mix `[1, C, b - a]`, so the object can be fed
-    to `apply_model_streaming`; `original(a, b)` gives the un-normalised audio `[C, b - a]`.
-    Use as a context manager: the temporary file is removed on exit.
-    """
-
-    def __init__(self, path: Path, samplerate: int, channels: int):
-        self.path = Path(path)
-        self.samplerate = samplerate
-        self.channels = channels
-        self._raw = tempfile.TemporaryFile()
-        self.length = 0
-        self._sum = 0.
-        self._sum_squares = 0.
-        self._decode()
-        if self.length == 0:
-            raise LoadAudioError(f"{self.path} holds no audio samples.")
-        mean = self._sum / self.length
-        variance = max(self._sum_squares - self.length * mean ** 2, 0.) / max(self.length - 1, 1)
-        self.normalisation = Normalisation(mean, variance ** 0.5)
-
-    def __enter__(self) -> "DecodedTrack":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._raw.close()
+    def __init__(self, audio: DecodedAudio, normalisation: Normalisation):
+        self.audio = audio
+        self.normalisation = normalisation
 
     @property
     def shape(self) -> tp.Tuple[int, int, int]:
-        return (1, self.channels, self.length)
+        return (1, self.audio.channels, self.audio.length)
 
-    def _append(self, block: torch.Tensor) -> None:
-        try:
-            check_finite(block, f"audio file {self.path}", self.samplerate, offset=self.length)
-        except ValueError as error:
-            raise LoadAudioError(str(error)) from None
-        block = convert_audio_channels(block, self.channels)
-        mono = block.double().mean(0)
-        self._sum += float(mono.sum())
-        self._sum_squares += float((mono * mono).sum())
-        self._raw.write(block.t().contiguous().numpy().tobytes())
-        self.length += block.shape[-1]
-
-    def _decode(self) -> None:
-        try:
-            audio = AudioFile(self.path)
-            info = audio.info
-            stream = audio._audio_streams[0]
-            native_channels = audio.channels(0)
-        except AudioReadError as error:
-            raise LoadAudioError(str(error)) from error
-        if info.get("backend") == "soundfile" or native_channels <= 0:
-            self._append_all(audio)
-            return
-        command = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(self.path),
-                   "-map", f"0:{int(stream['index'])}", "-threads", "1", "-f", "f32le",
-                   "-ac", str(native_channels), "-ar", str(self.samplerate), "-"]
-        frame_bytes = 4 * native_channels
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-            assert process.stdout is not None and process.stderr is not None
-            while True:
-                data = process.stdout.read(_BLOCK_FRAMES * frame_bytes)
-                if not data:
-                    break
-                data = data[:len(data) - len(data) % frame_bytes]
-                samples = np.frombuffer(data, dtype=np.float32).reshape(-1, native_channels)
-                self._append(torch.from_numpy(samples.T.copy()))
-            errors = process.stderr.read().decode(errors="replace").strip()
-        if process.returncode != 0:
-            raise LoadAudioError(f"ffmpeg cannot decode {self.path}: {errors.splitlines()[-1:]}")
-        self._check_not_truncated(audio.duration())
-
-    def _check_not_truncated(self, expected_seconds: float) -> None:
-        decoded = self.length / self.samplerate
-        if decoded < expected_seconds - _SHORT_READ_TOLERANCE_S:
-            raise LoadAudioError(f"audio file {self.path} is truncated or corrupt: expected "
-                                 f"{expected_seconds:.2f} s of audio, could decode only "
-                                 f"{decoded:.2f} s.")
-
-    def _append_all(self, audio: AudioFile) -> None:
-        """Fallback without ffmpeg: decode in one go (memory grows with the duration)."""
-        try:
-            wav = audio.read(streams=0, samplerate=self.samplerate, channels=self.channels)
-        except AudioReadError as error:
-            raise LoadAudioError(str(error)) from error
-        for start in range(0, wav.shape[-1], _BLOCK_FRAMES):
-            self._append(wav[:, start:start + _BLOCK_FRAMES])
-
-    def original(self, start: int, end: int) -> torch.Tensor:
-        """Decoded audio `[C, end - start]` (before normalisation)."""
-        self._raw.seek(4 * self.channels * start)
-        count = (end - start) * self.channels
-        samples = np.fromfile(self._raw, dtype=np.float32, count=count)
-        return torch.from_numpy(samples).view(-1, self.channels).t()
-
-    def __getitem__(self, index) -> torch.Tensor:
+    def __getitem__(self, index: tp.Any) -> torch.Tensor:
         time = index[-1] if isinstance(index, tuple) else index
         if not isinstance(time, slice) or time.step not in (None, 1):
-            raise IndexError("a DecodedTrack is indexed with a contiguous slice on time")
-        start, end, _ = time.indices(self.length)
-        return self.normalisation.apply(self.original(start, max(start, end)))[None]
+            raise IndexError("a NormalisedTrack is indexed with a contiguous slice on time")
+        start, end, _ = time.indices(self.audio.length)
+        return self.normalisation.apply(self.audio.read(start, max(start, end)))[None]
 
 
 class Separator:
@@ -230,6 +130,7 @@ class Separator:
                  progress: bool = False, callback: tp.Optional[tp.Callable[[dict], None]] = None,
                  callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
                  compile_model: bool = False):
+        tune_malloc()
         self._name = model
         self._repo = repo
         self._load_model()
@@ -284,9 +185,19 @@ class Separator:
         except (AudioReadError, OSError) as error:
             raise LoadAudioError(f"could not load {track}: {error}") from error
 
+    def _decode_to_spool(self, track: Path) -> DecodedAudio:
+        try:
+            return AudioFile(track).decode_to_spool(self._samplerate, self._audio_channels)
+        except (AudioReadError, OSError) as error:
+            raise LoadAudioError(str(error)) from error
+
     def _apply_kwargs(self) -> dict:
         return dict(segment=self._segment, shifts=self._shifts, overlap=self._overlap,
                     device=self._device, progress=self._progress, amp=self._amp)
+
+    def _callback_arg_for(self, length: int) -> dict:
+        """The dict each callback call starts from: the user's `callback_arg` and the length."""
+        return {**(self._callback_arg or {}), "audio_length": length}
 
     def separate_tensor(self, wav: torch.Tensor, sr: tp.Optional[int] = None
                         ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
@@ -308,10 +219,10 @@ class Separator:
             raise ValueError(f"the audio to separate ({length} samples at {sr} Hz) holds no "
                              f"sample once resampled to {self._samplerate} Hz")
         norm = Normalisation.of(wav)
-        callback_arg = _replace_dict(self._callback_arg, ("audio_length", wav.shape[1]))
         out = apply_model(self._model, norm.apply(wav)[None], split=self._split,
                           num_workers=self._jobs, pool=self._pool, callback=self._callback,
-                          callback_arg=callback_arg, **self._apply_kwargs())
+                          callback_arg=self._callback_arg_for(wav.shape[1]),
+                          **self._apply_kwargs())
         out = norm.revert(out)
         return wav, dict(zip(self._model.sources, out[0]))
 
@@ -329,14 +240,16 @@ class Separator:
         """
         if not self._split:
             raise ValueError("separating in blocks needs split=True")
-        with DecodedTrack(Path(file), self._samplerate, self._audio_channels) as track:
-            callback_arg = _replace_dict(self._callback_arg, ("audio_length", track.length))
-            blocks = apply_model_streaming(self._model, track, block_seconds=block_seconds,
-                                           num_workers=self._jobs, callback=self._callback,
-                                           callback_arg=callback_arg, **self._apply_kwargs())
+        with self._decode_to_spool(Path(file)) as audio:
+            norm = Normalisation(audio.mono_mean, audio.mono_std)
+            blocks = apply_model_streaming(self._model, NormalisedTrack(audio, norm),
+                                           block_seconds=block_seconds, num_workers=self._jobs,
+                                           callback=self._callback,
+                                           callback_arg=self._callback_arg_for(audio.length),
+                                           **self._apply_kwargs())
             for start, out in blocks:
-                out = track.normalisation.revert(out)
-                origin = track.original(start, start + out.shape[-1])
+                out = norm.revert(out)
+                origin = audio.read(start, start + out.shape[-1])
                 yield origin, dict(zip(self._model.sources, out[0]))
 
     @property
@@ -376,26 +289,8 @@ def list_models(repo: tp.Optional[Path] = None) -> tp.Dict[str, tp.Dict[str, tp.
     return {"single": model_repo.list_model(), "bag": bag_repo.list_model()}
 
 
-def _demo(argv: tp.Optional[tp.List[str]] = None) -> None:
-    """`python -m demucs.api` takes the `demucs` flags and separates in memory with `Separator`."""
-    from .separate import get_parser
-    args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    separator = Separator(model=args.name or DEFAULT_MODEL, repo=args.repo, device=args.device,
-                          shifts=args.shifts, split=args.split, overlap=args.overlap,
-                          progress=True, jobs=args.jobs, segment=args.segment)
-    ext = "mp3" if args.mp3 else "flac" if args.flac else "wav"
-    for track in args.tracks:
-        _, stems = separator.separate_audio_file(track)
-        for stem, source in stems.items():
-            path = args.out / (args.name or DEFAULT_MODEL) / args.filename.format(
-                track=track.stem, trackext=track.suffix.lstrip("."), stem=stem, ext=ext)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_audio(source, path, samplerate=separator.samplerate, bitrate=args.mp3_bitrate,
-                       preset=args.mp3_preset, clip=args.clip_mode, as_float=args.float32,
-                       bits_per_sample=24 if args.int24 else 16)
-            logger.info("Saved %s", path)
-
-
 if __name__ == "__main__":
-    _demo()
+    # `python -m demucs.api` (upstream's demonstration of this API) is the `demucs` command: it
+    # takes the same flags and separates through `Separator`. It is run as a module so that
+    # importing demucs.api never imports demucs.separate (which imports this module).
+    runpy.run_module("demucs", run_name="__main__")

@@ -1,21 +1,30 @@
-"""Audio input/output without torchaudio.
+"""Audio input and output without torchaudio: every decode, encode and block-wise stream.
 
 Reading goes through ffprobe/ffmpeg (any format and container ffmpeg knows, several streams,
 seeking, resampling on the fly) and falls back to soundfile when ffmpeg is not installed or cannot
-decode the file. Writing uses soundfile for `.wav`/`.flac` and lameenc for `.mp3`.
+decode the file. Writing uses soundfile for `.wav`/`.flac` and lameenc for `.mp3`, whose files
+start with a gapless Info/LAME frame so that decoders give back exactly the samples written.
+
+Long tracks are handled block by block so that memory does not grow with their duration:
+`AudioFile.decode_to_spool` decodes a stream once into an `AudioSpool` (float32 samples in an
+anonymous temporary file), and `AudioWriter` accumulates blocks in one before encoding them.
+`save_audio` (one tensor), the `demucs` command and `demucs.api` all encode through the same
+writers.
 
 Every read problem (missing, empty, truncated, not audio, no channels) is reported as one
-`AudioReadError` whose message names the file, and writing never leaves a partial output file.
+`AudioReadError` whose message names the file, and every file is written through
+`demucs.files.atomic_write`, so that a failure never leaves a partial output file.
 """
+from contextlib import closing, contextmanager
 from fractions import Fraction
 import json
 import logging
 import math
+import mmap
 import os
 from pathlib import Path
 import shutil
 import struct
-import secrets
 import subprocess
 import tempfile
 import typing as tp
@@ -27,11 +36,17 @@ import soundfile
 import torch
 from torch.nn import functional as F
 
+from .files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 PathLike = tp.Union[str, os.PathLike]
+T = tp.TypeVar("T")
+SpoolT = tp.TypeVar("SpoolT", bound="AudioSpool")
 SAVE_SUFFIXES = (".wav", ".flac", ".mp3")
 CLIP_MODES = ("rescale", "clamp", "tanh", "none")
+# Frames per block when audio is streamed from ffmpeg, through a spool or to an encoder.
+BLOCK_FRAMES = 2 ** 16
 # A decode may come out this much shorter than the probed duration (codec delay and padding, e.g.
 # one mp3 frame) before the file is reported as truncated.
 _SHORT_READ_TOLERANCE_S = 0.1
@@ -122,13 +137,10 @@ def _probe_soundfile(path: Path) -> dict:
             "streams": [stream], "backend": "soundfile"}
 
 
-def _decode_ffmpeg(path: Path, stream_index: int, channels: int, seek_time: tp.Optional[float],
-                   duration: tp.Optional[float], samplerate: tp.Optional[int]) -> torch.Tensor:
-    """Decode one stream (global index `stream_index`) to float32 `[channels, time]`.
-
-    ffmpeg writes raw samples to a temporary file that is then read in one go, so the memory used
-    is about the size of the decoded audio (the result is a transposed view, not a copy).
-    """
+def _ffmpeg_command(path: Path, stream_index: int, channels: int, seek_time: tp.Optional[float],
+                    duration: tp.Optional[float], samplerate: tp.Optional[int],
+                    output: str) -> tp.List[str]:
+    """ffmpeg decoding stream `stream_index` (global index) to raw float32 samples in `output`."""
     command = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error"]
     if seek_time:
         command += ["-ss", str(seek_time)]
@@ -138,15 +150,50 @@ def _decode_ffmpeg(path: Path, stream_index: int, channels: int, seek_time: tp.O
     command += ["-threads", "1", "-f", "f32le", "-ac", str(channels)]
     if samplerate is not None:
         command += ["-ar", str(samplerate)]
+    return command + [output]
+
+
+def _decode_ffmpeg(path: Path, stream_index: int, channels: int, seek_time: tp.Optional[float],
+                   duration: tp.Optional[float], samplerate: tp.Optional[int]) -> torch.Tensor:
+    """Decode one stream (global index `stream_index`) to float32 `[channels, time]`.
+
+    ffmpeg writes raw samples to a temporary file that is then read in one go, so the memory used
+    is about the size of the decoded audio (the result is a transposed view, not a copy).
+    """
     with tempfile.TemporaryDirectory(prefix="demucs_decode_") as folder:
         raw = Path(folder) / "audio.f32"
-        result = subprocess.run(command + [str(raw)], capture_output=True)
+        command = _ffmpeg_command(path, stream_index, channels, seek_time, duration, samplerate,
+                                  str(raw))
+        result = subprocess.run(command, capture_output=True)
         if result.returncode != 0:
             message = _last_message(result.stderr.decode(errors="replace"))
             raise AudioReadError(f"ffmpeg cannot decode {path}: {message}")
         samples = np.fromfile(raw, dtype=np.float32) if raw.exists() else np.zeros(0, np.float32)
     usable = len(samples) - len(samples) % channels
     return torch.from_numpy(samples[:usable]).view(-1, channels).t()
+
+
+def _ffmpeg_blocks(path: Path, stream_index: int, channels: int,
+                   samplerate: int) -> tp.Iterator[torch.Tensor]:
+    """Decode a whole stream like `_decode_ffmpeg`, yielding `[channels, n]` blocks of
+    `BLOCK_FRAMES` frames as ffmpeg writes them to a pipe (memory does not grow with the
+    duration). ffmpeg's messages go to a temporary file: a pipe would fill up and stall it."""
+    command = _ffmpeg_command(path, stream_index, channels, None, None, samplerate, "-")
+    frame_bytes = 4 * channels
+    with tempfile.TemporaryFile() as messages:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=messages) as process:
+            assert process.stdout is not None
+            while True:
+                data = process.stdout.read(BLOCK_FRAMES * frame_bytes)
+                if not data:
+                    break
+                data = data[:len(data) - len(data) % frame_bytes]
+                samples = np.frombuffer(data, dtype=np.float32).reshape(-1, channels)
+                yield torch.from_numpy(samples.T.copy())
+        if process.returncode != 0:
+            messages.seek(0)
+            message = _last_message(messages.read().decode(errors="replace"))
+            raise AudioReadError(f"ffmpeg cannot decode {path}: {message}")
 
 
 def _decode_soundfile(path: Path, seek_time: tp.Optional[float], duration: tp.Optional[float],
@@ -171,12 +218,144 @@ def _decode_soundfile(path: Path, seek_time: tp.Optional[float], duration: tp.Op
     return wav
 
 
+def _first_success(attempts: tp.Sequence[tp.Callable[[], T]]) -> T:
+    """The result of the first attempt that does not raise `AudioReadError`; when all of them
+    fail, one `AudioReadError` with every message."""
+    failures = []
+    for attempt in attempts:
+        try:
+            return attempt()
+        except AudioReadError as error:
+            logger.debug("%s", error)
+            failures.append(str(error))
+    raise AudioReadError("; ".join(failures))
+
+
+def _tensor_blocks(wav: torch.Tensor, frames: int = BLOCK_FRAMES) -> tp.Iterator[torch.Tensor]:
+    """Consecutive `[..., frames]` views of `wav` (the last one shorter)."""
+    for start in range(0, wav.shape[-1], frames):
+        yield wav[..., start:start + frames]
+
+
+def check_finite(wav: torch.Tensor, origin: str, samplerate: int, offset: int = 0) -> None:
+    """Raise `ValueError` naming the first NaN or infinite sample of `wav` `[C, T]`, if any.
+
+    Such samples would turn every separated stem into NaN; `offset` is the position of `wav`
+    in the whole track, for the time reported.
+    """
+    bad = ~torch.isfinite(wav)
+    if not bad.any():
+        return
+    first = int(bad.any(0).nonzero()[0, 0]) + offset
+    raise ValueError(f"{origin} holds {int(bad.sum())} NaN or infinite sample(s), the first at "
+                     f"sample {first} ({first / samplerate:.3f} s); repair or re-encode the audio "
+                     "before separating it.")
+
+
+@contextmanager
+def _closed_on_error(resource: tp.Any) -> tp.Iterator[None]:
+    """Close `resource` if the block raises (and re-raise)."""
+    try:
+        yield
+    except BaseException:
+        resource.close()
+        raise
+
+
+class AudioSpool:
+    """Float32 audio `[C, T]` kept in an anonymous temporary file, appended and read in blocks.
+
+    It holds a decoded track (`DecodedAudio`) or a stem being written (`AudioWriter`) outside
+    of memory; the file disappears when the spool is closed (use it as a context manager), or
+    when the process ends.
+    """
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        self.length = 0
+        self._file = tempfile.TemporaryFile()
+
+    def __enter__(self: SpoolT) -> SpoolT:
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        self.close()
+
+    def append(self, block: torch.Tensor) -> None:
+        """Add float32 samples `[C, n]` at the end."""
+        self._file.seek(0, os.SEEK_END)
+        self._file.write(block.t().contiguous().numpy())
+        self.length += block.shape[-1]
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Samples `[C, end - start]` (fewer when `end` is past the end)."""
+        self._file.seek(4 * self.channels * start)
+        count = max(0, end - start) * self.channels
+        samples = np.fromfile(self._file, dtype=np.float32, count=count)
+        return torch.from_numpy(samples).view(-1, self.channels).t()
+
+    def blocks(self, frames: int = BLOCK_FRAMES) -> tp.Iterator[torch.Tensor]:
+        """Every sample, in consecutive `[C, frames]` blocks (the last one shorter)."""
+        for start in range(0, self.length, frames):
+            yield self.read(start, start + frames)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class DecodedAudio(AudioSpool):
+    """An audio stream decoded into a spool, with the statistics separation needs.
+
+    Made by `AudioFile.decode_to_spool`. `mono_mean` and `mono_std` describe the mono mix (mean
+    of the channels) of the whole stream, summed in float64 as the blocks arrive.
+    """
+
+    def __init__(self, path: Path, samplerate: int, channels: int):
+        super().__init__(channels)
+        self.path = path
+        self.samplerate = samplerate
+        self._sum = 0.
+        self._sum_squares = 0.
+
+    @classmethod
+    def from_blocks(cls, path: Path, samplerate: int, channels: int,
+                    blocks: tp.Iterable[torch.Tensor]) -> "DecodedAudio":
+        """Spool decoded blocks (see `append`)."""
+        decoded = cls(path, samplerate, channels)
+        with _closed_on_error(decoded):
+            for block in blocks:
+                decoded.append(block)
+        return decoded
+
+    def append(self, block: torch.Tensor) -> None:
+        """Add a decoded block `[C', n]` (C' the file's channel count): refused (`ValueError`)
+        if it holds NaN or infinite samples, then converted to this spool's channel count (see
+        `convert_audio_channels`)."""
+        check_finite(block, f"audio file {self.path}", self.samplerate, offset=self.length)
+        block = convert_audio_channels(block, self.channels)
+        mono = block.double().mean(0)
+        self._sum += float(mono.sum())
+        self._sum_squares += float((mono * mono).sum())
+        super().append(block)
+
+    @property
+    def mono_mean(self) -> float:
+        return self._sum / max(self.length, 1)
+
+    @property
+    def mono_std(self) -> float:
+        """Standard deviation with Bessel's correction (0 for a single sample)."""
+        spread = self._sum_squares - self.length * self.mono_mean ** 2
+        return (max(spread, 0.) / max(self.length - 1, 1)) ** 0.5
+
+
 class AudioFile:
     """An audio file on disk, described by ffprobe and decoded by ffmpeg (soundfile as fallback).
 
     `info` is the ffprobe JSON (`format`, `streams`), computed once. `len(AudioFile(p))` is the
-    number of audio streams, described by `channels(stream)`, `samplerate(stream)` and
-    `duration()`.
+    number of audio streams, described by `audio_streams`, `channels(stream)`,
+    `samplerate(stream)` and `duration()`. `read` decodes into memory, `decode_to_spool` block by
+    block into a temporary file.
     """
 
     def __init__(self, path: PathLike):
@@ -208,21 +387,22 @@ class AudioFile:
         raise AudioReadError(f"{self.path} is not a readable audio file ({'; '.join(failures)}).")
 
     @property
-    def _audio_streams(self) -> tp.List[dict]:
+    def audio_streams(self) -> tp.List[dict]:
+        """ffprobe's description of each audio stream, in file order."""
         return [stream for stream in self.info["streams"] if stream.get("codec_type") == "audio"]
 
     def __len__(self) -> int:
-        return len(self._audio_streams)
+        return len(self.audio_streams)
 
     def channels(self, stream: int = 0) -> int:
-        return int(self._audio_streams[stream].get("channels", 0))
+        return int(self.audio_streams[stream].get("channels", 0))
 
     def samplerate(self, stream: int = 0) -> int:
-        return int(self._audio_streams[stream]["sample_rate"])
+        return int(self.audio_streams[stream]["sample_rate"])
 
     def duration(self) -> float:
         """Duration in seconds of the longest stream (container duration when streams lack one)."""
-        durations = [float(stream["duration"]) for stream in self._audio_streams
+        durations = [float(stream["duration"]) for stream in self.audio_streams
                      if "duration" in stream]
         if durations:
             return max(durations)
@@ -253,6 +433,38 @@ class AudioFile:
         length = min(wav.shape[-1] for wav in wavs)
         return torch.stack([wav[..., :length] for wav in wavs])
 
+    def decode_to_spool(self, samplerate: int, channels: int, stream: int = 0) -> DecodedAudio:
+        """Decode audio stream `stream` once, block by block, resampled to `samplerate` and
+        converted to `channels`, into a `DecodedAudio` (the caller closes it).
+
+        With ffmpeg, memory does not grow with the duration (soundfile, the fallback, decodes the
+        stream in one go). Raises `AudioReadError` for an unreadable, truncated or empty stream
+        and for NaN or infinite samples; gives the samples `read` would.
+        """
+        position = self._stream_positions(stream)[0]
+        native_channels = self._native_channels(position)
+
+        def from_ffmpeg() -> DecodedAudio:
+            blocks = _ffmpeg_blocks(self.path, self._stream_index(position), native_channels,
+                                    samplerate)
+            with closing(blocks):  # stops ffmpeg at once when a block is refused
+                return DecodedAudio.from_blocks(self.path, samplerate, channels, blocks)
+
+        def from_soundfile() -> DecodedAudio:
+            wav = _decode_soundfile(self.path, None, None, samplerate)
+            return DecodedAudio.from_blocks(self.path, samplerate, channels, _tensor_blocks(wav))
+
+        decoders = {"ffmpeg": from_ffmpeg, "soundfile": from_soundfile}
+        try:
+            decoded = _first_success([decoders[name] for name in self._decoder_names()])
+        except ValueError as error:  # NaN or infinite samples: another decoder would find them too
+            raise AudioReadError(str(error)) from None
+        with _closed_on_error(decoded):
+            self._check_not_truncated(position, decoded.length, samplerate, None, None)
+            if decoded.length == 0:
+                raise AudioReadError(f"{self.path} holds no audio samples.")
+        return decoded
+
     def _stream_positions(self, streams: tp.Union[int, slice, tp.Sequence[int]]) -> tp.List[int]:
         count = len(self)
         if isinstance(streams, int):
@@ -269,52 +481,54 @@ class AudioFile:
             raise AudioReadError(f"No stream of {self.path} selected by {streams!r}.")
         return positions
 
+    def _stream_index(self, position: int) -> int:
+        """The global index (among all streams, as ffmpeg counts) of an audio stream."""
+        return int(self.audio_streams[position]["index"])
+
+    def _native_channels(self, position: int) -> int:
+        channels = self.channels(position)
+        if channels <= 0:
+            raise AudioReadError(
+                f"Audio file {self.path} has no audio channels (stream {position}).")
+        return channels
+
+    def _decoder_names(self) -> tp.List[str]:
+        """The decoders to try, in order: ffmpeg when it described the file, then soundfile,
+        which only reads files with a single stream."""
+        if self.info.get("backend") == "soundfile":
+            return ["soundfile"]
+        return ["ffmpeg", "soundfile"] if len(self) == 1 else ["ffmpeg"]
+
     def _read_stream(self, position: int, seek_time: tp.Optional[float],
                      duration: tp.Optional[float], samplerate: tp.Optional[int],
                      channels: tp.Optional[int]) -> torch.Tensor:
-        native_channels = self.channels(position)
-        if native_channels <= 0:
-            raise AudioReadError(
-                f"Audio file {self.path} has no audio channels (stream {position}).")
+        native_channels = self._native_channels(position)
+        decoders = {
+            "ffmpeg": lambda: _decode_ffmpeg(self.path, self._stream_index(position),
+                                             native_channels, seek_time, duration, samplerate),
+            "soundfile": lambda: _decode_soundfile(self.path, seek_time, duration, samplerate),
+        }
+        wav = _first_success([decoders[name] for name in self._decoder_names()])
         rate = samplerate or self.samplerate(position)
-        wav = self._decode(position, native_channels, seek_time, duration, samplerate)
-        self._check_not_truncated(position, wav, rate, seek_time, duration)
+        self._check_not_truncated(position, wav.shape[-1], rate, seek_time, duration)
         if channels is not None:
             wav = convert_audio_channels(wav, channels)
         if duration is not None:
             wav = wav[..., :int(rate * duration)]
         return wav
 
-    def _decode(self, position: int, native_channels: int, seek_time: tp.Optional[float],
-                duration: tp.Optional[float], samplerate: tp.Optional[int]) -> torch.Tensor:
-        if self.info.get("backend") == "soundfile":
-            return _decode_soundfile(self.path, seek_time, duration, samplerate)
-        stream_index = int(self._audio_streams[position]["index"])
-        try:
-            return _decode_ffmpeg(self.path, stream_index, native_channels,
-                                  seek_time, duration, samplerate)
-        except AudioReadError as ffmpeg_error:
-            if len(self) != 1:
-                raise
-            logger.debug("%s; trying soundfile", ffmpeg_error)
-            try:
-                return _decode_soundfile(self.path, seek_time, duration, samplerate)
-            except AudioReadError as soundfile_error:
-                raise AudioReadError(f"{ffmpeg_error}; {soundfile_error}") from None
-
-    def _check_not_truncated(self, position: int, wav: torch.Tensor, rate: int,
+    def _check_not_truncated(self, position: int, length: int, rate: int,
                              seek_time: tp.Optional[float], duration: tp.Optional[float]) -> None:
-        """Fail when the decoder stopped well before the duration the header promised.
-
-        Only for codecs with an exact duration in their header (PCM, FLAC...).
-        """
-        stream = self._audio_streams[position]
+        """Fail when the decoder gave `length` samples at `rate`, well less than the duration
+        the header promised. Only for codecs with an exact duration in their header (PCM,
+        FLAC...)."""
+        stream = self.audio_streams[position]
         if not str(stream.get("codec_name", "")).startswith(_EXACT_DURATION_CODECS):
             return
         stream_duration = float(stream.get("duration", self.info["format"].get("duration", 0)))
         available = max(0.0, stream_duration - (seek_time or 0.0))
         expected = available if duration is None else min(duration, available)
-        decoded = wav.shape[-1] / rate
+        decoded = length / rate
         if decoded < expected - _SHORT_READ_TOLERANCE_S:
             raise AudioReadError(
                 f"Audio file {self.path} is truncated or corrupt: expected {expected:.2f} s of "
@@ -403,18 +617,22 @@ def resample(wav: torch.Tensor, from_samplerate: int, to_samplerate: int) -> tor
     return F.pad(out, (0, max(0, length - out.shape[-1])))[..., :length]
 
 
-def prevent_clip(wav: torch.Tensor, mode: tp.Optional[str] = "rescale") -> torch.Tensor:
+def prevent_clip(wav: torch.Tensor, mode: tp.Optional[str] = "rescale",
+                 peak: tp.Optional[float] = None) -> torch.Tensor:
     """Keep float audio inside [-1, 1] before it is written.
 
     Modes: `rescale` divides by `max(1.01 * peak, 1)` (no change if already safe), `clamp` clips
-    to +/-0.99, `tanh` soft clips, `none` (or None) leaves the audio as is.
+    to +/-0.99, `tanh` soft clips, `none` (or None) leaves the audio as is. `peak` is the
+    largest absolute sample of the whole audio when `wav` is one block of it (default: `wav`'s),
+    so that every block is rescaled alike.
     """
     if mode is None or mode == "none":
         return wav
     if not wav.dtype.is_floating_point:
         raise ValueError(f"prevent_clip needs float audio, got {wav.dtype}.")
     if mode == "rescale":
-        peak = wav.abs().max().item() if wav.numel() else 0.0
+        if peak is None:
+            peak = wav.abs().max().item() if wav.numel() else 0.0
         return wav / max(1.01 * peak, 1.0)
     if mode == "clamp":
         return wav.clamp(-0.99, 0.99)
@@ -517,6 +735,116 @@ def _lame_info_frame(data: bytes, samplerate: int, samples: int) -> bytes:
     return bytes(frame)
 
 
+class AudioFormat(tp.NamedTuple):
+    """How audio is encoded: the file type (`ext`: "wav", "flac" or "mp3") and its options."""
+    ext: str
+    samplerate: int
+    clip: tp.Optional[str] = "rescale"  # see `prevent_clip`
+    bits_per_sample: int = 16  # wav and flac PCM: 16 or 24
+    as_float: bool = False  # wav as 32-bit float (flac, integer only, then uses 24 bits)
+    bitrate: int = 320  # mp3, in kbps
+    preset: int = 2  # mp3: lame's algorithm quality, 2 (best) to 7 (fastest)
+
+
+def _soundfile_subtype(fmt: AudioFormat) -> str:
+    if fmt.as_float and fmt.ext == "wav":
+        return "FLOAT"
+    if fmt.as_float:  # FLAC is integer only: 24 bits is the closest to float precision.
+        return "PCM_24"
+    if fmt.bits_per_sample not in (16, 24):
+        raise ValueError(f"bits_per_sample must be 16 or 24, got {fmt.bits_per_sample}.")
+    return f"PCM_{fmt.bits_per_sample}"
+
+
+def _encode_soundfile(blocks: tp.Iterable[torch.Tensor], path: Path, channels: int,
+                      fmt: AudioFormat) -> None:
+    subtype = _soundfile_subtype(fmt)
+    with soundfile.SoundFile(str(path), "w", fmt.samplerate, channels, subtype,
+                             format=fmt.ext.upper()) as file:
+        for block in blocks:
+            file.write(block.float().t().contiguous().numpy())
+
+
+def _lame_encoder(channels: int, fmt: AudioFormat, verbose: bool) -> lameenc.Encoder:
+    if channels not in (1, 2):
+        raise ValueError(f"mp3 holds 1 or 2 channels, got {channels}; convert the audio first.")
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(fmt.bitrate)
+    encoder.set_in_sample_rate(fmt.samplerate)
+    encoder.set_channels(channels)
+    encoder.set_quality(fmt.preset)
+    if not verbose:
+        encoder.silence()
+    return encoder
+
+
+def _encode_mp3(blocks: tp.Iterable[torch.Tensor], path: Path, channels: int, fmt: AudioFormat,
+                verbose: bool = False) -> None:
+    """Encode to a constant bit rate mp3 that starts with a gapless Info/LAME frame.
+
+    That frame describes the whole stream (frame count, length, end padding), so lame's output
+    is first kept in an anonymous temporary file: an mp3 is small, but memory would still grow
+    with the duration.
+    """
+    encoder = _lame_encoder(channels, fmt, verbose)
+    samples = 0
+    with tempfile.TemporaryFile() as stream:
+        for block in blocks:
+            stream.write(encoder.encode(i16_pcm(block).t().contiguous().numpy().tobytes()))
+            samples += block.shape[-1]
+        stream.write(encoder.flush())
+        stream.flush()
+        with open(path, "wb") as file:
+            file.write(_info_frame_of_file(stream, fmt.samplerate, samples))
+            stream.seek(0)
+            shutil.copyfileobj(stream, file)
+
+
+def _info_frame_of_file(stream: tp.BinaryIO, samplerate: int, samples: int) -> bytes:
+    """`_lame_info_frame` for the mp3 stream held in the file `stream`, read through mmap."""
+    if stream.seek(0, os.SEEK_END) == 0:
+        return b""
+    with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _lame_info_frame(data, samplerate, samples)
+
+
+def _encode(blocks: tp.Iterable[torch.Tensor], path: Path, channels: int,
+            fmt: AudioFormat) -> None:
+    """Write float audio blocks `[channels, n]`, already kept within [-1, 1], to `path`."""
+    if fmt.ext == "mp3":
+        _encode_mp3(blocks, path, channels, fmt)
+    elif fmt.ext in ("wav", "flac"):
+        _encode_soundfile(blocks, path, channels, fmt)
+    else:
+        raise ValueError(f"Cannot encode audio as {fmt.ext!r}: use one of "
+                         f"{', '.join(suffix[1:] for suffix in SAVE_SUFFIXES)}.")
+
+
+class AudioWriter(AudioSpool):
+    """Accumulates float audio block by block in a spool, then encodes it to wav, flac or mp3.
+
+    The peak of the whole audio is tracked as blocks arrive, so that `rescale` clipping divides
+    every block by the factor `save_audio` would use for the whole audio in one go, while memory
+    holds one block at a time.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.peak = 0.
+
+    def append(self, block: torch.Tensor) -> None:
+        block = block.detach().cpu().float()
+        if block.numel():
+            self.peak = max(self.peak, float(block.abs().max()))
+        super().append(block)
+
+    def encode(self, path: PathLike, fmt: AudioFormat) -> None:
+        """Write everything appended to `path`, as is (wrap it in `atomic_write` to replace a
+        file only on success)."""
+        blocks = (prevent_clip(block, fmt.clip, peak=self.peak) for block in self.blocks())
+        _encode(blocks, Path(path), self.channels, fmt)
+
+
 def encode_mp3(wav: torch.Tensor, path: PathLike, samplerate: int = 44100, bitrate: int = 320,
                quality: int = 2, verbose: bool = False) -> None:
     """Encode `[C, T]` audio (C = 1 or 2) to a constant bit rate mp3 file with lameenc.
@@ -524,42 +852,18 @@ def encode_mp3(wav: torch.Tensor, path: PathLike, samplerate: int = 44100, bitra
     `quality` is lame's algorithm quality, 2 (best) to 7 (fastest). A LAME "Info" tag is added
     so that decoders trim the codec delay and padding and give back exactly T samples.
     """
-    channels = wav.shape[0]
-    if channels not in (1, 2):
-        raise ValueError(f"mp3 holds 1 or 2 channels, got {channels}; convert the audio first.")
-    encoder = lameenc.Encoder()
-    encoder.set_bit_rate(bitrate)
-    encoder.set_in_sample_rate(samplerate)
-    encoder.set_channels(channels)
-    encoder.set_quality(quality)
-    if not verbose:
-        encoder.silence()
-    pcm = i16_pcm(wav).t().contiguous().numpy()
-    data = bytes(encoder.encode(pcm.tobytes()) + encoder.flush())
-    with open(path, "wb") as file:
-        file.write(_lame_info_frame(data, samplerate, wav.shape[-1]))
-        file.write(data)
+    fmt = AudioFormat("mp3", samplerate, bitrate=bitrate, preset=quality)
+    with atomic_write(path) as temporary:
+        _encode_mp3(_tensor_blocks(wav), temporary, wav.shape[0], fmt, verbose)
 
 
-def _soundfile_subtype(bits_per_sample: int, as_float: bool, suffix: str) -> str:
-    if as_float and suffix == ".wav":
-        return "FLOAT"
-    if as_float:  # FLAC is integer only: 24 bits is the closest to float precision.
-        return "PCM_24"
-    if bits_per_sample not in (16, 24):
-        raise ValueError(f"bits_per_sample must be 16 or 24, got {bits_per_sample}.")
-    return f"PCM_{bits_per_sample}"
-
-
-def _write(wav: torch.Tensor, path: Path, suffix: str, samplerate: int, bitrate: int,
-           bits_per_sample: int, as_float: bool, preset: int) -> None:
-    if suffix == ".mp3":
-        encode_mp3(wav, path, samplerate, bitrate=bitrate, quality=preset)
-        return
-    subtype = _soundfile_subtype(bits_per_sample, as_float, suffix)
-    audio_format = "WAV" if suffix == ".wav" else "FLAC"
-    data = wav.detach().cpu().float().t().contiguous().numpy()
-    soundfile.write(str(path), data, samplerate, subtype=subtype, format=audio_format)
+def _format_of(path: Path, samplerate: int, **options: tp.Any) -> AudioFormat:
+    """The `AudioFormat` that `path`'s suffix chooses."""
+    suffix = path.suffix.lower()
+    if suffix not in SAVE_SUFFIXES:
+        raise ValueError(f"Cannot save audio to {path}: unsupported suffix {path.suffix!r}, "
+                         f"use one of {', '.join(SAVE_SUFFIXES)}.")
+    return AudioFormat(suffix[1:], samplerate, **options)
 
 
 def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int = 320,
@@ -577,10 +881,8 @@ def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int 
     a failure never leaves a partial output file.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SAVE_SUFFIXES:
-        raise ValueError(f"Cannot save audio to {path}: unsupported suffix {path.suffix!r}, "
-                         f"use one of {', '.join(SAVE_SUFFIXES)}.")
+    fmt = _format_of(path, samplerate, clip=clip, bits_per_sample=bits_per_sample,
+                     as_float=as_float, bitrate=bitrate, preset=preset)
     if wav.dim() == 1:
         wav = wav[None]
     if wav.dim() != 2:
@@ -590,10 +892,5 @@ def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int 
         raise FileNotFoundError(
             f"Cannot save audio to {path}: folder {path.parent} does not exist.")
     wav = prevent_clip(f32_pcm(wav.detach().cpu()), mode=clip)
-    temp_path = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    try:
-        _write(wav, temp_path, suffix, samplerate, bitrate, bits_per_sample, as_float, preset)
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as temporary:
+        _encode(_tensor_blocks(wav), temporary, wav.shape[0], fmt)

@@ -1,106 +1,36 @@
 """The `demucs` command: separate tracks into stems written as wav, flac or mp3 files.
 
 With the default `split`, each track is decoded once into a temporary file, separated block by
-block and every stem is streamed to disk, so memory does not grow with the track's duration.
-Each stem is written under a temporary name and renamed only when the whole track succeeded,
-so a failure never leaves partial outputs behind; other tracks are still processed.
+block and every stem is streamed to a spool (`demucs.audio.AudioWriter`), so memory does not grow
+with the track's duration. Each stem is written under a temporary name and renamed only when the
+whole track succeeded (`demucs.files.atomic_write`), so a failure never leaves partial outputs
+behind; other tracks are still processed.
 """
 import argparse
-import glob
+from contextlib import ExitStack
 import logging
-import os
 from pathlib import Path
 import sys
-import tempfile
 import typing as tp
 
-import lameenc
-import numpy as np
-import soundfile
 import torch
 
+from .allocator import tune_malloc
 from .api import LoadAudioError, LoadModelError, Separator, _default_device, list_models, \
     max_allowed_segment
-from .audio import _soundfile_subtype, i16_pcm, prevent_clip
+from .audio import AudioFormat, AudioWriter
+from .files import atomic_write, remove_stale_partials
 from .pretrained import DEFAULT_MODEL, add_model_flags
 
 logger = logging.getLogger(__name__)
-_WRITE_FRAMES = 2 ** 16
 
 
 class SeparationError(Exception):
     """A track could not be separated (reported, then the next track is processed)."""
 
 
-class OutputFormat(tp.NamedTuple):
-    """How stems are encoded."""
-    ext: str
-    samplerate: int
-    clip: str
-    bits_per_sample: int
-    as_float: bool
-    bitrate: int
-    preset: int
-
-
-class StemWriter:
-    """Accumulates one stem block by block in a temporary raw file, then encodes it.
-
-    The raw float32 file lets `rescale` clipping use the peak of the whole stem, as when
-    the stem is saved in one go, while memory holds only one block at a time.
-    """
-
-    def __init__(self, channels: int):
-        self.channels = channels
-        self._raw = tempfile.TemporaryFile()
-        self.length = 0
-        self.peak = 0.
-
-    def append(self, block: torch.Tensor) -> None:
-        block = block.detach().cpu().float()
-        if block.numel():
-            self.peak = max(self.peak, float(block.abs().max()))
-        self._raw.write(block.t().contiguous().numpy().tobytes())
-        self.length += block.shape[-1]
-
-    def _blocks(self, fmt: OutputFormat) -> tp.Iterator[torch.Tensor]:
-        self._raw.seek(0)
-        for _ in range(0, self.length, _WRITE_FRAMES):
-            samples = np.fromfile(self._raw, dtype=np.float32, count=_WRITE_FRAMES * self.channels)
-            block = torch.from_numpy(samples).view(-1, self.channels).t()
-            if fmt.clip == "rescale":
-                yield block / max(1.01 * self.peak, 1.)
-            else:
-                yield prevent_clip(block, fmt.clip)
-
-    def encode(self, path: Path, fmt: OutputFormat) -> None:
-        """Write the stem to `path` in the format `fmt`."""
-        if fmt.ext == "mp3":
-            self._encode_mp3(path, fmt)
-        else:
-            subtype = _soundfile_subtype(fmt.bits_per_sample, fmt.as_float, "." + fmt.ext)
-            with soundfile.SoundFile(str(path), "w", fmt.samplerate, self.channels, subtype,
-                                     format=fmt.ext.upper()) as file:
-                for block in self._blocks(fmt):
-                    file.write(block.t().contiguous().numpy())
-
-    def _encode_mp3(self, path: Path, fmt: OutputFormat) -> None:
-        encoder = lameenc.Encoder()
-        encoder.set_bit_rate(fmt.bitrate)
-        encoder.set_in_sample_rate(fmt.samplerate)
-        encoder.set_channels(self.channels)
-        encoder.set_quality(fmt.preset)
-        encoder.silence()
-        with open(path, "wb") as file:
-            for block in self._blocks(fmt):
-                file.write(encoder.encode(i16_pcm(block).t().contiguous().numpy().tobytes()))
-            file.write(encoder.flush())
-
-    def close(self) -> None:
-        self._raw.close()
-
-
 def get_parser() -> argparse.ArgumentParser:
+    """The `demucs` command's flags (those of upstream Demucs, in its order)."""
     parser = argparse.ArgumentParser("demucs",
                                      description="Separate the sources for the given tracks")
     parser.add_argument("tracks", nargs="*", type=Path, default=[], help="Path to tracks")
@@ -118,6 +48,14 @@ def get_parser() -> argparse.ArgumentParser:
                              "extension. Default is \"{track}/{stem}.{ext}\".")
     parser.add_argument("-d", "--device", default=_default_device(),
                         help="Device to use, default is cuda if available, else mps, else cpu.")
+    _add_separation_flags(parser)
+    _add_output_format_flags(parser)
+    _add_speed_flags(parser)
+    return parser
+
+
+def _add_separation_flags(parser: argparse.ArgumentParser) -> None:
+    """How the model is applied: shifts, overlap, segments and which stems to keep."""
     parser.add_argument("--shifts", default=1, type=int,
                         help="Number of random shifts for equivariant stabilization. Increase "
                              "separation time but improves quality for Demucs. 10 was used in "
@@ -137,6 +75,10 @@ def get_parser() -> argparse.ArgumentParser:
                         help="Decide how to get \"no_{STEM}\". \"none\" will not save "
                              "\"no_{STEM}\". \"add\" will add all the other stems. \"minus\" "
                              "will use the original track minus the selected stem.")
+
+
+def _add_output_format_flags(parser: argparse.ArgumentParser) -> None:
+    """How stems are encoded: wav depth, clipping, flac or mp3."""
     depth_group = parser.add_mutually_exclusive_group()
     depth_group.add_argument("--int24", action="store_true", help="Save wav output as 24 bits wav.")
     depth_group.add_argument("--float32", action="store_true",
@@ -152,6 +94,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mp3-preset", choices=range(2, 8), type=int, default=2,
                         help="Encoder preset of MP3, 2 for highest quality, 7 for fastest speed. "
                              "Default is 2")
+
+
+def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """Opt-in speed options and parallel jobs."""
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None,
                         help="Run the model in mixed precision (opt-in): faster on GPUs and on "
                              "CPUs with bfloat16 units, with a slightly different output than "
@@ -162,14 +108,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-j", "--jobs", default=0, type=int,
                         help="Number of jobs. This can increase memory usage but will be much "
                              "faster when multiple cores are available.")
-    return parser
 
 
-def _output_format(args: argparse.Namespace, samplerate: int) -> OutputFormat:
+def _output_format(args: argparse.Namespace, samplerate: int) -> AudioFormat:
     ext = "mp3" if args.mp3 else "flac" if args.flac else "wav"
-    return OutputFormat(ext=ext, samplerate=samplerate, clip=args.clip_mode,
-                        bits_per_sample=24 if args.int24 else 16, as_float=args.float32,
-                        bitrate=args.mp3_bitrate, preset=args.mp3_preset)
+    return AudioFormat(ext=ext, samplerate=samplerate, clip=args.clip_mode,
+                       bits_per_sample=24 if args.int24 else 16, as_float=args.float32,
+                       bitrate=args.mp3_bitrate, preset=args.mp3_preset)
 
 
 def _stem_names(sources: tp.List[str], stem: tp.Optional[str], other_method: str) -> tp.List[str]:
@@ -204,15 +149,6 @@ def _output_path(out: Path, pattern: str, track: Path, stem: str, ext: str) -> P
                               "{track}, {trackext}, {stem} and {ext}") from None
 
 
-def _remove_stale_partials(path: Path) -> None:
-    """Delete the temporary files of `path` left by a killed run (SIGKILL cannot clean up)."""
-    if not path.parent.is_dir():
-        return
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
-        logger.info("Removing %s, left by an interrupted run", stale)
-        stale.unlink(missing_ok=True)
-
-
 def _blocks(separator: Separator, track: Path, split: bool):
     if split:
         yield from separator.separate_audio_file_in_blocks(track)
@@ -221,35 +157,31 @@ def _blocks(separator: Separator, track: Path, split: bool):
 
 
 def separate_track(separator: Separator, track: Path, out: Path, args: argparse.Namespace,
-                   fmt: OutputFormat) -> tp.List[Path]:
+                   fmt: AudioFormat) -> tp.List[Path]:
     """Separate one track and write its stems; returns the written paths."""
     names = _stem_names(separator.model.sources, args.stem, args.other_method)
     paths = {name: _output_path(out, args.filename, track, name, fmt.ext) for name in names}
-    writers = {name: StemWriter(separator.audio_channels) for name in names}
-    partials: tp.List[Path] = []
     for path in paths.values():
-        _remove_stale_partials(path)
-    try:
+        remove_stale_partials(path)
+    with ExitStack() as writers_stack:
+        writers = {name: writers_stack.enter_context(AudioWriter(separator.audio_channels))
+                   for name in names}
         for origin, sources in _blocks(separator, track, args.split):
             stems = _stems_of_block(origin, sources, args.stem, args.other_method)
             for name, block in stems.items():
                 writers[name].append(block)
+        _encode_all_or_none(writers, paths, fmt)
+    return list(paths.values())
+
+
+def _encode_all_or_none(writers: tp.Dict[str, AudioWriter], paths: tp.Dict[str, Path],
+                        fmt: AudioFormat) -> None:
+    """Encode every stem under a temporary name; rename them only once all of them succeeded
+    (on failure, every temporary is removed and previous outputs stay as they were)."""
+    with ExitStack() as renames:
         for name, path in paths.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
-                                               dir=path.parent)
-            os.close(handle)
-            partials.append(Path(partial))
-            writers[name].encode(Path(partial), fmt)
-        for partial, path in zip(partials, paths.values()):
-            os.replace(partial, path)
-        partials = []
-    finally:
-        for partial in partials:
-            partial.unlink(missing_ok=True)
-        for writer in writers.values():
-            writer.close()
-    return list(paths.values())
+            writers[name].encode(renames.enter_context(atomic_write(path)), fmt)
 
 
 def _print_models(repo: tp.Optional[Path]) -> None:
@@ -304,6 +236,7 @@ def _warn_about_slow_options_on_cpu(args: argparse.Namespace) -> None:
 
 def main(opts: tp.Optional[tp.List[str]] = None) -> None:
     """Entry point of the `demucs` command; exits with status 1 if any track failed."""
+    tune_malloc()
     args = get_parser().parse_args(opts)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")

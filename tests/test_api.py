@@ -1,6 +1,9 @@
 """The Separator API: in-memory and block-wise separation, parameters, errors."""
+import os
 from pathlib import Path
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,14 +130,22 @@ def test_list_models(repo: Path):
     assert "htdemucs" in list_models()["bag"]
 
 
-def test_module_demo_writes_stems(repo: Path, track: Path, tmp_path: Path):
-    from demucs.api import _demo
-    _demo(["-n", "tiny", "--repo", str(repo), "-d", "cpu", "-o", str(tmp_path), "--shifts", "0",
-           "--flac", str(track)])
+def test_python_m_demucs_api_is_the_demucs_command(repo: Path, track: Path, tmp_path: Path):
+    subprocess.run([sys.executable, "-m", "demucs.api", "-n", "tiny", "--repo", str(repo), "-d",
+                    "cpu", "-o", str(tmp_path), "--shifts", "0", "--flac", str(track)],
+                   check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     written = sorted(p.name for p in (tmp_path / "tiny" / "song").iterdir())
     assert written == sorted(f"{name}.flac" for name in SOURCES)
     bass = tmp_path / "tiny" / "song" / "bass.flac"
     assert soundfile.info(str(bass)).frames == int(1.3 * SAMPLERATE)
+
+
+def test_importing_the_api_does_not_import_the_command():
+    """demucs.separate imports demucs.api, never the reverse: no import circle."""
+    probe = "import sys, demucs.api; print('demucs.separate' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_truncated_file_is_refused_in_both_modes(repo: Path, track: Path, tmp_path: Path):

@@ -1,5 +1,7 @@
-"""Audio I/O: round trips per format, mp3 length, conversions and the clear read errors."""
+"""Audio I/O: round trips per format, mp3 length, conversions, the clear read errors, the spool,
+block-wise decoding and writing, and the mode of written files."""
 import math
+import os
 from pathlib import Path
 import shutil
 import struct
@@ -11,9 +13,9 @@ import pytest
 import torch
 
 from demucs import audio
-from demucs.audio import (AudioFile, AudioReadError, as_dtype_pcm, convert_audio,
-                          convert_audio_channels, encode_mp3, f32_pcm, i16_pcm, prevent_clip,
-                          read_audio, save_audio)
+from demucs.audio import (AudioFile, AudioFormat, AudioReadError, AudioSpool, AudioWriter,
+                          as_dtype_pcm, convert_audio, convert_audio_channels, encode_mp3,
+                          f32_pcm, i16_pcm, prevent_clip, read_audio, save_audio)
 
 SR = 44100
 
@@ -58,11 +60,31 @@ def test_mp3_decodes_to_input_length_and_content(tmp_path):
     path = tmp_path / "x.mp3"
     save_audio(wav, path, SR, bitrate=192, preset=5)
     back = read_audio(path)
-    assert back.shape[0] == 2
-    assert abs(back.shape[-1] - wav.shape[-1]) <= 1152
-    length = min(back.shape[-1], wav.shape[-1])
-    error = (back[:, :length] - wav[:, :length]).pow(2).mean() / wav.pow(2).mean()
+    assert back.shape == wav.shape
+    error = (back - wav).pow(2).mean() / wav.pow(2).mean()
     assert error.item() < 0.05, "decoded mp3 is not aligned with its input"
+
+
+def ffmpeg_decoded_frames(path: Path) -> int:
+    """How many samples per channel ffmpeg decodes from `path` (f32le straight from ffmpeg)."""
+    result = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path),
+                             "-f", "f32le", "-"], capture_output=True, check=True)
+    return len(result.stdout) // 4 // AudioFile(path).channels()
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg to decode")
+@pytest.mark.parametrize("channels", [1, 2])
+def test_mp3_writers_give_exactly_the_input_length_and_the_same_file(tmp_path, channels):
+    """save_audio (one tensor) and AudioWriter (blocks, as the demucs command writes) share one
+    mp3 encoder: the same bytes, with a gapless Info frame, so 3 s decode to 132,300 samples."""
+    wav = tonal_audio(channels=channels, seconds=3.0)
+    save_audio(wav, tmp_path / "whole.mp3", SR, preset=7)
+    with AudioWriter(channels) as writer:
+        for start in range(0, wav.shape[-1], 50000):
+            writer.append(wav[:, start:start + 50000])
+        writer.encode(tmp_path / "blocks.mp3", AudioFormat("mp3", SR, preset=7))
+    assert (tmp_path / "whole.mp3").read_bytes() == (tmp_path / "blocks.mp3").read_bytes()
+    assert ffmpeg_decoded_frames(tmp_path / "whole.mp3") == 132_300
 
 
 def test_mp3_without_ffmpeg_has_the_same_length(tmp_path, monkeypatch):
@@ -157,14 +179,21 @@ BAD_FILES = {
 }
 
 
+READERS = {
+    "in memory": read_audio,
+    "spooled": lambda path: AudioFile(path).decode_to_spool(SR, 2).close(),
+}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
 @pytest.mark.parametrize("ffmpeg", [True, False], ids=["ffmpeg", "soundfile"])
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_input_gives_clear_error(tmp_path, monkeypatch, case, ffmpeg):
+def test_bad_input_gives_clear_error(tmp_path, monkeypatch, case, ffmpeg, reader):
     path = BAD_FILES[case](tmp_path)
     if not ffmpeg:
         monkeypatch.setattr(audio, "_ffmpeg_available", lambda: False)
     with pytest.raises(AudioReadError, match=str(path).replace(".", r"\.")):
-        read_audio(path)
+        READERS[reader](path)
 
 
 def test_missing_stream_is_a_clear_error(tmp_path):
@@ -254,3 +283,112 @@ def test_pcm_int16_float_round_trip(values):
 def test_i16_pcm_clamps_float():
     assert i16_pcm(torch.tensor([-2.0, 0.5, 2.0])).tolist() == [-32767, 16384, 32767]
     np.testing.assert_array_equal(f32_pcm(torch.tensor([0.25])).numpy(), [0.25])
+
+
+def test_spool_round_trip():
+    generator = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(3, length, generator=generator) for length in (5, 0, 70_000, 3)]
+    whole = torch.cat(blocks, dim=-1)
+    with AudioSpool(3) as spool:
+        for block in blocks:
+            spool.append(block)
+        assert spool.length == whole.shape[-1]
+        assert torch.equal(spool.read(0, spool.length), whole)
+        assert torch.equal(spool.read(65_000, 65_010), whole[:, 65_000:65_010])
+        assert torch.equal(spool.read(70_000, 80_000), whole[:, 70_000:])  # past the end
+        assert spool.read(10, 10).shape == (3, 0)
+        parts = list(spool.blocks(frames=30_000))
+        assert [part.shape[-1] for part in parts] == [30_000, 30_000, 10_008]
+        assert torch.equal(torch.cat(parts, dim=-1), whole)
+
+
+def write_float_wav(tmp_path: Path, name: str, wav: torch.Tensor, samplerate: int = SR) -> Path:
+    path = tmp_path / name
+    save_audio(wav, path, samplerate, as_float=True, clip="none")
+    return path
+
+
+SPOOL_CASES = {  # file written, samplerate and channels asked
+    "stereo": (lambda tmp: write_float_wav(tmp, "a.wav", tonal_audio(seconds=2)), SR, 2),
+    "mono to stereo": (lambda tmp: write_float_wav(tmp, "m.wav", tonal_audio(1, 2)), SR, 2),
+    "stereo to mono": (lambda tmp: write_float_wav(tmp, "s.wav", tonal_audio(2, 2)), SR, 1),
+    "6 channels to stereo": (lambda tmp: write_float_wav(tmp, "6.wav", tonal_audio(6, 1)), SR, 2),
+    "48 kHz": (lambda tmp: write_float_wav(tmp, "h.wav", tonal_audio(2, 2, 48000), 48000), SR, 2),
+    "mp3": (lambda tmp: write_wav(tmp, "x.mp3", seconds=2), SR, 2),
+}
+
+
+@pytest.mark.parametrize("ffmpeg", [True, False], ids=["ffmpeg", "soundfile"])
+@pytest.mark.parametrize("case", list(SPOOL_CASES))
+def test_decode_to_spool_gives_the_samples_read_gives(tmp_path, monkeypatch, case, ffmpeg):
+    make, samplerate, channels = SPOOL_CASES[case]
+    path = make(tmp_path)
+    if not ffmpeg:
+        monkeypatch.setattr(audio, "_ffmpeg_available", lambda: False)
+    expected = AudioFile(path).read(streams=0, samplerate=samplerate, channels=channels)
+    with AudioFile(path).decode_to_spool(samplerate, channels) as decoded:
+        assert (decoded.channels, decoded.length) == tuple(expected.shape)
+        assert torch.equal(decoded.read(0, decoded.length), expected)
+        mono = expected.double().mean(0)
+        assert decoded.mono_mean == pytest.approx(mono.mean().item(), abs=1e-12)
+        assert decoded.mono_std == pytest.approx(mono.std().item(), rel=1e-9)
+
+
+def test_decode_to_spool_falls_back_to_soundfile_when_ffmpeg_fails(tmp_path, monkeypatch):
+    path = write_float_wav(tmp_path, "x.wav", tonal_audio())
+
+    def broken_ffmpeg(*args, **kwargs):
+        raise AudioReadError("ffmpeg cannot decode (simulated)")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(audio, "_ffmpeg_blocks", broken_ffmpeg)
+    with AudioFile(path).decode_to_spool(SR, 2) as decoded:
+        assert torch.equal(decoded.read(0, decoded.length), read_audio(path))
+
+
+@pytest.mark.parametrize("ffmpeg", [True, False], ids=["ffmpeg", "soundfile"])
+def test_decode_to_spool_refuses_non_finite_samples_where_they_are(tmp_path, monkeypatch,
+                                                                   ffmpeg):
+    wav = tonal_audio(seconds=2)
+    wav[1, 70_000:70_003] = math.inf
+    path = write_float_wav(tmp_path, "inf.wav", wav)
+    if not ffmpeg:
+        monkeypatch.setattr(audio, "_ffmpeg_available", lambda: False)
+    message = (r"inf\.wav holds 3 NaN or infinite sample\(s\), the first at sample 70000 "
+               r"\(1\.587 s\)")
+    with pytest.raises(AudioReadError, match=message):
+        AudioFile(path).decode_to_spool(SR, 2)
+
+
+def test_decode_to_spool_refuses_a_stream_without_samples(tmp_path):
+    path = write_bytes(tmp_path / "silent.wav", wav_header(2, 0))
+    with pytest.raises(AudioReadError, match="silent.wav holds no audio samples"):
+        AudioFile(path).decode_to_spool(SR, 2)
+
+
+def test_writer_rescales_every_block_like_save_audio(tmp_path):
+    loud = tonal_audio(seconds=3) * torch.linspace(0, 8, 3 * SR)
+    save_audio(loud, tmp_path / "whole.wav", SR)
+    with AudioWriter(2) as writer:
+        for start in range(0, loud.shape[-1], 40_000):
+            writer.append(loud[:, start:start + 40_000])
+        assert writer.peak == loud.abs().max().item()
+        writer.encode(tmp_path / "blocks.wav", AudioFormat("wav", SR))
+    assert (tmp_path / "whole.wav").read_bytes() == (tmp_path / "blocks.wav").read_bytes()
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test (`umask(0o022)`), restored afterwards."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+@pytest.mark.parametrize("name", ["x.wav", "x.flac", "x.mp3"])
+def test_saved_files_get_the_mode_of_a_plain_open(tmp_path, umask, mask, mode, name):
+    umask(mask)
+    save_audio(tonal_audio(seconds=0.2), tmp_path / name, SR)
+    assert (tmp_path / name).stat().st_mode & 0o777 == mode
+    assert [path.name for path in tmp_path.iterdir()] == [name]

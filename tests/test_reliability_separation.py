@@ -16,10 +16,10 @@ import soundfile
 import torch
 
 from demucs.api import Separator
-from demucs.audio import read_audio
+from demucs.audio import AudioWriter, read_audio
 from demucs.hdemucs import HDemucs
 from demucs.pretrained import SOURCES
-from demucs.separate import StemWriter, main
+from demucs.separate import main
 from demucs.states import serialize_model
 
 torch.set_num_threads(1)  # tiny models: extra threads only add contention
@@ -215,8 +215,9 @@ def track(tmp_path: Path) -> Path:
 
 
 def _failing_encode(failure: BaseException, at_call: int):
-    """A `StemWriter.encode` that writes the `at_call`-th stem half-way, then raises `failure`."""
-    original = StemWriter.encode
+    """An `AudioWriter.encode` that writes the `at_call`-th stem half-way, then raises
+    `failure`."""
+    original = AudioWriter.encode
     calls = []
 
     def encode(self, path: Path, fmt) -> None:
@@ -237,7 +238,7 @@ FORMATS = {"wav": [], "flac": ["--flac"], "mp3": ["--mp3"]}
 def test_failure_mid_write_leaves_no_output_file(repo: Path, track: Path, tmp_path: Path,
                                                  monkeypatch, ext: str, at_call: int):
     disk_full = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(StemWriter, "encode", _failing_encode(disk_full, at_call))
+    monkeypatch.setattr(AudioWriter, "encode", _failing_encode(disk_full, at_call))
     assert _run(repo, tmp_path / "out", track, flags=FORMATS[ext]) == 1
     assert _files(tmp_path / "out") == []
 
@@ -246,7 +247,7 @@ def test_failure_mid_write_leaves_no_output_file(repo: Path, track: Path, tmp_pa
 def test_keyboard_interrupt_mid_write_leaves_no_output_file(repo: Path, track: Path,
                                                             tmp_path: Path, monkeypatch,
                                                             at_call: int):
-    monkeypatch.setattr(StemWriter, "encode", _failing_encode(KeyboardInterrupt(), at_call))
+    monkeypatch.setattr(AudioWriter, "encode", _failing_encode(KeyboardInterrupt(), at_call))
     with pytest.raises(KeyboardInterrupt):
         _run(repo, tmp_path / "out", track)
     assert _files(tmp_path / "out") == []
@@ -276,21 +277,22 @@ def test_failed_rerun_keeps_the_previous_outputs(repo: Path, track: Path, tmp_pa
     assert _run(repo, tmp_path / "out", track) == 0
     before = {path: path.read_bytes() for path in _files(tmp_path / "out")}
     assert len(before) == len(SOURCES)
-    monkeypatch.setattr(StemWriter, "encode", _failing_encode(OSError(errno.EIO, "I/O"), 2))
+    monkeypatch.setattr(AudioWriter, "encode", _failing_encode(OSError(errno.EIO, "I/O"), 2))
     assert _run(repo, tmp_path / "out", track, flags=["--float32"]) == 1
     assert {path: path.read_bytes() for path in _files(tmp_path / "out")} == before
 
 
 _KILLED_CHILD = """
 import os, signal, sys
-from demucs.separate import StemWriter, main
-original = StemWriter.encode
+from demucs.audio import AudioWriter
+from demucs.separate import main
+original = AudioWriter.encode
 def encode(self, path, fmt):
     original(self, path, fmt)
     with open(path, "r+b") as file:
         file.truncate(os.path.getsize(path) // 2)
     os.kill(os.getpid(), signal.SIGKILL)
-StemWriter.encode = encode
+AudioWriter.encode = encode
 main(sys.argv[1:])
 """
 

@@ -79,11 +79,17 @@ def atomic_open(path: PathLike, mode: str = "w", **kwargs: tp.Any) -> tp.Iterato
 def remove_stale_partials(path: PathLike) -> int:
     """Delete the temporary files of `path` left by a killed writer; returns how many."""
     path = Path(path)
-    if not path.parent.is_dir():
-        return 0
-    removed = 0
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"):
-        logger.info("Removing %s, left by an interrupted run", stale)
-        stale.unlink(missing_ok=True)
-        removed += 1
-    return removed
+    return len(remove_stale_partials_in(path.parent, glob.escape(path.name)))
+
+
+def remove_stale_partials_in(folder: PathLike, pattern: str = "*") -> tp.List[Path]:
+    """Delete the temporary files left by killed writers of the files of `folder` whose names
+    match the glob `pattern` (e.g. "*.th"); returns them, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(folder.glob(f".{pattern}.*{PARTIAL_SUFFIX}"))
+    for path in stale:
+        logger.info("Removing %s, left by an interrupted run", path)
+        path.unlink(missing_ok=True)
+    return stale

@@ -1,4 +1,8 @@
-"""Training entry point (`dora run`, `dora grid`): builds model, optimizer, datasets and the Solver.
+"""Training entry point (`dora run`, `dora grid`): turns the config into the objects of a training
+run (model, optimizer, loaders, quantizer, augmentation, EMAs) and the Solver's settings.
+
+This is the only module that reads the training config to build things: the Solver gets the
+objects (`TrainingParts`) and the scalar settings (`TrainingSettings`) it needs.
 
 The Hydra configuration lives in `conf/config.yaml`; every experiment (XP) is identified by the
 signature Dora computes from its config delta. The model, dataset and solver modules are imported
@@ -23,8 +27,14 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from . import distrib
-from .states import capture_init
-from .utils import random_subset
+from .allocator import tune_malloc
+from .augment import augmentation_from_config
+from .ema import ModelEMA
+from .states import capture_init, get_quantizer
+from .utils import check_amp, random_subset
+
+if tp.TYPE_CHECKING:
+    from .solver import Solver, TrainingParts, TrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +259,94 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def get_solver(args: DictConfig, model_only: bool = False):
-    """Build the Solver of the current XP: model, optimizer and (unless `model_only`) loaders."""
+def training_amp(optim: DictConfig) -> tp.Optional[str]:
+    """The `optim.amp` setting, refused unless None or bf16: float16 training needs loss scaling,
+    which the solver does not do."""
+    amp = optim.get("amp")
+    check_amp(amp)
+    if amp == "fp16":
+        raise ValueError("optim.amp=fp16 is not supported for training (it needs loss scaling); "
+                         "use optim.amp=bf16, or leave optim.amp empty for float32")
+    return amp
+
+
+def _batch_caps(args: DictConfig) -> tp.Tuple[tp.Optional[int], tp.Optional[int]]:
+    """Most train and valid batches per epoch (None: all): `max_batches`, or a single batch with
+    `debug` (training only) or `flag=debug` (both)."""
+    cap = args.max_batches or None
+    one_valid = args.flag == "debug"
+    one_train = one_valid or bool(args.debug)
+    return (1 if one_train else cap), (1 if one_valid else cap)
+
+
+def training_settings(args: DictConfig) -> "TrainingSettings":
+    """The scalar settings of the training loop, checked once (see `TrainingSettings`)."""
+    from .solver import TrainingSettings
+    if args.optim.loss not in ("l1", "mse"):
+        raise ValueError(f"Unknown optim.loss={args.optim.loss!r}, expected l1 or mse.")
+    svd = OmegaConf.to_container(args.svd, resolve=True)
+    assert isinstance(svd, dict)
+    svd.pop("penalty")
+    max_train_batches, max_valid_batches = _batch_caps(args)
+    return TrainingSettings(
+        epochs=args.epochs, batch_size=args.batch_size, max_train_batches=max_train_batches,
+        max_valid_batches=max_valid_batches, loss=args.optim.loss, weights=tuple(args.weights),
+        clip_grad=args.optim.clip_grad, skip_nonfinite=bool(args.optim.skip_nonfinite),
+        amp=training_amp(args.optim), diffq=args.quant.diffq or 0.,
+        svd_penalty=args.svd.penalty, svd=svd, valid_apply=bool(args.valid_apply),
+        valid_split=args.test.split, test_every=args.test.every, test_sdr=bool(args.test.sdr),
+        test_best=bool(args.test.best), metric=args.test.metric,
+        train_valid=bool(args.dset.train_valid), save_every=args.save_every,
+        continue_from=args.continue_from, continue_best=bool(args.continue_best),
+        continue_opt=bool(args.continue_opt), continue_pretrained=args.continue_pretrained,
+        pretrained_repo=args.pretrained_repo, log_params_without_grad=args.flag == "uns")
+
+
+def _check_shift_fits_segment(args: DictConfig) -> None:
+    if args.dset.segment is not None and args.dset.shift >= args.dset.segment:
+        raise ValueError(
+            f"dset.shift={args.dset.shift} must be smaller than dset.segment="
+            f"{args.dset.segment}: the random shift augmentation cuts training examples to "
+            "segment - shift seconds, which would leave nothing to train on.")
+
+
+def get_loaders(args: DictConfig) -> tp.Dict[str, torch.utils.data.DataLoader]:
+    """The train loader (shuffled, full batches) and the valid loader (whole tracks one by one
+    with `dset.full_cv`), each worker reading its own shard."""
+    train_set, valid_set = get_datasets(args, check_test_set=True)
+    logger.info("train/valid set size: %d %d", len(train_set), len(valid_set))
+    num_workers = distrib.loader_workers(args.misc.num_workers)
+    train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
+                                  num_workers=num_workers, drop_last=True)
+    if args.dset.full_cv:
+        valid_loader = distrib.loader(valid_set, batch_size=1, shuffle=False,
+                                      num_workers=num_workers)
+    else:
+        valid_loader = distrib.loader(valid_set, batch_size=args.batch_size, shuffle=False,
+                                      num_workers=num_workers, drop_last=True)
+    return {"train": train_loader, "valid": valid_loader}
+
+
+def get_training_parts(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       args: DictConfig) -> "TrainingParts":
+    """The quantizer (`quant.*`), the compiled (`misc.compile`) and DDP-wrapped model, the EMAs
+    (`ema.batch` on the model's device, `ema.epoch` on CPU) and the augmentation (`augment.*`)."""
+    from .solver import TrainingParts
+    quantizer = get_quantizer(model, args.quant, optimizer)
+    if args.misc.get("compile"):
+        model.compile()
+    parallel_model = distrib.wrap(model)
+    device = next(iter(model.parameters())).device
+    emas = {kind: [ModelEMA(model, decay, device=device if kind == "batch" else "cpu")
+                   for decay in args.ema[kind] or []]
+            for kind in ["batch", "epoch"]}
+    return TrainingParts(model=model, optimizer=optimizer, augment=augmentation_from_config(args),
+                         quantizer=quantizer, emas=emas, parallel_model=parallel_model)
+
+
+def get_solver(args: DictConfig, model_only: bool = False) -> "Solver":
+    """Build the Solver of the current XP from its config: model, optimizer, training parts,
+    settings and (unless `model_only`, e.g. for export) the data loaders."""
     from .solver import Solver
     distrib.init()
     seed_everything(args.seed)
@@ -265,20 +361,12 @@ def get_solver(args: DictConfig, model_only: bool = False):
         raise ValueError(f"batch_size={args.batch_size} must be divisible by the number of "
                          f"workers ({distrib.world_size}).")
     args.batch_size //= distrib.world_size
-    if model_only:
-        return Solver(None, model, optimizer, args)
-    train_set, valid_set = get_datasets(args, check_test_set=True)
-    logger.info("train/valid set size: %d %d", len(train_set), len(valid_set))
-    num_workers = distrib.loader_workers(args.misc.num_workers)
-    train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
-                                  num_workers=num_workers, drop_last=True)
-    if args.dset.full_cv:
-        valid_loader = distrib.loader(valid_set, batch_size=1, shuffle=False,
-                                      num_workers=num_workers)
-    else:
-        valid_loader = distrib.loader(valid_set, batch_size=args.batch_size, shuffle=False,
-                                      num_workers=num_workers, drop_last=True)
-    return Solver({"train": train_loader, "valid": valid_loader}, model, optimizer, args)
+    settings = training_settings(args)
+    loaders = None
+    if not model_only:
+        _check_shift_fits_segment(args)
+        loaders = get_loaders(args)
+    return Solver(loaders, get_training_parts(model, optimizer, args), settings, args)
 
 
 def get_solver_from_sig(sig: str, model_only: bool = False):
@@ -305,7 +393,7 @@ def _lock_xp():
     """Take the XP folder's lock on worker 0 (`XPLock`); every worker exits with the holder's PID
     and host when another run has it."""
     from dora import get_xp
-    from .solver import XPLock, XPLockedError
+    from .checkpoint import XPLock, XPLockedError
     distrib.init()
     lock, refusal = None, None
     if distrib.rank == 0:
@@ -323,6 +411,7 @@ def _lock_xp():
 @hydra_main(config_path="../conf", config_name="config", version_base="1.1")
 def main(args: DictConfig) -> None:
     """Train the XP described by `args` (resuming from its checkpoint when there is one)."""
+    tune_malloc()
     _absolutize_paths(args)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"

@@ -22,9 +22,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from demucs import solver as solver_module
-from demucs.solver import (CheckpointWriteError, NonFiniteLossError, XPLock, XPLockedError,
-                           save_atomic)
+from demucs import checkpoint as checkpoint_module
+from demucs.checkpoint import CheckpointWriteError, XPLock, XPLockedError, save_atomic
+from demucs.files import partial_path
+from demucs.solver import NonFiniteLossError
 from demucs.wav import DatasetError, _get_musdb_valid
 from tests.training_helpers import (ROOT, base_argv, dora_env, dora_run, history,
                                     write_tiny_musdb, xp_folder)
@@ -35,7 +36,7 @@ from tests.training_helpers import (ROOT, base_argv, dora_env, dora_run, history
 FAULT_CHILD = r"""
 import io, os, signal, sys
 import torch
-from demucs import solver
+from demucs import files, solver
 
 point, nth, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 calls = [0]
@@ -51,20 +52,25 @@ def die():
 
 
 if point.endswith("_batch"):
-    batch_losses = solver.Solver._batch_losses
+    name = "_" + point.replace("_batch", "_step")
+    step = getattr(solver.Solver, name)
 
-    def faulty_batch_losses(self, estimate, sources, weights, train, where):
-        if train == (point == "train_batch") and reached():
+    def faulty_step(self, batch, where):
+        if reached():
             die()
-        return batch_losses(self, estimate, sources, weights, train, where)
+        return step(self, batch, where)
 
-    solver.Solver._batch_losses = faulty_batch_losses
+    setattr(solver.Solver, name, faulty_step)
 else:
-    target = "." + point.split(":", 1)[1] + solver.TMP_SUFFIX
+    prefix = "." + point.split(":", 1)[1] + "."
     save = torch.save
 
+    def is_target(handle):
+        name = os.path.basename(getattr(handle, "name", ""))
+        return name.startswith(prefix) and name.endswith(files.PARTIAL_SUFFIX)
+
     def torn_save(obj, handle, *args, **kwargs):
-        if getattr(handle, "name", "").endswith(target) and reached():
+        if is_target(handle) and reached():
             buffer = io.BytesIO()
             save(obj, buffer)
             handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
@@ -94,7 +100,7 @@ def assert_resumed_cleanly(folder: Path, rerun: subprocess.CompletedProcess,
     """The rerun resumed (or restarted) and ended with exactly the uninterrupted history; nothing
     of the killed run is left behind."""
     assert history(folder) == expected
-    assert not list(folder.glob(f".*{solver_module.TMP_SUFFIX}"))
+    assert not list(folder.glob(".*.partial"))
     assert (folder / "train.lock").read_text() == ""
     package = torch.load(folder / "checkpoint.th", weights_only=True)
     assert len(package["history"]) == len(expected)
@@ -109,7 +115,7 @@ def test_kill_during_checkpoint_write_then_rerun_gives_the_same_history(tiny_mus
     run_until_fault(dora_dir, argv, "write:checkpoint.th", nth=2)
     uninterrupted = history(folder)  # pushed just before the checkpoint write was killed
     assert len(uninterrupted) == 2
-    assert (folder / ".checkpoint.th.tmp").exists()
+    assert list(folder.glob(".checkpoint.th.*.partial"))
     assert len(torch.load(folder / "checkpoint.th", weights_only=True)["history"]) == 1
     rerun = dora_run(dora_dir, argv)
     assert "Loading checkpoint" in rerun.stdout and "checkpoint write that did not" in rerun.stdout
@@ -190,7 +196,7 @@ def _disk_full_from_the_kernel(monkeypatch) -> None:
             Path(path).touch()
             return open("/dev/full", "wb")
         return open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(solver_module, "open", full_open, raising=False)
+    monkeypatch.setattr(checkpoint_module, "open", full_open, raising=False)
 
 
 @pytest.mark.parametrize("fill_disk", [_disk_full_by_torch_save, _disk_full_in_zip_writer,
@@ -210,9 +216,9 @@ def test_disk_full_keeps_the_previous_checkpoint(fill_disk, make_solver, monkeyp
     if fill_disk is not _disk_full_in_zip_writer:
         assert error.value.errno == errno.ENOSPC
     assert {name: (folder / name).read_bytes() for name in saved} == saved
-    assert not list(folder.glob(f"*{solver_module.TMP_SUFFIX}"))
+    assert not list(folder.glob(".*.partial"))
     monkeypatch.undo()
-    assert len(solver_module.load_checkpoint(folder / "checkpoint.th")["state"]) > 0
+    assert len(checkpoint_module.load_checkpoint(folder / "checkpoint.th")["state"]) > 0
 
 
 def test_save_atomic_replaces_the_file_only_when_complete(tmp_path):
@@ -431,7 +437,7 @@ def test_without_flock_the_pid_and_host_decide(tmp_path, monkeypatch, caplog):
     """File systems without flock: a live PID or another host is refused, a dead PID taken over."""
     def no_flock(handle, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(solver_module.fcntl, "flock", no_flock)
+    monkeypatch.setattr(checkpoint_module.fcntl, "flock", no_flock)
     lock_file = tmp_path / "train.lock"
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
@@ -448,9 +454,9 @@ def test_without_flock_the_pid_and_host_decide(tmp_path, monkeypatch, caplog):
 
 
 def test_unfinished_writes_are_removed_on_start(tmp_path):
-    leftovers = [tmp_path / ".checkpoint.th.tmp", tmp_path / ".best.th.tmp"]
+    leftovers = [partial_path(tmp_path / "checkpoint.th"), partial_path(tmp_path / "best.th")]
     for leftover in leftovers:
         leftover.write_bytes(b"torn")
     (tmp_path / "checkpoint.th").write_bytes(b"good")
-    assert solver_module.remove_unfinished_writes(tmp_path) == sorted(leftovers)
+    assert checkpoint_module.remove_unfinished_writes(tmp_path) == sorted(leftovers)
     assert [path.name for path in tmp_path.iterdir()] == ["checkpoint.th"]

@@ -23,23 +23,14 @@ from demucs.ema import ModelEMA
 from demucs.files import partial_path
 
 
-@pytest.fixture
-def umask_022():
-    previous = os.umask(0o022)
-    yield
-    os.umask(previous)
-
-
-def _mode(path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-def test_save_atomic_gives_the_mode_of_a_plain_open(tmp_path, umask_022):
-    save_atomic({"value": torch.ones(2)}, tmp_path / "checkpoint.th")
-    assert _mode(tmp_path / "checkpoint.th") == 0o644
-    os.umask(0o077)
-    save_atomic({"value": torch.ones(2)}, tmp_path / "best.th")
-    assert _mode(tmp_path / "best.th") == 0o600
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_save_atomic_gives_the_mode_of_a_plain_open(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        save_atomic({"value": torch.ones(2)}, tmp_path / "checkpoint.th")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "checkpoint.th").stat().st_mode) == mode
 
 
 def test_save_atomic_flushes_the_file_and_its_folder(tmp_path, monkeypatch):

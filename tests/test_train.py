@@ -2,8 +2,10 @@
 
 Covers: each model family trains for 2 epochs and writes history/best/checkpoint; a SIGKILLed run
 resumes; a corrupted checkpoint stops the run with a clear message; `continue_from` starts from the
-parent's best state, with `variant=finetune`; `get_solver_from_sig`; 2-worker DDP (slow).
+parent's best state, with `variant=finetune`; `get_solver_from_sig`; 2-worker DDP (slow); the
+settings and objects `get_solver` builds from the config; allocator tuning by the entry point.
 """
+import dataclasses
 import os
 from pathlib import Path
 import signal
@@ -286,3 +288,62 @@ def test_loaders_get_at_most_one_worker_per_usable_cpu(tiny_musdb, dora_dir, mon
     with xp.enter():
         solver = get_solver(xp.cfg)
     assert [loader.num_workers for loader in solver.loaders.values()] == [2, 2]
+
+
+# Runs `dora run ARGV...` in this process, reporting each call of the allocator tuning.
+TUNING_CHILD = r"""
+import sys
+import demucs.train
+tune = demucs.train.tune_malloc
+demucs.train.tune_malloc = lambda: print("tune_malloc ->", tune())
+sys.argv = ["dora", "run", *sys.argv[1:]]
+from dora.__main__ import main
+main()
+"""
+
+
+def test_training_entry_point_tunes_the_allocator(tiny_musdb, dora_dir):
+    """`import demucs` leaves the allocator alone: `train.main` tunes it (misc.show stops the run
+    right after building the model)."""
+    argv = base_argv(tiny_musdb) + ["misc.show=true"]
+    proc = subprocess.run([sys.executable, "-c", TUNING_CHILD, *argv], cwd=ROOT,
+                          env=dora_env(dora_dir), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("tune_malloc ->") == 1
+
+
+@pytest.mark.parametrize("overrides, caps", [
+    ([], (None, None)), (["max_batches=3"], (3, 3)), (["debug=true"], (1, None)),
+    (["max_batches=3", "debug=true"], (1, 3)), (["flag=debug"], (1, 1))])
+def test_training_settings_batch_caps(overrides, caps):
+    from demucs.train import training_settings
+    settings = training_settings(_config(*overrides))
+    assert (settings.max_train_batches, settings.max_valid_batches) == caps
+
+
+def test_training_settings_are_read_once_from_the_config():
+    from demucs.train import training_settings
+    settings = training_settings(_config("svd=base", "svd.penalty=1e-4", "quant.diffq=3e-4",
+                                         "flag=uns", "test.metric=nsdr", "weights=[1,2,3,4]"))
+    assert settings.svd_penalty == 1e-4 and "penalty" not in settings.svd
+    assert settings.svd["dim"] == 50 and settings.diffq == 3e-4
+    assert settings.log_params_without_grad and settings.metric == "nsdr"
+    assert settings.weights == (1, 2, 3, 4) and settings.amp is None
+    assert training_settings(_config()).diffq == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.epochs = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="optim.loss='huber', expected l1 or mse"):
+        training_settings(_config("optim.loss=huber"))
+
+
+def test_training_parts_follow_the_config():
+    from demucs.train import get_model, get_optimizer, get_training_parts
+    args = _config("model=demucs", *TINY_MODELS["demucs"], "ema.batch=[0.9,0.99]",
+                   "ema.epoch=[0.5]", "augment.flip=false", "augment.scale.proba=0")
+    model = get_model(args)
+    parts = get_training_parts(model, get_optimizer(model, args), args)
+    assert parts.quantizer is None and parts.parallel_model is model
+    assert [ema.decay for ema in parts.emas["batch"]] == [0.9, 0.99]
+    assert [ema.device for ema in parts.emas["epoch"]] == ["cpu"]
+    assert [type(module).__name__ for module in parts.augment] == ["Shift", "Remix"]

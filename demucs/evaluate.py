@@ -6,6 +6,7 @@ Each worker separates its share of the MusDB test tracks; the scores are compute
 from concurrent import futures
 import logging
 import multiprocessing
+from pathlib import Path
 import typing as tp
 
 import musdb
@@ -65,17 +66,16 @@ def _test_set(args) -> musdb.DB:
     return musdb.DB(args.test.nonhq, subsets=["test"], is_wav=False)
 
 
-def _separate_track(solver, track, amp: tp.Optional[str] = None
-                    ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """Separate one MusDB track with the solver's model (in the precision `amp` selects, see
+def _separate_track(model: torch.nn.Module, track, args, device: torch.device,
+                    amp: tp.Optional[str] = None) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """Separate one MusDB track with `model` on `device`, with the `test.*` options and the
+    `dset.musdb_samplerate` of the training config `args` (in the precision `amp` selects, see
     `apply_model`); returns (references, estimates), both `[S, C, T]`."""
-    args = solver.args
-    model = solver.model
     src_rate = args.dset.musdb_samplerate
     mix = torch.from_numpy(track.audio).t().float()
     if mix.dim() == 1:
         mix = mix[None]
-    mix = mix.to(solver.device)
+    mix = mix.to(device)
     mono = mix.mean(dim=0)
     mean, std = mono.mean(), mono.std()
     mix = (mix - mean) / (std + 1e-8)
@@ -91,11 +91,11 @@ def _separate_track(solver, track, amp: tp.Optional[str] = None
     return references, estimates
 
 
-def _save_estimates(solver, name: str, estimates: torch.Tensor) -> None:
-    folder = solver.folder / "wav" / name
+def _save_estimates(model: torch.nn.Module, folder: Path, estimates: torch.Tensor) -> None:
+    """Write the `[S, C, T]` estimates of one track as `folder/<source>.mp3`."""
     folder.mkdir(exist_ok=True, parents=True)
-    for source, estimate in zip(solver.model.sources, estimates):
-        save_audio(estimate, folder / f"{source}.mp3", solver.model.samplerate)
+    for source, estimate in zip(model.sources, estimates):
+        save_audio(estimate, folder / f"{source}.mp3", model.samplerate)
 
 
 def _track_scores(sources: tp.Sequence[str], result) -> TrackScores:
@@ -142,7 +142,11 @@ def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
              ) -> tp.Dict[str, float]:
     """Separate the MusDB test set with `solver.model` and return the aggregated scores
     (`nsdr*` always, `sdr*`, `isr*`, `sir*`, `sar*` when `compute_sdr`). `amp` runs the model
-    in mixed precision (see `apply_model`); training tests keep float32."""
+    in mixed precision (see `apply_model`); training tests keep float32.
+
+    Of the solver, only `model`, `device`, `folder` (where `test.save` writes) and `args` (the
+    training config: `test.*`, `dset.musdb*`) are read, here and nowhere else in this module.
+    """
     args = solver.args
     model = solver.model
     test_set = _test_set(args)
@@ -156,9 +160,9 @@ def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
         for index in tqdm(indexes, desc="Eval (separation)", disable=distrib.rank != 0,
                           leave=False):
             track = test_set.tracks[index]
-            references, estimates = _separate_track(solver, track, amp)
+            references, estimates = _separate_track(model, track, args, solver.device, amp)
             if args.test.save:
-                _save_estimates(solver, track.name, estimates)
+                _save_estimates(model, Path(solver.folder) / "wav" / track.name, estimates)
             pendings.append((track.name, pool.submit(eval_track, references, estimates, win=win,
                                                      hop=hop, compute_sdr=compute_sdr)))
         tracks = {}

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.sysdeps
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: all setup sysdeps test test-all test-slurm demo golden lint clean dist bench-separate bench-speed bench-train
+.PHONY: all setup sysdeps test test-all test-slurm test-clients demo golden lint clean dist bench-separate bench-speed bench-train
 
 all: test
 
@@ -37,6 +37,11 @@ test-all: setup
 
 test-slurm: setup
 	$(PYTEST) -m slurm
+
+# Real programs built on Demucs (tests/clients/clients.txt) run offline against this project,
+# installed with `pip install .` into a scratch venv under build/clients.
+test-clients: setup
+	$(PY) -m tools.test_clients --torch-spec "$(TORCH_SPEC)"
 
 demo: setup
 	$(PY) -m tools.demo

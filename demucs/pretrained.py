@@ -78,15 +78,12 @@ def _release_repositories() -> AnyModelRepo:
 
 
 def _local_repositories(repo: Path) -> AnyModelRepo:
+    """The models and bags of a `--repo` folder."""
     repo = Path(repo)
     if not repo.is_dir():
         raise ModelLoadingError(f"model repository {repo} must exist and be a directory.")
     model_repo = LocalRepo(repo)
     return AnyModelRepo(model_repo, BagOnlyRepo(repo, model_repo))
-
-
-def _repositories(repo: tp.Optional[Path]) -> AnyModelRepo:
-    return _release_repositories() if repo is None else _local_repositories(repo)
 
 
 def _from_repositories(any_repo: AnyModelRepo, name: str) -> AnyModel:

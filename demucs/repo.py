@@ -52,12 +52,15 @@ class ModelOnlyRepo:
     """Interface of a repository of single models, indexed by signature."""
 
     def has_model(self, sig: str) -> bool:
+        """Whether the repository holds a model with signature `sig`."""
         raise NotImplementedError()
 
     def get_model(self, sig: str) -> Model:
+        """The model with signature `sig`; `ModelLoadingError` when it cannot be had."""
         raise NotImplementedError()
 
     def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:
+        """`{sig: location}` of every model of the repository."""
         raise NotImplementedError()
 
 

@@ -1,16 +1,38 @@
 """Running a separation model (or a bag of models) on a mixture of any length.
 
-`apply_model` keeps the upstream semantics and numerics: random time shifts averaged together (shift
-trick), overlapping segments blended with triangular weights, neighbouring audio used as context
-padding, and bags of models weighted per source. `apply_model_streaming` computes exactly the same
-output block by block, reading the mixture from any sliceable source, so that memory stays bounded
-for tracks of any duration.
+The computation is upstream's: random time shifts whose estimates are averaged (shift trick),
+overlapping segments blended with triangular weights, neighbouring audio used as context padding,
+and bags of models weighted per source. Each rule lives in one place, in three layers:
+
+1. `ApplyOptions`: the user's settings, validated once when they are created.
+2. `make_plan`: the model (or a bag, nested or not) turned into a tree of `BagPlan` and
+   `LeafPlan` nodes for a track of a given length. A leaf holds its segment length, stride,
+   cross-fade weight, maximum shift and the shift offsets drawn from `random` (bag members in
+   order, each one's shifts in order: the order of upstream's recursion, so a seed gives the same
+   output), and one `ShiftedPass` per shift: the model evaluated over the track delayed by that
+   shift, cut into segments.
+3. Two executors of a plan, sharing the segment reads (`ShiftedPass.read_input`), the model
+   evaluations and callback reports (`_Evaluator`), the shift average (`_average_shifts`) and
+   the bag weighting (`_weigh_members`):
+   - `apply_model` (`_InMemoryExecutor`) runs pass after pass over whole-pass tensors kept on the
+     mix's device;
+   - `apply_model_streaming` (`_StreamingExecutor`) runs the segments of every pass in track
+     order over windows that slide along the track, and yields each block as soon as no later
+     segment touches it, so memory does not grow with the duration.
+
+The executors differ in their overlap-add arithmetic only: the in-memory one adds
+`weight * segment` with a fused in-place `addcmul_` (`_add_fused`), the streaming one computes
+the product and adds it (`_add_product`). The two round differently in the last bit, so each
+keeps its own formula and both stay bit-identical to what they gave before; with the same formula
+they agree bitwise, which tests/test_apply.py checks.
 """
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
+from dataclasses import dataclass
+import functools
 import heapq
 import itertools
-import logging
 import random
 from threading import Lock
 import typing as tp
@@ -20,20 +42,18 @@ from torch import nn
 from torch.nn import functional as F
 import tqdm
 
+from . import allocator
+from .htdemucs import HTDemucs
 from .utils import autocast, center_trim, check_amp, DummyPoolExecutor
-
-logger = logging.getLogger(__name__)
 
 Model = nn.Module
 Callback = tp.Callable[[dict], None]
+# The shift trick delays the track by up to this much.
+MAX_SHIFT_SECONDS = 0.5
 
 
 def _is_htdemucs(model: nn.Module) -> bool:
     """True for the transformer model, whose input length is fixed by its training segment."""
-    try:
-        from .htdemucs import HTDemucs
-    except ImportError:  # the transformer model is optional for the other architectures
-        return False
     return isinstance(model, HTDemucs)
 
 
@@ -120,19 +140,6 @@ class TensorChunk:
         self.length = length
         self.device = tensor.device
 
-    @classmethod
-    def window(cls, tensor, offset: int, length: int) -> "TensorChunk":
-        """A window of `length` samples at `offset` that may start before or end after the
-        tensor (or chunk): `padded` reads zeros there. Used to shift a track without copying it.
-        """
-        base = tensor_chunk(tensor)
-        chunk = cls.__new__(cls)
-        chunk.tensor = base.tensor
-        chunk.offset = base.offset + offset
-        chunk.length = length
-        chunk.device = base.device
-        return chunk
-
     @property
     def shape(self) -> tp.List[int]:
         shape = list(self.tensor.shape)
@@ -170,21 +177,6 @@ def tensor_chunk(tensor_or_chunk) -> TensorChunk:
     return TensorChunk(tensor_or_chunk)
 
 
-def _replace_dict(_dict: tp.Optional[dict], *pairs: tp.Tuple[tp.Any, tp.Any]) -> dict:
-    """A copy of `_dict` (or a new dict) with the given key/value pairs set."""
-    result = dict(_dict) if _dict is not None else {}
-    for key, value in pairs:
-        result[key] = value
-    return result
-
-
-def _child_callback(callback: tp.Optional[Callback], key: str, value) -> tp.Optional[Callback]:
-    """A callback that reports `key=value` on top of what the nested call reports."""
-    if callback is None:
-        return None
-    return lambda info: callback(_replace_dict(info, (key, value)))
-
-
 def leaf_input_length(model: nn.Module, length: int, segment: tp.Optional[float]) -> int:
     """Number of samples fed to a single model for a chunk of `length` samples."""
     if _is_htdemucs(model) and segment is not None:
@@ -202,6 +194,288 @@ def segment_weight(segment_length: int, transition_power: float,
     return (weight / weight.max()) ** transition_power
 
 
+def run_model(model: nn.Module, mix: torch.Tensor, amp: tp.Optional[str] = None) -> torch.Tensor:
+    """`model(mix)` without gradients, in the precision `amp` selects (see `apply_model`);
+    the output is always float32."""
+    with torch.no_grad(), autocast(mix.device, amp):
+        out = model(mix)
+    return out.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Options and plan: what to compute, decided once for both executors.
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How a model is applied to a track; see `apply_model` for each setting.
+
+    Invalid values raise `ValueError` on creation, so that neither executor checks them again.
+    """
+    shifts: int = 1
+    split: bool = True
+    overlap: float = 0.25
+    transition_power: float = 1.
+    segment: tp.Optional[float] = None
+    amp: tp.Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_amp(self.amp)
+        if not self.shifts >= 0:
+            raise ValueError(f"shifts must be 0 or more (0 disables the shift trick), "
+                             f"got {self.shifts}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1) (the fraction of a segment shared with "
+                             f"the next one), got {self.overlap}")
+        if not self.transition_power >= 1:
+            raise ValueError(f"transition_power must be >= 1, got {self.transition_power}")
+        if self.segment is not None and not self.segment > 0:
+            raise ValueError(f"segment must be a positive number of seconds (or None for the "
+                             f"model's own), got {self.segment}")
+
+
+@dataclass(frozen=True, eq=False)
+class ShiftedPass:
+    """One evaluation of a leaf model over the track delayed by one shift.
+
+    The model sees the view `[start, start + length)` of the track (it starts up to
+    `leaf.max_shift` samples before the track, where zeros are read unless the source has audio
+    there), whole or cut into segments of `leaf.segment_length` samples every `leaf.stride`.
+    Compared by identity.
+    """
+    leaf: "LeafPlan"
+    shift_idx: int
+    start: int
+    length: int
+
+    def segment_starts(self) -> range:
+        """Track position of each segment, in order."""
+        return range(self.start, self.start + self.length, self.leaf.stride)
+
+    def chunk_length(self, start: int) -> int:
+        """Samples of output the segment at `start` contributes (the last one may be short)."""
+        remaining = self.start + self.length - start
+        if self.leaf.segment_length is None:
+            return remaining
+        return min(self.leaf.segment_length, remaining)
+
+    def read_input(self, source, origin: int, start: int,
+                   segment: tp.Optional[float]) -> torch.Tensor:
+        """The model input for the segment at track position `start`: the segment centred in the
+        context the model asks for (zeros off `source`). Track position 0 is `origin` in
+        `source`."""
+        chunk_length = self.chunk_length(start)
+        input_length = leaf_input_length(self.leaf.model, chunk_length, segment)
+        return read_padded(source, origin + start - (input_length - chunk_length) // 2,
+                           input_length)
+
+
+@dataclass(frozen=True, eq=False)
+class LeafPlan:
+    """How one model of the tree is applied: segments, cross-fade and shifts.
+
+    `segment_length`, `stride` and `weight` are None when the track is not split. `bag_index`
+    and `bag_size` are what callbacks report as `model_idx_in_bag` (the index in the outermost
+    bag) and `models` (the size of the bag holding this model; None for a lone model).
+    """
+    model: nn.Module
+    segment_length: tp.Optional[int]
+    stride: tp.Optional[int]
+    weight: tp.Optional[torch.Tensor]
+    max_shift: int
+    shift_offsets: tp.Tuple[int, ...]
+    track_length: int
+    bag_index: int
+    bag_size: tp.Optional[int]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    @functools.cached_property
+    def passes(self) -> tp.Tuple[ShiftedPass, ...]:
+        """One pass per shift offset, or a single unshifted pass without the shift trick."""
+        if not self.shift_offsets:
+            return (ShiftedPass(self, 0, 0, self.track_length),)
+        return tuple(ShiftedPass(self, shift_idx, offset - self.max_shift,
+                                 self.track_length + self.max_shift - offset)
+                     for shift_idx, offset in enumerate(self.shift_offsets))
+
+    def leaves(self) -> tp.Iterator["LeafPlan"]:
+        yield self
+
+
+@dataclass(frozen=True, eq=False)
+class BagPlan:
+    """A bag of models: the plans of its members and their per-source weights."""
+    module: BagOfModels
+    members: tp.Tuple[tp.Union[LeafPlan, "BagPlan"], ...]
+    weights: tp.List[tp.List[float]]
+
+    def leaves(self) -> tp.Iterator[LeafPlan]:
+        """Every leaf model of the tree, depth first."""
+        for member in self.members:
+            yield from member.leaves()
+
+
+Plan = tp.Union[LeafPlan, BagPlan]
+
+
+def make_plan(model: nn.Module, options: ApplyOptions, length: int,
+              weight_device: tp.Optional[torch.device] = None) -> Plan:
+    """The plan for applying `model` (a model or a bag) to a track of `length` samples.
+
+    Draws the shift offsets from Python's `random`, leaf after leaf (depth first) and shift after
+    shift. Raises `ValueError` when a leaf cannot be split with these options. The cross-fade
+    weights are made on `weight_device`, where the executor adds the segments up.
+    """
+    return _plan_node(model, options, length, weight_device, None, None)
+
+
+def _plan_node(model: nn.Module, options: ApplyOptions, length: int, weight_device,
+               bag_index: tp.Optional[int], bag_size: tp.Optional[int]) -> Plan:
+    if isinstance(model, BagOfModels):
+        members = tuple(_plan_node(member, options, length, weight_device,
+                                   index if bag_index is None else bag_index, len(model.models))
+                        for index, member in enumerate(model.models))
+        return BagPlan(model, members, model.weights)
+    segment_length = stride = weight = None
+    if options.split:
+        segment_length = _segment_length(model, options.segment)
+        stride = _stride(segment_length, options.overlap)
+        weight = _cross_fade(segment_length, options.transition_power, weight_device)
+    max_shift = int(MAX_SHIFT_SECONDS * model.samplerate) if options.shifts else 0
+    offsets = tuple(random.randint(0, max_shift) for _ in range(options.shifts))
+    return LeafPlan(model, segment_length, stride, weight, max_shift, offsets, length,
+                    bag_index or 0, bag_size)
+
+
+def _segment_length(model: nn.Module, segment: tp.Optional[float]) -> int:
+    if segment is None:
+        segment = model.segment
+    if segment is None or segment <= 0:
+        raise ValueError(f"splitting needs a positive segment length, got {segment}")
+    return int(model.samplerate * segment)
+
+
+def _stride(segment_length: int, overlap: float) -> int:
+    stride = int((1 - overlap) * segment_length)
+    if stride <= 0:
+        raise ValueError(f"overlap {overlap} leaves no stride between segments of "
+                         f"{segment_length} samples; use a longer segment or a smaller overlap")
+    return stride
+
+
+def _cross_fade(segment_length: int, transition_power: float, device) -> torch.Tensor:
+    """`segment_weight`, refused when it underflows to 0: the first samples of the track would
+    then have no weight at all and come out as NaN."""
+    weight = segment_weight(segment_length, transition_power, device)
+    if not weight.min() > 0:
+        raise ValueError(f"transition_power {transition_power} makes the cross-fade weight of "
+                         f"a {segment_length}-sample segment round to 0 at its ends; use a "
+                         f"smaller transition_power")
+    return weight
+
+
+# ----------------------------------------------------------------------------------------------
+# What both executors share: evaluations with their reports, shift average, bag weighting.
+
+
+@functools.lru_cache(maxsize=None)
+def _tune_allocator_once() -> bool:
+    return allocator.tune_malloc()
+
+
+def _prepare_device(device: torch.device) -> None:
+    """Separating on CPU is what the allocator tuning is for (see demucs.allocator); it is done
+    at the first separation, not when the package is imported."""
+    if device.type == "cpu":
+        _tune_allocator_once()
+
+
+def _callback_info(base: dict, pass_: ShiftedPass, segment_offset: int, state: str) -> dict:
+    """The dict a callback receives: `base` with where the evaluation is in the plan."""
+    info = dict(base)
+    info["model_idx_in_bag"] = pass_.leaf.bag_index
+    info["shift_idx"] = pass_.shift_idx
+    info["segment_offset"] = segment_offset
+    if pass_.leaf.bag_size is None:
+        info.setdefault("models", 1)
+    else:
+        info["models"] = pass_.leaf.bag_size
+    info["state"] = state
+    return info
+
+
+class _Evaluator:
+    """Runs a leaf model on one segment's input and reports it to the callback (thread safe)."""
+
+    def __init__(self, device: torch.device, amp: tp.Optional[str],
+                 callback: tp.Optional[Callback], callback_arg: dict, lock):
+        self.device = device
+        self.amp = amp
+        self.callback = callback
+        self.callback_arg = callback_arg
+        self.lock = lock
+
+    def __call__(self, pass_: ShiftedPass, start: int, mix: torch.Tensor) -> torch.Tensor:
+        """Output `[B, S, C, n]` for the segment of `pass_` at track position `start`, on the
+        evaluation device."""
+        segment_offset = start - pass_.start
+        self._report(pass_, segment_offset, "start")
+        out = run_model(pass_.leaf.model, mix.to(self.device), self.amp)
+        self._report(pass_, segment_offset, "end")
+        return center_trim(out, pass_.chunk_length(start))
+
+    def _report(self, pass_: ShiftedPass, segment_offset: int, state: str) -> None:
+        if self.callback is not None:
+            with self.lock:
+                self.callback(_callback_info(self.callback_arg, pass_, segment_offset, state))
+
+
+def _add_fused(region: torch.Tensor, weight: torch.Tensor, chunk: torch.Tensor) -> None:
+    """`region += weight * chunk` in one fused, in-place step (the in-memory overlap-add)."""
+    region.addcmul_(weight, chunk)
+
+
+def _add_product(region: torch.Tensor, weight: torch.Tensor, chunk: torch.Tensor) -> None:
+    """`region += weight * chunk`, the product rounded before the sum (the streaming
+    overlap-add)."""
+    region += weight * chunk
+
+
+def _average_shifts(estimates: tp.Iterable[torch.Tensor], count: int) -> torch.Tensor:
+    """Mean of the shifted passes' estimates, summed in order then divided."""
+    total: tp.Union[float, torch.Tensor] = 0.
+    for estimate in estimates:
+        total += estimate
+        del estimate  # released before the next pass is computed
+    assert isinstance(total, torch.Tensor)
+    total /= count
+    return total
+
+
+def _weigh_members(estimates: tp.Iterable[torch.Tensor],
+                   weights: tp.List[tp.List[float]]) -> torch.Tensor:
+    """Per-source weighted mean of the bag members' estimates `[B, S, C, T]` (in place)."""
+    total: tp.Union[float, torch.Tensor] = 0.
+    totals = [0.] * len(weights[0])
+    for estimate, member_weights in zip(estimates, weights):
+        for source, source_weight in enumerate(member_weights):
+            estimate[:, source] *= source_weight
+            totals[source] += source_weight
+        total += estimate
+        del estimate  # released before the next member is computed
+    assert isinstance(total, torch.Tensor)
+    for source, source_total in enumerate(totals):
+        total[:, source] /= source_total
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# In memory: the whole track at once.
+
+
 def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
                 overlap: float = 0.25, transition_power: float = 1., progress: bool = False,
                 device=None, num_workers: int = 0, segment: tp.Optional[float] = None,
@@ -211,11 +485,12 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
     """Separate `mix` `[B, C, T]` into `[B, S, C, T]` with `model` (a model or a BagOfModels).
 
     Args:
+        mix: a tensor or a `TensorChunk` (whose surrounding audio then serves as context).
         shifts: number of random time shifts (up to 0.5 s) whose estimates are averaged;
             0 disables the shift trick.
         split: process the mix in overlapping segments of `segment` seconds (default: the model's)
             blended with triangular weights, instead of all at once.
-        overlap: fraction of a segment shared with the next one.
+        overlap: fraction of a segment shared with the next one, in [0, 1).
         transition_power: sharpness of the cross-fade between segments (>= 1).
         progress: show a tqdm bar over the segments.
         device: device on which to run the models (default: the mix's); bag members are moved
@@ -229,146 +504,104 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
         amp: run the models in mixed precision, "bf16" or "fp16" (opt-in: faster on GPUs and
             on CPUs with bf16 units, but the output differs slightly from float32's); None
             keeps float32.
+
+    Raises `ValueError` for invalid settings (see `ApplyOptions`) before any model runs.
     """
-    check_amp(amp)
+    options = ApplyOptions(shifts, split, overlap, transition_power, segment, amp)
     device = mix.device if device is None else torch.device(device)
-    if pool is None:
-        pool = ThreadPoolExecutor(num_workers) if num_workers > 0 and device.type == "cpu" \
-            else DummyPoolExecutor()
-    if lock is None:
-        lock = Lock()
-    callback_arg = _replace_dict(callback_arg, ("model_idx_in_bag", 0), ("shift_idx", 0),
-                                 ("segment_offset", 0))
-    kwargs: tp.Dict[str, tp.Any] = {
-        "shifts": shifts, "split": split, "overlap": overlap,
-        "transition_power": transition_power, "progress": progress, "device": device,
-        "pool": pool, "segment": segment, "lock": lock, "amp": amp,
-    }
-    if isinstance(model, BagOfModels):
-        return _apply_bag(model, mix, callback, callback_arg, kwargs)
-    callback_arg.setdefault("models", 1)
-    model.to(device)
-    model.eval()
-    if transition_power < 1:
-        raise ValueError(f"transition_power must be >= 1, got {transition_power}")
-    if shifts:
-        return _apply_shifted(model, mix, callback, callback_arg, kwargs)
-    if split:
-        return _apply_split(model, mix, callback, callback_arg, kwargs)
-    return _apply_leaf(model, mix, kwargs, callback, callback_arg)
+    _prepare_device(device)
+    chunk = tensor_chunk(mix)
+    plan = make_plan(model, options, chunk.length, chunk.device)
+    evaluator = _Evaluator(device, amp, callback, dict(callback_arg or {}),
+                           Lock() if lock is None else lock)
+    with _segment_pool(pool, num_workers, device) as segment_pool:
+        executor = _InMemoryExecutor(chunk, options.segment, evaluator, segment_pool, progress)
+        return executor.run(plan)
 
 
-def _apply_bag(bag: BagOfModels, mix, callback, callback_arg: dict, kwargs: dict) -> torch.Tensor:
-    estimates: tp.Union[float, torch.Tensor] = 0.
-    totals = [0.] * len(bag.sources)
-    callback_arg["models"] = len(bag.models)
-    for sub_model, model_weights in zip(bag.models, bag.weights):
-        original_device = next(iter(sub_model.parameters())).device
-        sub_model.to(kwargs["device"])
-        out = apply_model(sub_model, mix, **kwargs, callback_arg=callback_arg,
-                          callback=_child_callback(callback, "model_idx_in_bag",
-                                                   callback_arg["model_idx_in_bag"]))
-        sub_model.to(original_device)
-        for k, source_weight in enumerate(model_weights):
-            out[:, k, :, :] *= source_weight
-            totals[k] += source_weight
-        estimates += out
-        del out
-        callback_arg["model_idx_in_bag"] += 1
-    assert isinstance(estimates, torch.Tensor)
-    for k in range(estimates.shape[1]):
-        estimates[:, k, :, :] /= totals[k]
-    return estimates
+def _segment_pool(pool, num_workers: int, device: torch.device) -> tp.ContextManager:
+    """The given pool (left open), or a new one: threads on CPU when asked, else none."""
+    if pool is not None:
+        return contextlib.nullcontext(pool)
+    if num_workers > 0 and device.type == "cpu":
+        return ThreadPoolExecutor(num_workers)
+    return DummyPoolExecutor()
 
 
-def _apply_shifted(model, mix, callback, callback_arg: dict, kwargs: dict) -> torch.Tensor:
-    shifts = kwargs["shifts"]
-    kwargs = dict(kwargs, shifts=0)
-    length = mix.shape[-1]
-    max_shift = int(0.5 * model.samplerate)
-    out: tp.Union[float, torch.Tensor] = 0.
-    for shift_idx in range(shifts):
-        offset = random.randint(0, max_shift)
-        # The mix delayed by max_shift - offset samples (zeros before it), as a window: the
-        # whole track is never copied into a padded one.
-        shifted = TensorChunk.window(mix, offset - max_shift, length + max_shift - offset)
-        shifted_out = apply_model(model, shifted, **kwargs, callback_arg=callback_arg,
-                                  callback=_child_callback(callback, "shift_idx", shift_idx))
-        out += shifted_out[..., max_shift - offset:]
-    assert isinstance(out, torch.Tensor)
-    out /= shifts
-    return out
+class _InMemoryExecutor:
+    """Runs a plan pass after pass: each pass's output is built over the whole (shifted) track
+    on the mix's device, then shifts are averaged and bag members weighted."""
 
+    def __init__(self, mix: TensorChunk, segment: tp.Optional[float], evaluate: _Evaluator,
+                 pool, progress: bool):
+        self.mix = mix
+        self.segment = segment
+        self.evaluate = evaluate
+        self.pool = pool
+        self.progress = progress
 
-def _segment_length(model, segment: tp.Optional[float]) -> int:
-    if segment is None:
-        segment = model.segment
-    if segment is None or segment <= 0:
-        raise ValueError(f"splitting needs a positive segment length, got {segment}")
-    return int(model.samplerate * segment)
+    def run(self, node: Plan) -> torch.Tensor:
+        """Estimates `[B, S, C, T]` of the model or bag planned in `node`."""
+        if isinstance(node, BagPlan):
+            return _weigh_members((self._run_member(member) for member in node.members),
+                                  node.weights)
+        node.model.to(self.evaluate.device)
+        node.model.eval()
+        if not node.shift_offsets:
+            return self._run_pass(node.passes[0])
+        # Each pass's view starts -pass_.start samples before the track: that part is dropped.
+        return _average_shifts((self._run_pass(pass_)[..., -pass_.start:]
+                                for pass_ in node.passes), len(node.passes))
 
+    def _run_member(self, member: Plan) -> torch.Tensor:
+        """A bag member, moved to the evaluation device for its turn only."""
+        original_device = next(iter(member.module.parameters())).device
+        member.module.to(self.evaluate.device)
+        out = self.run(member)
+        member.module.to(original_device)
+        return out
 
-def _apply_split(model, mix, callback, callback_arg: dict, kwargs: dict) -> torch.Tensor:
-    kwargs = dict(kwargs, split=False)
-    pool = kwargs["pool"]
-    batch, channels, length = mix.shape
-    out = torch.zeros(batch, len(model.sources), channels, length, device=mix.device)
-    sum_weight = torch.zeros(length, device=mix.device)
-    segment_length = _segment_length(model, kwargs["segment"])
-    stride = int((1 - kwargs["overlap"]) * segment_length)
-    if stride <= 0:
-        raise ValueError(f"overlap {kwargs['overlap']} leaves no stride between segments of "
-                         f"{segment_length} samples; use a longer segment or a smaller overlap")
-    weight = segment_weight(segment_length, kwargs["transition_power"], mix.device)
-    futures = []
-    for offset in range(0, length, stride):
-        chunk = TensorChunk(mix, offset, segment_length)
-        future = pool.submit(apply_model, model, chunk, **kwargs, callback_arg=callback_arg,
-                             callback=_child_callback(callback, "segment_offset", offset))
-        futures.append((future, offset))
-    iterator: tp.Iterable = futures
-    if kwargs["progress"]:
-        scale = float(format(stride / model.samplerate, ".2f"))
-        iterator = tqdm.tqdm(futures, unit_scale=scale, ncols=120, unit="seconds")
-    for future, offset in iterator:
+    def _run_pass(self, pass_: ShiftedPass) -> torch.Tensor:
+        if pass_.leaf.segment_length is None:  # not split: the whole view at once
+            return self._evaluate_segment(pass_, pass_.start)
+        return self._overlap_add(pass_)
+
+    def _evaluate_segment(self, pass_: ShiftedPass, start: int) -> torch.Tensor:
+        mix = pass_.read_input(self.mix.tensor, self.mix.offset, start, self.segment)
+        return self.evaluate(pass_, start, mix)
+
+    def _overlap_add(self, pass_: ShiftedPass) -> torch.Tensor:
+        """The pass's segments, evaluated in the pool, blended with the cross-fade weight."""
+        leaf = pass_.leaf
+        assert leaf.weight is not None
+        batch, channels = self.mix.shape[:2]
+        out = torch.zeros(batch, len(leaf.model.sources), channels, pass_.length,
+                          device=self.mix.device)
+        sum_weight = torch.zeros(pass_.length, device=self.mix.device)
+        futures = [(start, self.pool.submit(self._evaluate_segment, pass_, start))
+                   for start in pass_.segment_starts()]
+        for start, future in self._with_progress(futures, leaf):
+            chunk_out = self._result(future)
+            at, chunk_length = start - pass_.start, chunk_out.shape[-1]
+            weight = leaf.weight[:chunk_length]
+            _add_fused(out[..., at:at + chunk_length], weight, chunk_out.to(self.mix.device))
+            sum_weight[at:at + chunk_length] += weight
+        out /= sum_weight
+        return out
+
+    def _with_progress(self, futures: list, leaf: LeafPlan) -> tp.Iterable:
+        if not self.progress:
+            return futures
+        assert leaf.stride is not None
+        scale = float(format(leaf.stride / leaf.model.samplerate, ".2f"))
+        return tqdm.tqdm(futures, unit_scale=scale, ncols=120, unit="seconds")
+
+    def _result(self, future) -> torch.Tensor:
         try:
-            chunk_out = future.result()
+            return future.result()
         except Exception:
-            pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
             raise
-        chunk_length = chunk_out.shape[-1]
-        # in place: no temporary of the weighted segment
-        out[..., offset:offset + chunk_length].addcmul_(weight[:chunk_length],
-                                                        chunk_out.to(mix.device))
-        sum_weight[offset:offset + chunk_length] += weight[:chunk_length]
-    if sum_weight.min() <= 0:
-        raise RuntimeError("some samples were covered by no segment; check overlap < 1")
-    out /= sum_weight
-    return out
-
-
-def _report(callback, callback_arg: dict, lock, state: str) -> None:
-    if callback is not None:
-        with lock:
-            callback(_replace_dict(callback_arg, ("state", state)))
-
-
-def _apply_leaf(model, mix, kwargs: dict, callback, callback_arg: dict) -> torch.Tensor:
-    length = mix.shape[-1]
-    device = kwargs["device"]
-    padded_mix = tensor_chunk(mix).padded(leaf_input_length(model, length, kwargs["segment"]))
-    _report(callback, callback_arg, kwargs["lock"], "start")
-    out = run_model(model, padded_mix.to(device), kwargs["amp"])
-    _report(callback, callback_arg, kwargs["lock"], "end")
-    return center_trim(out, length)
-
-
-def run_model(model: nn.Module, mix: torch.Tensor, amp: tp.Optional[str] = None) -> torch.Tensor:
-    """`model(mix)` without gradients, in the precision `amp` selects (see `apply_model`);
-    the output is always float32."""
-    with torch.no_grad(), autocast(mix.device, amp):
-        out = model(mix)
-    return out.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,51 +611,22 @@ def run_model(model: nn.Module, mix: torch.Tensor, amp: tp.Optional[str] = None)
 _STREAM_LOCK = Lock()
 
 
-class _ShiftedSplitRun:
-    """One (model, shift) pass of the split computation, accumulated over a sliding window.
+class _SlidingWindow:
+    """The overlap-add of one pass over a window of track positions that slides forward.
 
-    Segments are accumulated in time order; samples before the next segment's start receive no
-    further contribution, so they can be normalised and released.
+    Segments are added in time order, so the samples before the next segment's start receive
+    no further contribution: `pop` normalises and releases them.
     """
 
-    def __init__(self, model, length: int, shift_offset: int, max_shift: int,
-                 segment_length: int, stride: int, weight: torch.Tensor, report_info: dict):
-        self.model = model
-        self.report_info = report_info
-        self.base = shift_offset - max_shift  # start of the shifted view in track coordinates
-        self.view_length = length + max_shift - shift_offset
-        self.segment_length = segment_length
-        self.stride = stride
-        self.weight = weight.cpu()
-        self.window_start = self.base
+    def __init__(self, pass_: ShiftedPass):
+        assert pass_.leaf.weight is not None
+        self.weight = pass_.leaf.weight
+        self.window_start = pass_.start  # track position of the window's first sample
         self.out: tp.Optional[torch.Tensor] = None
         self.sum_weight = torch.zeros(0)
 
-    def starts(self) -> tp.Iterator[int]:
-        """Track position of each segment, in order."""
-        for position in range(0, self.view_length, self.stride):
-            yield self.base + position
-
-    def read_input(self, source, start: int, segment: tp.Optional[float]) -> torch.Tensor:
-        """The model input for the segment at `start`, with its context (zeros off the track)."""
-        chunk_length = self._chunk_length(start)
-        input_length = leaf_input_length(self.model, chunk_length, segment)
-        return read_padded(source, start - (input_length - chunk_length) // 2, input_length)
-
-    def _chunk_length(self, start: int) -> int:
-        return min(self.segment_length, self.base + self.view_length - start)
-
-    def evaluate(self, mix: torch.Tensor, start: int, device, callback,
-                 amp: tp.Optional[str] = None) -> torch.Tensor:
-        """Model output for the segment at `start` (thread safe)."""
-        info = _replace_dict(self.report_info, ("segment_offset", start - self.base))
-        _report(callback, info, _STREAM_LOCK, "start")
-        out = run_model(self.model, mix.to(device), amp)
-        out = center_trim(out, self._chunk_length(start)).cpu()
-        _report(callback, info, _STREAM_LOCK, "end")
-        return out
-
-    def accumulate(self, chunk_out: torch.Tensor, start: int) -> None:
+    def add(self, chunk_out: torch.Tensor, start: int) -> None:
+        """Adds the segment output that starts at track position `start`."""
         weight = self.weight[:chunk_out.shape[-1]]
         at = start - self.window_start
         end = at + chunk_out.shape[-1]
@@ -432,7 +636,7 @@ class _ShiftedSplitRun:
             grow = end - self.out.shape[-1]
             self.out = F.pad(self.out, (0, grow))
             self.sum_weight = F.pad(self.sum_weight, (0, grow))
-        self.out[..., at:end] += weight * chunk_out
+        _add_product(self.out[..., at:end], weight, chunk_out)
         self.sum_weight[at:end] += weight
 
     def pop(self, until: int) -> torch.Tensor:
@@ -445,13 +649,68 @@ class _ShiftedSplitRun:
         self.window_start = until
         return block
 
+    def pop_track_range(self, end: int) -> torch.Tensor:
+        """Output for the track positions from where the window stands (at least 0) to `end`."""
+        if self.window_start < 0:
+            self.pop(0)  # the part of a shifted view before the track start is dropped
+        return self.pop(end)
 
-def _leaves_and_weights(model: nn.Module) -> tp.Tuple[tp.List[nn.Module], tp.List[tp.List[float]]]:
-    if isinstance(model, BagOfModels):
-        if any(isinstance(member, BagOfModels) for member in model.models):
-            raise ValueError("streaming separation does not support nested bags of models")
-        return list(model.models), model.weights
-    return [model], [[1.] * len(model.sources)]
+
+class _StreamingExecutor:
+    """Runs every segment of every pass of a plan in track order, keeping at most `num_workers`
+    evaluations in flight, and yields the estimates block by block."""
+
+    def __init__(self, plan: Plan, source, segment: tp.Optional[float], evaluate: _Evaluator,
+                 num_workers: int, block_length: int):
+        self.plan = plan
+        self.source = source
+        self.segment = segment
+        self.evaluate = evaluate
+        self.num_workers = num_workers
+        self.block_length = block_length
+        self.passes = [pass_ for leaf in plan.leaves() for pass_ in leaf.passes]
+        self.windows = {pass_: _SlidingWindow(pass_) for pass_ in self.passes}
+        self.pending: tp.Deque[tp.Tuple[int, ShiftedPass, tp.Any]] = deque()
+
+    def _schedule(self, length: int) -> tp.Iterator[tp.Tuple[int, int]]:
+        """`(start, pass index)` of every segment by start, then `(length, -1)` for the end.
+        Adding segments in this order means that all samples before the next start are final."""
+        segments = heapq.merge(*[zip(pass_.segment_starts(), itertools.repeat(index))
+                                 for index, pass_ in enumerate(self.passes)])
+        return itertools.chain(segments, [(length, -1)])
+
+    def blocks(self, pool) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
+        """`(start, estimates [B, S, C, n])` for consecutive ranges of the whole track."""
+        length = self.source.shape[-1]
+        emitted = 0
+        for start, index in self._schedule(length):
+            if index >= 0:
+                pass_ = self.passes[index]
+                mix = pass_.read_input(self.source, 0, start, self.segment)
+                self.pending.append((start, pass_, pool.submit(self.evaluate, pass_, start, mix)))
+            # at the end mark, every pending segment is added
+            self._add_finished(self.num_workers if index >= 0 else 0)
+            # samples before the next segment still to add are final
+            frontier = max(emitted, min(length, self.pending[0][0] if self.pending else start))
+            if frontier - emitted >= self.block_length or (frontier == length > emitted):
+                yield emitted, self._combine(self.plan, frontier)
+                emitted = frontier
+
+    def _add_finished(self, keep: int) -> None:
+        """Waits for the oldest evaluations until at most `keep` are in flight, and adds them."""
+        while len(self.pending) > keep:
+            start, pass_, future = self.pending.popleft()
+            self.windows[pass_].add(future.result().cpu(), start)
+
+    def _combine(self, node: Plan, end: int) -> torch.Tensor:
+        """Estimates of `node` up to track position `end`, from where the last block ended."""
+        if isinstance(node, BagPlan):
+            return _weigh_members((self._combine(member, end) for member in node.members),
+                                  node.weights)
+        blocks = (self.windows[pass_].pop_track_range(end) for pass_ in node.passes)
+        if not node.shift_offsets:
+            return next(blocks)
+        return _average_shifts(blocks, len(node.passes))
 
 
 def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: float = 0.25,
@@ -467,94 +726,24 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
     dimension (e.g. `source[..., a:b]`), and is only read from the calling thread. Memory use
     depends on the segment length, the number of models, shifts and workers, not on the
     duration. Random shifts are drawn from `random` in the same order as `apply_model`, so both
-    give the same result for the same seed. `callback` receives the same dicts as with
-    `apply_model` (in processing order, interleaved between models).
+    give the same result for the same seed (within the rounding of their overlap-adds).
+    `callback` receives the same dicts as with `apply_model` (in processing order, interleaved
+    between models); `models` is the size of the bag, 1 for a lone model.
     """
-    check_amp(amp)
-    if transition_power < 1:
-        raise ValueError(f"transition_power must be >= 1, got {transition_power}")
+    options = ApplyOptions(shifts, True, overlap, transition_power, segment, amp)
     device = torch.device("cpu") if device is None else torch.device(device)
-    length = source.shape[-1]
-    leaves, weights = _leaves_and_weights(model)
-    runs = _make_runs(leaves, length, shifts, overlap, transition_power, segment,
-                      _replace_dict(callback_arg, ("models", len(leaves))))
-    for leaf in leaves:
-        leaf.to(device)
-        leaf.eval()
-    totals = [sum(column) for column in zip(*weights)]
-    block_length = max(1, int(block_seconds * leaves[0].samplerate))
-    flat = [run for leaf_runs in runs for run in leaf_runs]
-    # Every segment of every run, by start position: accumulating in this order means that all
-    # samples before the next start are final.
-    schedule = heapq.merge(*[zip(run.starts(), itertools.repeat(index))
-                             for index, run in enumerate(flat)])
-    pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else DummyPoolExecutor()
-    pending: tp.Deque[tp.Tuple[int, int, tp.Any]] = deque()
-    bar = tqdm.tqdm(total=length, unit_scale=1 / leaves[0].samplerate, ncols=120,
+    _prepare_device(device)
+    plan = make_plan(model, options, source.shape[-1], torch.device("cpu"))
+    for leaf in plan.leaves():
+        leaf.model.to(device)
+        leaf.model.eval()
+    evaluator = _Evaluator(device, amp, callback, dict(callback_arg or {}, models=1), _STREAM_LOCK)
+    executor = _StreamingExecutor(plan, source, segment, evaluator, num_workers,
+                                  max(1, int(block_seconds * model.samplerate)))
+    bar = tqdm.tqdm(total=source.shape[-1], unit_scale=1 / model.samplerate, ncols=120,
                     unit="seconds", disable=not progress)
-    emitted = 0
-    with pool:
-        for start, index in itertools.chain(schedule, [(length, -1)]):
-            if index >= 0:  # (length, -1) marks the end: drain every pending segment
-                run = flat[index]
-                mix = run.read_input(source, start, segment)
-                pending.append((start, index, pool.submit(run.evaluate, mix, start, device,
-                                                          callback, amp)))
-            while len(pending) > (num_workers if index >= 0 else 0):
-                done_start, done_index, future = pending.popleft()
-                flat[done_index].accumulate(future.result(), done_start)
-            # Samples before the next segment still to accumulate are final.
-            frontier = max(emitted, min(length, pending[0][0] if pending else start))
-            if frontier - emitted >= block_length or (frontier == length > emitted):
-                yield emitted, _combine(runs, weights, totals, frontier)
-                bar.update(frontier - emitted)
-                emitted = frontier
+    with ThreadPoolExecutor(num_workers) if num_workers > 0 else DummyPoolExecutor() as pool:
+        for start, block in executor.blocks(pool):
+            yield start, block
+            bar.update(block.shape[-1])
     bar.close()
-
-
-def _make_runs(leaves, length: int, shifts: int, overlap: float, transition_power: float,
-               segment: tp.Optional[float], report_info: dict
-               ) -> tp.List[tp.List[_ShiftedSplitRun]]:
-    runs = []
-    for leaf_index, leaf in enumerate(leaves):
-        segment_length = _segment_length(leaf, segment)
-        stride = int((1 - overlap) * segment_length)
-        if stride <= 0:
-            raise ValueError(f"overlap {overlap} leaves no stride between segments")
-        weight = segment_weight(segment_length, transition_power)
-        if shifts:
-            max_shift = int(0.5 * leaf.samplerate)
-            offsets = [random.randint(0, max_shift) for _ in range(shifts)]
-        else:
-            max_shift, offsets = 0, [0]
-        runs.append([_ShiftedSplitRun(leaf, length, offset, max_shift, segment_length, stride,
-                                      weight, _replace_dict(report_info,
-                                                            ("model_idx_in_bag", leaf_index),
-                                                            ("shift_idx", shift_idx)))
-                     for shift_idx, offset in enumerate(offsets)])
-    return runs
-
-
-def _combine(runs, weights, totals, end: int) -> torch.Tensor:
-    """Average over shifts, then weight per source over models, as `apply_model` does."""
-    estimates: tp.Union[float, torch.Tensor] = 0.
-    for leaf_runs, model_weights in zip(runs, weights):
-        out: tp.Union[float, torch.Tensor] = 0.
-        for run in leaf_runs:
-            out += _pop_track_range(run, end)
-        assert isinstance(out, torch.Tensor)
-        out /= len(leaf_runs)
-        for k, source_weight in enumerate(model_weights):
-            out[:, k] *= source_weight
-        estimates += out
-    assert isinstance(estimates, torch.Tensor)
-    for k, total in enumerate(totals):
-        estimates[:, k] /= total
-    return estimates
-
-
-def _pop_track_range(run: _ShiftedSplitRun, end: int) -> torch.Tensor:
-    """Output of `run` for the track positions from where it stopped (at least 0) up to `end`."""
-    if run.window_start < 0:
-        run.pop(0)  # the part of the shifted view before the track start is dropped
-    return run.pop(end)

@@ -1,13 +1,18 @@
-"""apply_model semantics: shifts, segments, cross-fade, bags, callbacks, and the streaming path."""
+"""apply_model semantics: shifts, segments, cross-fade, bags, callbacks, and the streaming path;
+the options, the plan both executors share, and the allocator tuning at the first separation."""
+import dataclasses
 import random
+import subprocess
+import sys
 
 from hypothesis import given, settings, strategies as st
 import pytest
 import torch
 from torch import nn
 
-from demucs.apply import (BagOfModels, TensorChunk, apply_model, apply_model_streaming,
-                          segment_weight, tensor_chunk)
+from demucs import apply as apply_module
+from demucs.apply import (ApplyOptions, BagOfModels, BagPlan, LeafPlan, TensorChunk, apply_model,
+                          apply_model_streaming, make_plan, segment_weight, tensor_chunk)
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 torch.set_num_threads(1)  # tiny models: extra threads only add contention
@@ -254,3 +259,259 @@ def test_amp_streaming_matches_in_memory():
 def test_unknown_amp_is_refused(run):
     with pytest.raises(ValueError, match="amp must be bf16, fp16 or None .* got 'fp8'"):
         run(ConvSeparator(), _mix(200), amp="fp8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: validated once, with messages that name the setting.
+
+
+@pytest.mark.parametrize("settings_, message", [
+    ({"shifts": -1}, "shifts must be 0 or more .* got -1"),
+    ({"overlap": 1.}, r"overlap must be in \[0, 1\) .* got 1.0"),
+    ({"overlap": -0.1}, r"overlap must be in \[0, 1\) .* got -0.1"),
+    ({"overlap": float("nan")}, "overlap must be in .* got nan"),
+    ({"transition_power": 0.5}, "transition_power must be >= 1, got 0.5"),
+    ({"transition_power": float("nan")}, "transition_power must be >= 1, got nan"),
+    ({"segment": 0.}, "segment must be a positive number of seconds .* got 0.0"),
+    ({"segment": -2.}, "segment must be a positive number of seconds .* got -2.0"),
+    ({"amp": "fp8"}, "amp must be bf16, fp16 or None .* got 'fp8'")])
+def test_options_refuse_invalid_settings(settings_, message):
+    with pytest.raises(ValueError, match=message):
+        ApplyOptions(**settings_)
+
+
+def test_options_are_frozen_and_default_to_apply_model_defaults():
+    options = ApplyOptions()
+    assert (options.shifts, options.split, options.overlap, options.transition_power,
+            options.segment, options.amp) == (1, True, 0.25, 1., None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.shifts = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("run", [apply_model, lambda *a, **k: list(apply_model_streaming(*a, **k))])
+def test_invalid_settings_are_refused_before_any_model_runs(run):
+    model = DtypeRecorder()
+    with pytest.raises(ValueError, match="overlap must be in"):
+        run(model, _mix(200), overlap=1.5)
+    assert model.dtypes == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: geometry, weights and shift offsets, decided once.
+
+
+def test_plan_draws_offsets_leaf_after_leaf_then_shift_after_shift():
+    inner = BagOfModels([ConvSeparator(seed=1), ConvSeparator(seed=2, segment=0.5)])
+    bag = BagOfModels([inner, ConvSeparator(seed=3)])
+    random.seed(7)
+    plan = make_plan(bag, ApplyOptions(shifts=3), 500)
+    after_plan = random.random()
+    random.seed(7)
+    expected = [tuple(random.randint(0, 50) for _ in range(3)) for _ in range(3)]
+    leaves = list(plan.leaves())
+    assert [leaf.shift_offsets for leaf in leaves] == expected
+    assert [leaf.max_shift for leaf in leaves] == [50, 50, 50]
+    assert [leaf.segment_length for leaf in leaves] == [100, 50, 100]
+    assert random.random() == after_plan  # exactly 9 draws
+    assert isinstance(plan, BagPlan) and isinstance(plan.members[0], BagPlan)
+    assert [(leaf.bag_index, leaf.bag_size) for leaf in leaves] == [(0, 2), (0, 2), (1, 2)]
+
+
+def test_plan_without_shifts_draws_nothing_and_has_one_unshifted_pass():
+    random.seed(3)
+    state = random.getstate()
+    leaf = make_plan(ConvSeparator(), ApplyOptions(shifts=0), 250)
+    assert random.getstate() == state
+    assert isinstance(leaf, LeafPlan)
+    assert (leaf.max_shift, leaf.shift_offsets, leaf.bag_size) == (0, (), None)
+    (pass_,) = leaf.passes
+    assert (pass_.shift_idx, pass_.start, pass_.length) == (0, 0, 250)
+
+
+def test_plan_geometry_of_a_split_leaf():
+    random.seed(0)
+    leaf = make_plan(ConvSeparator(samplerate=100, segment=1.), ApplyOptions(
+        shifts=2, overlap=0.4, transition_power=2.), 300)
+    assert isinstance(leaf, LeafPlan)
+    assert (leaf.segment_length, leaf.stride) == (100, 60)
+    assert torch.equal(leaf.weight, segment_weight(100, 2.))
+    for shift_idx, (pass_, offset) in enumerate(zip(leaf.passes, leaf.shift_offsets)):
+        # the track delayed by max_shift - offset samples: the view starts that far before it
+        assert (pass_.shift_idx, pass_.start, pass_.length) == (shift_idx, offset - 50,
+                                                                300 + 50 - offset)
+        assert list(pass_.segment_starts()) == list(range(offset - 50, 300, 60))
+        last = pass_.segment_starts()[-1]
+        assert pass_.chunk_length(last) == 300 - last
+    whole = make_plan(ConvSeparator(), ApplyOptions(shifts=0, split=False), 300)
+    assert (whole.segment_length, whole.stride, whole.weight) == (None, None, None)
+    assert whole.passes[0].chunk_length(0) == 300
+
+
+def test_plan_reads_segments_with_their_context():
+    leaf = make_plan(ConvSeparator(samplerate=10, segment=1.), ApplyOptions(shifts=0, overlap=0.),
+                     25)
+    track = torch.arange(1., 26.)[None]
+    first, second, last = (leaf.passes[0].read_input(track, 0, start, None)
+                           for start in leaf.passes[0].segment_starts())
+    # 10 samples and the 4 of context on each side the model asks for, zeros off the track
+    assert first.tolist() == [[0.] * 4 + list(range(1, 15))]
+    assert second.tolist() == [list(range(7, 25))]
+    assert last.tolist() == [list(range(17, 26)) + [0.] * 4]  # the short last segment: 5 + 8
+    # the same segment read from a longer source where the track starts at 3
+    longer = torch.cat([torch.full((1, 3), -1.), track], -1)
+    assert torch.equal(leaf.passes[0].read_input(longer, 3, 10, None), second)
+
+
+@pytest.mark.parametrize("model, options, message", [
+    (ConvSeparator(samplerate=3, segment=1.), ApplyOptions(overlap=0.9),
+     "overlap 0.9 leaves no stride between segments of 3 samples"),
+    (Scaler(1.), ApplyOptions(segment=None, transition_power=40.),
+     "transition_power 40.0 makes the cross-fade weight of a 100-sample segment round to 0"),
+])
+def test_plan_refuses_unusable_segments(model, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan(model, options, 1000)
+    model.segment = None
+    with pytest.raises(ValueError, match="splitting needs a positive segment length, got None"):
+        make_plan(model, ApplyOptions(), 1000)
+    make_plan(model, ApplyOptions(split=False), 1000)  # no segment needed without splitting
+
+
+def test_applying_draws_the_same_offsets_as_the_plan():
+    bag = BagOfModels([ConvSeparator(seed=1), ConvSeparator(seed=2)])
+    for run in [apply_model, lambda *a, **k: list(apply_model_streaming(*a, **k))]:
+        random.seed(11)
+        make_plan(bag, ApplyOptions(shifts=2), 300)
+        expected = random.random()
+        random.seed(11)
+        run(bag, _mix(300), shifts=2)
+        assert random.random() == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Both executors run the same plan: bitwise equal with the same overlap-add formula.
+
+
+def _nested_bag() -> BagOfModels:
+    inner = BagOfModels([ConvSeparator(seed=3), Scaler(2.)], [[1., 1., .5, 1.], [.3, 1., 1., 1.]])
+    return BagOfModels([inner, ConvSeparator(seed=4, segment=0.6)], [[1., 2., 1., 1.]] * 2)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(length=st.integers(30, 600), shifts=st.integers(0, 2),
+       overlap=st.sampled_from([0.1, 0.25, 0.4]), power=st.sampled_from([1., 2.]),
+       block=st.sampled_from([0.3, 100.]), workers=st.sampled_from([0, 2]),
+       seed=st.integers(0, 100))
+def test_streaming_is_bitwise_in_memory_with_the_same_overlap_add(
+        length, shifts, overlap, power, block, workers, seed):
+    bag = _nested_bag()
+    mix = _mix(length, seed)
+    random.seed(seed)
+    expected = apply_model(bag, mix, shifts=shifts, overlap=overlap, transition_power=power)
+    random.seed(seed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(apply_module, "_add_product", apply_module._add_fused)
+        streamed = _streamed(bag, mix, shifts=shifts, overlap=overlap, transition_power=power,
+                             block_seconds=block, num_workers=workers)
+    assert torch.equal(streamed, expected)
+
+
+@pytest.mark.parametrize("shifts", [0, 2])
+def test_streaming_is_bitwise_in_memory_without_overlap(shifts):
+    """Each sample gets one weighted segment: both overlap-add formulas round the same way."""
+    bag = _nested_bag()
+    mix = _mix(450, 1)
+    random.seed(shifts)
+    expected = apply_model(bag, mix, shifts=shifts, overlap=0.)
+    random.seed(shifts)
+    assert torch.equal(_streamed(bag, mix, shifts=shifts, overlap=0., block_seconds=0.5),
+                       expected)
+
+
+def test_nested_bags_report_the_outer_index_and_the_inner_size():
+    inner = BagOfModels([Scaler(1.), Scaler(2.), Scaler(3.)])
+    bag = BagOfModels([inner, Scaler(4.)])
+    for run in [apply_model, lambda *a, **k: list(apply_model_streaming(*a, **k))]:
+        events = []
+        run(bag, _mix(120), shifts=0, callback=events.append, callback_arg={"track": "a"})
+        pairs = sorted({(e["model_idx_in_bag"], e["models"]) for e in events})
+        assert pairs == [(0, 3), (1, 2)]
+        assert all(e["track"] == "a" for e in events)
+
+
+def test_lone_model_reports_one_model_unless_callback_arg_says_otherwise():
+    events = []
+    apply_model(Scaler(1.), _mix(120), shifts=0, callback=events.append)
+    assert [e["models"] for e in events] == [1, 1, 1, 1]
+    assert list(events[0]) == ["model_idx_in_bag", "shift_idx", "segment_offset", "models",
+                               "state"]
+    events.clear()
+    apply_model(Scaler(1.), _mix(120), shifts=0, callback=events.append,
+                callback_arg={"models": 5})
+    assert {e["models"] for e in events} == {5}
+
+
+# ---------------------------------------------------------------------------------------------
+# What apply_model accepts: chunks, batches, unsplit tracks, pools, progress bars.
+
+
+def test_chunk_input_takes_its_context_from_the_surrounding_audio():
+    model = ConvSeparator()
+    track = _mix(300)
+    out = apply_model(model, TensorChunk(track, 100, 100), shifts=0, split=False)
+    whole = apply_model(model, track, shifts=0, split=False)
+    assert out.shape == (1, 4, 2, 100)
+    assert torch.allclose(out, whole[..., 100:200], atol=1e-6)
+
+
+def test_batches_are_separated_item_by_item():
+    model = ConvSeparator()
+    mix = torch.cat([_mix(260, 1), _mix(260, 2)])
+    random.seed(4)
+    out = apply_model(model, mix, shifts=1, overlap=0.3)
+    for index in range(2):
+        random.seed(4)
+        single = apply_model(model, mix[index:index + 1], shifts=1, overlap=0.3)
+        assert torch.allclose(out[index:index + 1], single, atol=1e-6)
+
+
+def test_a_given_pool_is_used_and_left_open():
+    from concurrent.futures import ThreadPoolExecutor
+    model = ConvSeparator()
+    mix = _mix(400)
+    with ThreadPoolExecutor(2) as pool:
+        out = apply_model(model, mix, shifts=0, pool=pool)
+        assert pool.submit(lambda: 1).result() == 1
+    assert torch.equal(out, apply_model(model, mix, shifts=0))
+
+
+def test_progress_bar_counts_the_segments(capsys):
+    out = apply_model(Scaler(2.), _mix(450), shifts=0, overlap=0.5, progress=True)
+    assert out.shape == (1, 4, 2, 450)
+    assert "4.5/4.5" in capsys.readouterr().err  # 9 segments of 0.5 s stride
+
+
+# ---------------------------------------------------------------------------------------------
+# The allocator is tuned when a separation starts on CPU, not when the module is imported.
+
+
+def test_importing_apply_leaves_the_allocator_alone():
+    probe = ("import demucs.allocator as allocator\n"
+             "allocator.tune_malloc = lambda: print('tuned')\n"
+             "import demucs.apply\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert "tuned" not in result.stdout
+
+
+@pytest.mark.parametrize("run", [apply_model, lambda *a, **k: list(apply_model_streaming(*a, **k))])
+def test_applying_on_cpu_tunes_the_allocator_once(monkeypatch, run):
+    calls = []
+    monkeypatch.setattr(apply_module.allocator, "tune_malloc", lambda: calls.append(1) or True)
+    apply_module._tune_allocator_once.cache_clear()
+    try:
+        run(Scaler(1.), _mix(150), shifts=0)
+        run(Scaler(1.), _mix(150), shifts=0)
+    finally:
+        apply_module._tune_allocator_once.cache_clear()
+    assert calls == [1]

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from demucs import demucs as demucs_module, hdemucs as hdemucs_module, transformer
-from demucs.apply import TensorChunk, apply_model, segment_weight
+from demucs.apply import TensorChunk, apply_model, read_padded, segment_weight
 from demucs.demucs import (DConv, conv1x1_group_norm, conv_transpose_polyphase,
                            dilated_conv_as_gemm, polyphase_applies)
 from demucs.hdemucs import HDecLayer
@@ -182,15 +182,13 @@ def test_shift_window_matches_padded_copy(seed):
     assert rel_err(out, ref) < TOL
 
 
-def test_tensor_chunk_window_reads_zeros_outside_the_track():
+def test_read_padded_reads_zeros_outside_the_track():
+    """The shift trick reads its delayed view straight from the track: zeros before and after."""
     mix = torch.arange(1., 6.)[None]
-    window = TensorChunk.window(mix, -2, 9)
-    assert window.shape == [1, 9]
-    assert window.padded(9).tolist() == [[0., 0., 1., 2., 3., 4., 5., 0., 0.]]
-    inner = TensorChunk(window, 1, 4)
-    assert inner.padded(6).tolist() == [[0., 0., 1., 2., 3., 4.]]
-    assert TensorChunk.window(mix, -9, 3).padded(3).tolist() == [[0., 0., 0.]]
-    assert TensorChunk.window(mix, 7, 2).padded(4).tolist() == [[0., 0., 0., 0.]]
+    assert read_padded(mix, -2, 9).tolist() == [[0., 0., 1., 2., 3., 4., 5., 0., 0.]]
+    assert read_padded(mix, -1, 4).tolist() == [[0., 1., 2., 3.]]
+    assert read_padded(mix, -9, 3).tolist() == [[0., 0., 0.]]
+    assert read_padded(mix, 7, 4).tolist() == [[0., 0., 0., 0.]]
 
 
 # ---------------------------------------------------------------- DConv: fused 1x1 conv + GroupNorm

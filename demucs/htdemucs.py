@@ -16,6 +16,10 @@ from torch.nn import functional as F
 
 from .demucs import rescale_module
 from .hdemucs import HybridSpectrogramMixin, HybridUNetMixin
+# Importable from here in Demucs 4.1, whose HTDemucs used them directly.
+from .hdemucs import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding, pad1d  # noqa: F401
+from .spec import ispectro, spectro  # noqa: F401
+from .wiener import wiener  # noqa: F401
 from .states import capture_init
 from .transformer import CrossTransformerEncoder
 

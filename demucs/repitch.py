@@ -9,6 +9,8 @@ from pathlib import Path
 import soundfile
 import torch
 
+from .audio import save_audio  # noqa: F401  (importable from here in Demucs 4.1)
+
 
 SOUNDSTRETCH = "soundstretch"
 

@@ -15,6 +15,12 @@ import typing as tp
 import torch
 
 
+def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Element-wise angle of `x + iy` in radians (0 where both are 0), as `torch.atan2`; kept
+    because Demucs 4.1 exposes it here (its own copy modifies `x` in place, this one does not)."""
+    return torch.atan2(y, x)
+
+
 def _to_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.complex(x[..., 0], x[..., 1])
 

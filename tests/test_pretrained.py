@@ -74,6 +74,7 @@ def test_hubconf_exposes_get_model():
     import hubconf
     assert hubconf.get_model is get_model
     assert "torch" in hubconf.dependencies
+    torch.hub._check_dependencies(hubconf)  # names torch.hub can find (dora-search was not one)
 
 
 @pytest.mark.slow

@@ -350,3 +350,13 @@ def test_huggingface_hub_absent_skips_the_hub(caches: Path, monkeypatch):
     assert isinstance(get_model("0d19c1c6"), Demucs)
     with pytest.raises(ModelLoadingError, match="huggingface-hub is not installed"):
         get_model("htdemucs")
+
+
+def test_network_probe_goes_through_the_configured_proxy(monkeypatch):
+    for name in ["https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"]:
+        monkeypatch.delenv(name, raising=False)
+    assert network._probe_target("https://huggingface.co") == ("huggingface.co", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert network._probe_target("https://huggingface.co") == ("proxy.example", 3128)
+    monkeypatch.setenv("no_proxy", "huggingface.co")
+    assert network._probe_target("https://huggingface.co") == ("huggingface.co", 443)

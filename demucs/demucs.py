@@ -143,7 +143,10 @@ class LocalState(nn.Module):
             decay_kernel = -rates.view(-1, 1, 1) * delta.abs() / self.ndecay ** 0.5
             scores = scores + torch.einsum("fts,bhfs->bhts", decay_kernel, decay_q)
 
-        self_mask = torch.eye(length, device=x.device, dtype=torch.bool)
+        # The diagonal, built by comparison: a boolean torch.eye exports as an ONNX EyeLike
+        # operator that ONNX Runtime does not implement for booleans.
+        steps = torch.arange(length, device=x.device)
+        self_mask = steps[:, None] == steps[None, :]
         scores = scores.masked_fill(self_mask, -100)
         weights = torch.softmax(scores, dim=2)
 
@@ -466,7 +469,7 @@ class Demucs(nn.Module):
         return int(length)
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        length = mix.shape[-1]
+        length = int(mix.shape[-1])  # an int also when traced for ONNX, where shapes are tensors
         x = mix
         mean: tp.Union[float, torch.Tensor] = 0.
         std: tp.Union[float, torch.Tensor] = 1.

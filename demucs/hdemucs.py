@@ -417,7 +417,7 @@ class HybridSpectrogramMixin:
                             length: int) -> torch.Tensor:
         """Waveforms [B, S, C, length] from the frequency decoder's output `x`: undoes the
         standardisation, turns `x` into source spectrograms against the mixture's `z`, inverts."""
-        batch, _, freqs, frames = z.shape
+        batch, (freqs, frames) = z.shape[0], z.shape[-2:]
         mean, std = stats
         x = x.view(batch, len(self.sources), -1, freqs, frames)
         x = x * std[:, None] + mean[:, None]
@@ -431,12 +431,12 @@ class HybridSpectrogramMixin:
         with the time branch: exactly ceil(length / hop) of them."""
         hop = self.hop_length
         if not self.hybrid:
-            return spectro(x, self.nfft, hop)[..., :-1, :]
+            return self._stft(x)[..., :-1, :]
         frames = int(math.ceil(x.shape[-1] / hop))
         pad = hop // 2 * 3
         paddings = (pad, pad + frames * hop - x.shape[-1])
         mode = "constant" if self.hybrid_old else "reflect"
-        z = spectro(pad1d(x, paddings, mode=mode), self.nfft, hop)[..., :-1, :]
+        z = self._stft(pad1d(x, paddings, mode=mode))[..., :-1, :]
         assert z.shape[-1] == frames + 4, (z.shape, x.shape, frames)
         return z[..., 2:2 + frames]
 
@@ -444,14 +444,23 @@ class HybridSpectrogramMixin:
         """Inverse of `_spec`: adds back the last bin (and the side frames), crops to `length`."""
         hop = self.hop_length // (4 ** scale)
         if not self.hybrid:
-            return ispectro(F.pad(z, (0, 0, 0, 1)), hop, length)
+            return self._istft(F.pad(z, (0, 0, 0, 1)), hop, length)
         z = F.pad(z, (2, 2, 0, 1))  # one pad (a fill and a copy) for the bin and the frames
         if self.hybrid_old:
-            x = ispectro(z, hop, length=hop * int(math.ceil(length / hop)))
+            x = self._istft(z, hop, hop * int(math.ceil(length / hop)))
             return x[..., :length]
         pad = hop // 2 * 3
-        x = ispectro(z, hop, length=hop * int(math.ceil(length / hop)) + 2 * pad)
+        x = self._istft(z, hop, hop * int(math.ceil(length / hop)) + 2 * pad)
         return x[..., pad:pad + length]
+
+    def _stft(self, x: torch.Tensor) -> torch.Tensor:
+        """Complex STFT [..., Fr, T] of the (already padded) mixture; the ONNX export
+        (`demucs.onnx_export`) replaces it with a real-valued transform."""
+        return spectro(x, self.nfft, self.hop_length)
+
+    def _istft(self, z: torch.Tensor, hop: int, length: int) -> torch.Tensor:
+        """Inverse of `_stft` at hop `hop`, giving `length` samples (replaced like `_stft`)."""
+        return ispectro(z, hop, length)
 
     def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
         """Network input from the complex spectrogram [B, C, Fr, T]: real and imaginary parts as

@@ -1,0 +1,422 @@
+"""Export of Demucs models and bags to ONNX, for separation with ONNX Runtime.
+
+Each model of a bag becomes one `.onnx` graph for a fixed input length (its training segment by
+default), written beside a `manifest.json` that `demucs.onnx_runtime.load_onnx_bag` reads back.
+The graph holds the whole forward pass, STFT and inverse STFT included, so ONNX Runtime needs
+nothing but the mixture.
+
+Four things of the PyTorch forward do not translate to ONNX as they are, and are handled here:
+- complex spectrograms: the exported copy of a hybrid model (`RealSpectrogramMixin`) keeps real
+  and imaginary parts in a dimension of size 2 and computes its transforms with the ONNX `STFT`
+  and `DFT` operators (same Hann window, padding and normalisation as `demucs.spec`);
+- the `Fraction` segment and every shape are plain Python numbers at tracing time: the graph is
+  traced for one input length, recorded in the manifest;
+- the random shift of the transformer's positional embedding (`t_sin_random_shift > 0`) has no
+  fixed value, and the Wiener filter's EM iterations work on complex matrices: such models are
+  refused with `OnnxExportError`;
+- attention already runs as `scaled_dot_product_attention`, which the exporter writes as plain
+  MatMul/Softmax operators.
+"""
+from copy import deepcopy
+from fractions import Fraction
+import json
+import logging
+import math
+from pathlib import Path
+import typing as tp
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .apply import BagOfModels
+from .demucs import Demucs
+from .files import atomic_open, atomic_write
+from .hdemucs import HDemucs
+from .htdemucs import HTDemucs
+from .transformer import MyGroupNorm
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+"""ONNX opset of the exported graphs (the first with the `STFT` and `DFT` operators)."""
+MANIFEST = "manifest.json"
+FORMAT = "demucs-onnx"
+FORMAT_VERSION = 1
+QUANTIZE_CHOICES = ("int8",)
+
+
+class OnnxExportError(ValueError):
+    """A model (or an export option) that cannot be exported to ONNX; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-valued transforms with an ONNX translation.
+
+
+def _int64_constant(g, value: int):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=torch.int64))
+
+
+class _FramesDft(torch.autograd.Function):
+    """Onesided DFT of the windowed frames of real signals: [N, L] → [N, frames, bins, 2].
+
+    Computed by `torch.stft` (no centring, no normalisation) in PyTorch, written as the ONNX
+    `STFT` operator in the graph."""
+
+    @staticmethod
+    def forward(ctx, signal: torch.Tensor, window: torch.Tensor,  # type: ignore[override]
+                hop: int) -> torch.Tensor:
+        spec = torch.stft(signal, window.shape[-1], hop, window=window, center=False,
+                          return_complex=True)
+        return torch.view_as_real(spec).transpose(1, 2)
+
+    @staticmethod
+    def symbolic(g, signal, window, hop: int):
+        axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
+        signal = g.op("Unsqueeze", signal, axes)
+        return g.op("STFT", signal, _int64_constant(g, hop), window, onesided_i=1)
+
+
+class _FramesInverseDft(torch.autograd.Function):
+    """Inverse of a onesided DFT, frame by frame: [N, frames, bins, 2] → real [N, frames, n_fft].
+
+    The imaginary parts of the first and last bins are ignored, as by `torch.fft.irfft`, which
+    computes it in PyTorch; the graph uses the ONNX `DFT` operator (inverse, onesided)."""
+
+    @staticmethod
+    def forward(ctx, spec: torch.Tensor, n_fft: int) -> torch.Tensor:  # type: ignore[override]
+        return torch.fft.irfft(torch.view_as_complex(spec), n=n_fft, dim=-1)
+
+    @staticmethod
+    def symbolic(g, spec, n_fft: int):
+        frames = g.op("DFT", spec, _int64_constant(g, n_fft), axis_i=2, inverse_i=1, onesided_i=1)
+        axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
+        return g.op("Squeeze", frames, axes)
+
+
+def _hann(n_fft: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.hann_window(n_fft, dtype=like.dtype, device=like.device)
+
+
+def real_stft(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """`demucs.spec.spectro(x, n_fft, hop)` with real and imaginary parts in a dimension of
+    their own: [..., T] → [..., 2, n_fft // 2 + 1, frames]."""
+    *leading, length = x.shape
+    flat = F.pad(x.reshape(1, -1, length), (n_fft // 2, n_fft // 2), mode="reflect")[0]
+    spec = _FramesDft.apply(flat, _hann(n_fft, x), hop) / math.sqrt(n_fft)
+    _, frames, bins, _ = spec.shape
+    return spec.permute(0, 3, 2, 1).reshape(*leading, 2, bins, frames)
+
+
+def overlap_add(frames: torch.Tensor, hop: int) -> torch.Tensor:
+    """Sums frames [N, F, n_fft] placed `hop` samples apart: [N, (F - 1) * hop + n_fft].
+
+    `n_fft` must be a multiple of `hop`: each frame is cut in `n_fft // hop` blocks, and the
+    block sequences are added with shifts of whole blocks (pads and adds, cheap in ONNX)."""
+    count, num_frames, n_fft = frames.shape
+    blocks = int(n_fft // hop)
+    pieces = frames.reshape(count, num_frames, blocks, hop)
+    total = None
+    for index in range(blocks):
+        piece = F.pad(pieces[:, :, index].reshape(count, num_frames * hop),
+                      (index * hop, (blocks - 1 - index) * hop))
+        total = piece if total is None else total + piece
+    assert total is not None
+    return total
+
+
+def _inverse_envelope(window: torch.Tensor, hop: int, frames: int) -> torch.Tensor:
+    """1 / Σ_t window²(n - t·hop): what `torch.istft` divides the overlap-added frames by."""
+    squares = (window ** 2).expand(1, frames, -1)
+    return 1 / overlap_add(squares, hop)[0]
+
+
+def real_istft(z: torch.Tensor, hop: int, length: int) -> torch.Tensor:
+    """`demucs.spec.ispectro(z, hop, length)` for real spectrograms [..., 2, bins, frames]
+    (as made by `real_stft`): → [..., length]."""
+    *leading, _, bins, frames = z.shape
+    n_fft = int(2 * bins - 2)  # a plain int: the tracer turns shapes into tensors
+    if n_fft % hop:
+        raise OnnxExportError(f"the ONNX inverse STFT needs n_fft ({n_fft}) to be a multiple "
+                              f"of the hop length ({hop})")
+    spec = z.reshape(-1, 2, bins, frames).permute(0, 3, 2, 1)
+    window = _hann(n_fft, z)
+    frames_out = _FramesInverseDft.apply(spec.contiguous(), n_fft)
+    signal = overlap_add(frames_out * (window * math.sqrt(n_fft)), hop)
+    start = n_fft // 2
+    envelope = _inverse_envelope(window, hop, int(frames))[start:start + length]
+    signal = signal[:, start:start + length] * envelope
+    if signal.shape[-1] < length:  # torch.istft zero pads past the last frame
+        signal = F.pad(signal, (0, length - signal.shape[-1]))
+    return signal.reshape(*leading, length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exportable copies of the models.
+
+
+class RealSpectrogramMixin:
+    """Spectrogram side of `HDemucs`/`HTDemucs` on real tensors, for export.
+
+    Mixed in before the model's class (see `exportable_copy`), it replaces the complex STFT, the
+    network input, the masking and the inverse STFT; a spectrogram [..., Fr, T] complex becomes
+    [..., 2, Fr, T] real (real part first), which keeps the last two dimensions where the model's
+    own padding and cropping of bins and frames expect them."""
+
+    nfft: int
+    hop_length: int
+    cac: bool
+    training: bool
+    wiener_iters: int
+    end_iters: int
+    wiener_residual: bool
+
+    def _stft(self, x: torch.Tensor) -> torch.Tensor:
+        return real_stft(x, self.nfft, self.hop_length)
+
+    def _istft(self, z: torch.Tensor, hop: int, length: int) -> torch.Tensor:
+        return real_istft(z, hop, length)
+
+    def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, C, 2, Fr, T] → real and imaginary parts as channels [B, 2C, Fr, T] (cac), or the
+        magnitude [B, C, Fr, T]."""
+        if self.cac:
+            batch, channels, parts, freqs, frames = z.shape
+            return z.reshape(batch, channels * parts, freqs, frames)
+        return z.square().sum(dim=2).sqrt()
+
+    def _mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Source spectrograms [B, S, C, 2, Fr, T] from the network output `m`: its values
+        (cac), else the magnitudes `m` with the mixture's phase (without Wiener iterations)."""
+        if self.cac:
+            batch, sources, _, freqs, frames = m.shape
+            return m.view(batch, sources, -1, 2, freqs, frames)
+        magnitude = z.square().sum(dim=2, keepdim=True).sqrt()
+        if (self.end_iters if self.training else self.wiener_iters) < 0:
+            return z[:, None] / (1e-8 + magnitude[:, None]) * m[:, :, :, None]
+        return _with_mixture_phase(z, magnitude, m)
+
+
+def _with_mixture_phase(z: torch.Tensor, magnitude: torch.Tensor,
+                        m: torch.Tensor) -> torch.Tensor:
+    """`demucs.wiener.wiener(..., iterations=0)`: magnitudes `m` [B, S, C, Fr, T] times
+    (cos, sin) of the mixture's angle, the angle of a zero bin being 0 (as `atan2(0, 0)`)."""
+    zero = magnitude == 0
+    unit = torch.where(zero, torch.ones_like(magnitude), magnitude)
+    phase = z / unit
+    phase = torch.where(zero, torch.tensor([1., 0.], dtype=z.dtype).view(2, 1, 1), phase)
+    return phase[:, None] * m[:, :, :, None]
+
+
+class _TokenGroupNorm(MyGroupNorm):
+    """`MyGroupNorm` computed as the plain GroupNorm on channel-major tokens (what it stands
+    for): its token-layout shortcut gives the layer norm a traced, hence dynamic, shape that the
+    exporter refuses."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.GroupNorm.forward(self, x.transpose(1, 2)).transpose(1, 2)
+
+
+_EXPORTABLE: tp.Tuple[type, ...] = (Demucs, HDemucs, HTDemucs)
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raises `OnnxExportError` naming the option that keeps `model` from being exported."""
+    name = type(model).__name__
+    if not isinstance(model, _EXPORTABLE):
+        raise OnnxExportError(f"{name} cannot be exported to ONNX: only Demucs, HDemucs and "
+                              f"HTDemucs models (and bags of them) are supported")
+    if isinstance(model, (HDemucs, HTDemucs)) and not model.cac and model.wiener_iters > 0:
+        raise OnnxExportError(
+            f"{name}(cac=False, wiener_iters={model.wiener_iters}) cannot be exported to ONNX: "
+            f"the Wiener filter's EM iterations invert complex matrices, which the export does "
+            f"not translate; only cac models and wiener_iters <= 0 are supported")
+    transformer = getattr(model, "crosstransformer", None)
+    if transformer is not None and transformer.emb == "sin" and transformer.sin_random_shift:
+        raise OnnxExportError(
+            f"{name}(t_sin_random_shift={transformer.sin_random_shift}) cannot be exported to "
+            f"ONNX: its positional embedding is shifted at random on every call")
+
+
+def exportable_copy(model: nn.Module) -> nn.Module:
+    """An evaluation-mode float32 copy of `model` that traces to ONNX operators only: hybrid
+    models get `RealSpectrogramMixin` in front of their class. Raises `OnnxExportError`."""
+    check_exportable(model)
+    copy = deepcopy(model).float().eval()
+    if isinstance(copy, (HDemucs, HTDemucs)):
+        klass = type(copy)
+        copy.__class__ = type(f"Onnx{klass.__name__}", (RealSpectrogramMixin, klass), {})
+    for module in copy.modules():
+        if type(module) is MyGroupNorm:
+            module.__class__ = _TokenGroupNorm
+    return copy
+
+
+def default_input_length(model: nn.Module, segment: tp.Optional[float] = None) -> int:
+    """Input length (samples) the graph of `model` is traced for: what `apply_model` gives it
+    for segments of `segment` seconds (default: the model's own segment). A transformer model
+    always processes its training segment."""
+    if isinstance(model, HTDemucs):
+        return model.valid_length(0)
+    length = int(model.samplerate * (segment if segment is not None else model.segment))
+    return model.valid_length(length) if hasattr(model, "valid_length") else length
+
+
+def pads_at_end(model: nn.Module) -> bool:
+    """Whether a shorter input is zero padded at its end (HTDemucs, as its forward does), rather
+    than on both sides (as `apply_model` pads segments)."""
+    return isinstance(model, HTDemucs) and model.use_train_segment
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing graphs and manifests.
+
+
+def _segment_to_json(segment: tp.Union[int, float, Fraction]) -> tp.Union[int, float, str]:
+    """A segment as JSON: numbers as they are, a `Fraction` as "num/den" (kept exact, so that
+    `apply_model` cuts the same segments as with the PyTorch model)."""
+    return str(segment) if isinstance(segment, Fraction) else segment
+
+
+def _trace(model: nn.Module, path: Path, input_length: int, opset: int) -> None:
+    """Traces `model` (an `exportable_copy`) for one [1, C, input_length] input into `path`."""
+    example = torch.zeros(1, model.audio_channels, input_length)
+    # Traced with gradients enabled on purpose: the models then run their plain modules
+    # (convolutions, GroupNorm, ConvTranspose), not the CPU inference rewrites of
+    # `demucs.demucs.DConv` and `HDecLayer`, which ONNX Runtime fuses and runs better as they are.
+    with torch.enable_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated upstream but is the one that needs no extra
+        # package and honours `symbolic` of autograd functions (our STFT operators).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["mix"], output_names=["sources"],
+                          do_constant_folding=True)
+
+
+def _add_metadata(path: Path, metadata: tp.Dict[str, tp.Any]) -> None:
+    """Stores `metadata` (JSON-encoded values) in the graph's `metadata_props`."""
+    import onnx
+    graph = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = f"demucs.{key}", json.dumps(value)
+    onnx.save(graph, str(path))
+
+
+def quantize_int8(source: Path, destination: Path) -> None:
+    """Dynamic int8 quantization of the weights of MatMul/Gemm operators (onnxruntime's
+    `quantize_dynamic`); activations are quantized on the fly at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(str(source), str(destination), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"])
+
+
+def model_info(model: nn.Module, input_length: int) -> tp.Dict[str, tp.Any]:
+    """What the ONNX Runtime leaf needs to stand in for `model` in `apply_model`."""
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "sources": list(model.sources), "samplerate": model.samplerate,
+            "audio_channels": model.audio_channels, "segment": _segment_to_json(model.segment),
+            "input_length": input_length,
+            "pad": "end" if pads_at_end(model) else "center",
+            "random_draws": _python_random_draws(model)}
+
+
+def _python_random_draws(model: nn.Module) -> int:
+    """How many numbers a forward of `model` draws from Python's `random` module: the
+    transformer's "sin" positional shift, even when it can only be 0. The ONNX Runtime leaf draws
+    as many, so that later draws (e.g. the next `apply_model`'s shifts) stay the same."""
+    transformer = getattr(model, "crosstransformer", None)
+    return int(transformer is not None and transformer.emb == "sin")
+
+
+def export_model(model: nn.Module, path: tp.Union[str, Path], input_length: int,
+                 metadata: tp.Optional[dict] = None, quantize: tp.Optional[str] = None,
+                 opset: int = OPSET) -> tp.Dict[str, tp.Any]:
+    """Exports one model to the ONNX file `path` for inputs [1, channels, input_length].
+
+    Args:
+        model: a Demucs, HDemucs or HTDemucs model (left unchanged).
+        path: the `.onnx` file to write (atomically).
+        input_length: samples of the traced input (see `default_input_length`).
+        metadata: extra entries for the graph's metadata (e.g. the bag's weights).
+        quantize: None, or "int8" for dynamic int8 quantization of the matrix products.
+        opset: ONNX opset (17 or more: the STFT and DFT operators).
+    Returns:
+        the model's entry of the manifest (see `model_info`), with the file name.
+    Raises:
+        OnnxExportError: the model, the length or the options cannot be exported.
+    """
+    if quantize not in (None,) + QUANTIZE_CHOICES:
+        raise OnnxExportError(f"unknown quantization {quantize!r}; choose one of "
+                              f"{', '.join(QUANTIZE_CHOICES)}")
+    path = Path(path)
+    exportable = exportable_copy(model)
+    if isinstance(model, HTDemucs) and input_length != default_input_length(model):
+        raise OnnxExportError(
+            f"HTDemucs only processes its training segment of {default_input_length(model)} "
+            f"samples, not {input_length}")
+    info = dict(model_info(model, input_length), file=path.name, quantize=quantize)
+    with atomic_write(path) as temporary:
+        _trace(exportable, temporary, input_length, opset)
+        if quantize:
+            quantize_int8(temporary, temporary)
+        _add_metadata(temporary, dict(info, **(metadata or {})))
+    return info
+
+
+def _bag_members(model: nn.Module) -> tp.Tuple[tp.List[nn.Module], tp.List[tp.List[float]]]:
+    """The models of a bag (or the single model) and their per-source weights."""
+    if isinstance(model, BagOfModels):
+        return list(model.models), [list(map(float, row)) for row in model.weights]
+    return [model], [[1.0] * len(model.sources)]
+
+
+def export_bag(model: nn.Module, out: tp.Union[str, Path], name: str = "model",
+               segment: tp.Optional[float] = None, quantize: tp.Optional[str] = None,
+               extra_lengths: tp.Sequence[int] = (), opset: int = OPSET) -> Path:
+    """Exports a model or a bag into the folder `out`: one graph per member and input length,
+    `NAME_I.onnx` (and `NAME_I_LENGTH.onnx` for `extra_lengths`), plus `manifest.json`.
+
+    Every member is checked before anything is written, so a bag that cannot be exported leaves
+    no partial folder content. `segment` (seconds) sets the traced length of the non-transformer
+    members (default: their own segment); `extra_lengths` adds graphs for other input lengths
+    (e.g. the last, shorter segment of a known track, for exact parity with PyTorch).
+    Returns the manifest's path.
+    """
+    members, weights = _bag_members(model)
+    for member in members:
+        check_exportable(member)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, (member, member_weights) in enumerate(zip(members, weights)):
+        lengths = [default_input_length(member, segment)]
+        if not isinstance(member, HTDemucs):
+            lengths += [length for length in extra_lengths if length not in lengths]
+        graphs = []
+        for length in lengths:
+            stem = f"{name}_{index}" if length == lengths[0] else f"{name}_{index}_{length}"
+            logger.info("Exporting model %d of %d (%s, %d samples) to %s.onnx", index + 1,
+                        len(members), type(member).__name__, length, stem)
+            info = export_model(member, out / f"{stem}.onnx", length, quantize=quantize,
+                                opset=opset, metadata={"bag_weights": weights,
+                                                       "bag_index": index})
+            graphs.append({"file": info.pop("file"), "input_length": info.pop("input_length")})
+        entries.append(dict(info, weights=member_weights, graphs=graphs))
+    return _write_manifest(out, members[0], weights, entries, opset)
+
+
+def _write_manifest(out: Path, first: nn.Module, weights: tp.List[tp.List[float]],
+                    entries: tp.List[dict], opset: int) -> Path:
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset,
+                "torch": torch.__version__, "sources": list(first.sources),
+                "samplerate": first.samplerate, "audio_channels": first.audio_channels,
+                "weights": weights, "models": entries}
+    path = out / MANIFEST
+    with atomic_open(path, "w") as file:
+        json.dump(manifest, file, indent=2)
+        file.write("\n")
+    return path

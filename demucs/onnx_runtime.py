@@ -1,0 +1,170 @@
+"""Separation with ONNX Runtime: the graphs written by `demucs.onnx_export` as Demucs models.
+
+`load_onnx_bag(folder)` reads the export's `manifest.json` and returns a `BagOfModels` whose
+members are `OnnxRuntimeModel`s: modules with the attributes `apply_model` reads (`sources`,
+`samplerate`, `audio_channels`, `segment`, `valid_length`) whose forward runs an ONNX Runtime
+session. Splitting, overlap-add, shifts and bag weighting are then `apply_model`'s, unchanged:
+
+    from demucs.apply import apply_model
+    from demucs.onnx_runtime import load_onnx_bag
+    bag = load_onnx_bag("onnx/htdemucs")
+    sources = apply_model(bag, mix[None])[0]
+
+Only `onnxruntime` (and numpy) is needed here, not the `onnx` package.
+"""
+from fractions import Fraction
+import json
+from pathlib import Path
+import random
+import typing as tp
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .apply import BagOfModels
+
+MANIFEST = "manifest.json"
+FORMAT = "demucs-onnx"
+SUPPORTED_VERSIONS = (1,)
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class OnnxManifestError(ValueError):
+    """An export folder whose manifest is missing, unreadable or of an unknown format."""
+
+
+def import_onnxruntime() -> tp.Any:
+    """The `onnxruntime` module, or an ImportError that says how to install it."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError("separating with the ONNX Runtime backend needs the onnxruntime "
+                          "package: pip install 'demucs[onnx]' (or pip install onnxruntime)"
+                          ) from exc
+    return onnxruntime
+
+
+def default_providers() -> tp.List[str]:
+    """ONNX Runtime execution providers to use: CUDA when this onnxruntime has it, then CPU."""
+    available = import_onnxruntime().get_available_providers()
+    return [name for name in PREFERRED_PROVIDERS if name in available]
+
+
+def _segment_from_json(value: tp.Union[int, float, str]) -> tp.Union[int, float, Fraction]:
+    """Inverse of the export's encoding: "num/den" strings are `Fraction`s."""
+    return Fraction(value) if isinstance(value, str) else value
+
+
+def make_session(path: Path, threads: tp.Optional[int] = None,
+                 providers: tp.Optional[tp.Sequence[str]] = None) -> tp.Any:
+    """An ONNX Runtime inference session for the graph `path`, using `threads` threads for each
+    operator (default: as many as torch uses) and all graph optimisations."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=list(providers or default_providers()))
+
+
+class OnnxRuntimeModel(nn.Module):
+    """One exported model, run by ONNX Runtime, usable wherever `apply_model` takes a model.
+
+    Each graph processes one input length (see the manifest's `graphs`). An input of a length
+    that has its own graph is processed exactly as PyTorch does; a shorter one is zero padded to
+    the next graph's length (at its end for HTDemucs, as HTDemucs does; on both sides for the
+    others, as `apply_model` pads segments) and the output cropped back. Longer ones are refused.
+
+    Args:
+        folder: the export folder.
+        entry: the model's entry of the manifest.
+        threads: ONNX Runtime threads per operator (default: torch's thread count).
+        providers: ONNX Runtime execution providers (default: `default_providers()`).
+    """
+
+    def __init__(self, folder: Path, entry: dict, threads: tp.Optional[int] = None,
+                 providers: tp.Optional[tp.Sequence[str]] = None):
+        super().__init__()
+        self.exported_class: str = entry["class"]
+        self.sources: tp.List[str] = list(entry["sources"])
+        self.samplerate: int = entry["samplerate"]
+        self.audio_channels: int = entry["audio_channels"]
+        self.segment = _segment_from_json(entry["segment"])
+        self.pads_at_end = entry["pad"] == "end"
+        self.random_draws = int(entry.get("random_draws", 0))
+        graphs = sorted(entry["graphs"], key=lambda graph: graph["input_length"])
+        self.sessions = {
+            graph["input_length"]: make_session(folder / graph["file"], threads, providers)
+            for graph in graphs}
+        # Code that asks a model for its device (next(model.parameters())) finds this one.
+        self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    @property
+    def input_lengths(self) -> tp.List[int]:
+        """Input lengths that have a graph, shortest first."""
+        return list(self.sessions)
+
+    def valid_length(self, length: int) -> int:
+        """The input length a `length`-sample input is processed at (see the class doc)."""
+        for candidate in self.sessions:
+            if candidate >= length:
+                return candidate
+        raise ValueError(
+            f"{self.exported_class} was exported to ONNX for inputs of at most "
+            f"{self.input_lengths[-1]} samples, got {length}: split the mix with "
+            f"apply_model(..., split=True) and a segment no longer than "
+            f"{self.input_lengths[-1] / self.samplerate:.2f} s, or export it again with a "
+            f"longer --segment")
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """Separates `mix` [B, audio_channels, T] into [B, len(sources), audio_channels, T]."""
+        batch, channels, length = mix.shape
+        if channels != self.audio_channels:
+            raise ValueError(f"{self.exported_class} takes {self.audio_channels} audio "
+                             f"channels, got {channels}")
+        target = self.valid_length(length)
+        for _ in range(self.random_draws):  # as the PyTorch model does (see the manifest)
+            random.randrange(1)
+        delta = target - length
+        left = 0 if self.pads_at_end else delta // 2
+        padded = F.pad(mix.detach().float().cpu(), (left, delta - left))
+        session = self.sessions[target]
+        outs = [session.run(None, {"mix": item.numpy()})[0] for item in padded.split(1)]
+        out = torch.from_numpy(np.concatenate(outs, axis=0))
+        return out[..., left:left + length].to(mix.device)
+
+
+def read_manifest(folder: tp.Union[str, Path]) -> dict:
+    """The manifest of an export folder, checked for its format and version."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise OnnxManifestError(f"{path} not found: is {folder} a folder written by "
+                                f"python -m tools.export_onnx?") from exc
+    except json.JSONDecodeError as exc:
+        raise OnnxManifestError(f"{path} is not valid JSON ({exc}): export the model "
+                                f"again") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") not in SUPPORTED_VERSIONS:
+        raise OnnxManifestError(
+            f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}"
+            f"; this version of demucs reads {FORMAT!r} versions {SUPPORTED_VERSIONS}")
+    return manifest
+
+
+def load_onnx_bag(folder: tp.Union[str, Path], threads: tp.Optional[int] = None,
+                  providers: tp.Optional[tp.Sequence[str]] = None,
+                  segment: tp.Optional[float] = None) -> BagOfModels:
+    """The exported models of `folder` as a `BagOfModels` of `OnnxRuntimeModel`s, with the
+    bag's weights (a single exported model gives a bag of one, as `demucs.pretrained` does).
+
+    `threads` and `providers` are given to every ONNX Runtime session; `segment` is the
+    `BagOfModels` option (it cannot exceed the exported lengths)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    models = [OnnxRuntimeModel(folder, entry, threads, providers)
+              for entry in manifest["models"]]
+    return BagOfModels(models, manifest["weights"], segment)

@@ -1,0 +1,254 @@
+"""ONNX export (`demucs.onnx_export`) and separation with ONNX Runtime (`demucs.onnx_runtime`).
+
+Every reference case of ../shared/golden is exported; the graphs run by ONNX Runtime must give
+the PyTorch forward's output, and `apply_model` on the ONNX Runtime bag the PyTorch
+`apply_model`'s, within a relative L2 error of 1e-4. Exports are cached per test module.
+"""
+import json
+import random
+import sys
+import typing as tp
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install .[onnx])")
+pytest.importorskip("onnx", reason="onnx is not installed (pip install .[onnx])")
+
+from demucs.apply import BagOfModels, apply_model  # noqa: E402
+from demucs.hdemucs import HDemucs  # noqa: E402
+from demucs.htdemucs import HTDemucs  # noqa: E402
+from demucs.onnx_export import (OnnxExportError, default_input_length, export_bag,  # noqa: E402
+                                export_model, real_istft, real_stft)
+from demucs.onnx_runtime import (OnnxManifestError, OnnxRuntimeModel,  # noqa: E402
+                                 load_onnx_bag, make_session, read_manifest)
+from demucs.spec import ispectro, spectro  # noqa: E402
+from demucs.states import load_model  # noqa: E402
+
+TOLERANCE = 1e-4
+EXPORTABLE = ["demucs_unittest", "demucs_v2", "demucs_v3", "hdemucs_cac", "htdemucs_small"]
+WITH_APPLY = ["demucs_v3", "hdemucs_cac", "htdemucs_small"]
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours - reference).norm() / reference.norm())
+
+
+class GoldenExports:
+    """Golden models, their reference tensors and their ONNX exports, each made once."""
+
+    def __init__(self, golden_dir: Path, out: Path):
+        self.golden_dir = golden_dir
+        self.out = out
+        self._models: tp.Dict[str, torch.nn.Module] = {}
+        self._graphs: tp.Dict[tp.Tuple[str, int], Path] = {}
+        self._bags: tp.Dict[str, Path] = {}
+
+    def model(self, case: str) -> torch.nn.Module:
+        if case not in self._models:
+            self._models[case] = load_model(self.golden_dir / case / "model.th").eval()
+        return self._models[case]
+
+    def io(self, case: str) -> dict:
+        return torch.load(self.golden_dir / case / "io.pt", weights_only=False)
+
+    def graph(self, case: str, length: int) -> Path:
+        """The model exported alone for inputs of `length` samples."""
+        if (case, length) not in self._graphs:
+            path = self.out / f"{case}_{length}.onnx"
+            export_model(self.model(case), path, length)
+            self._graphs[case, length] = path
+        return self._graphs[case, length]
+
+    def bag(self, case: str, mix_length: int, apply_kwargs: dict) -> Path:
+        """The model exported with `export_bag` for its golden `apply_model` call: graphs for
+        the full segments and for the last, shorter one."""
+        if case not in self._bags:
+            model = self.model(case)
+            segment = apply_kwargs.get("segment")
+            segment_length = int(model.samplerate * (segment or model.segment))
+            stride = int((1 - apply_kwargs["overlap"]) * segment_length)
+            last = mix_length - (mix_length - 1) // stride * stride
+            tail = model.valid_length(last) if hasattr(model, "valid_length") else last
+            folder = self.out / f"{case}_bag"
+            export_bag(model, folder, name=case, segment=segment, extra_lengths=[tail])
+            self._bags[case] = folder
+        return self._bags[case]
+
+
+@pytest.fixture(scope="module")
+def exports(golden_dir, tmp_path_factory) -> GoldenExports:
+    torch.set_num_threads(2)
+    return GoldenExports(golden_dir, tmp_path_factory.mktemp("onnx"))
+
+
+def run_graph(path: Path, mix: torch.Tensor) -> torch.Tensor:
+    session = make_session(path, threads=2, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"mix": mix.numpy()})[0])
+
+
+def test_real_transforms_match_torch_stft():
+    """The real-valued STFT/iSTFT of the export equal demucs.spec's (PyTorch side)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5000)
+    z = spectro(x, 512, 128)
+    real = real_stft(x, 512, 128)
+    assert real.shape == (2, 3, 2, 257, z.shape[-1])
+    assert relative_error(real, torch.stack([z.real, z.imag], dim=2)) < 1e-6
+    back = real_istft(real, 128, 5000)
+    assert relative_error(back, ispectro(z, 128, 5000)) < 1e-6
+    assert relative_error(back, x) < 1e-5
+
+
+@pytest.mark.parametrize("case", EXPORTABLE)
+def test_exported_graph_matches_pytorch_forward(exports, case):
+    io = exports.io(case)
+    model = exports.model(case)
+    mix = io["forward_mix"]
+    length = mix.shape[-1]
+    # HTDemucs processes its training segment: the forward pads the mix to it, so do we.
+    traced = default_input_length(model) if isinstance(model, HTDemucs) else length
+    padded = torch.nn.functional.pad(mix, (0, traced - length))
+    out = run_graph(exports.graph(case, traced), padded)[..., :length]
+    assert relative_error(out, io["forward_out"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", WITH_APPLY)
+def test_apply_model_through_onnxruntime_matches_pytorch(exports, case):
+    io = exports.io(case)
+    mix, kwargs = io["apply_mix"], io["apply_kwargs"]
+    bag = load_onnx_bag(exports.bag(case, mix.shape[-1], kwargs), threads=2,
+                        providers=["CPUExecutionProvider"])
+    assert isinstance(bag, BagOfModels) and isinstance(bag.models[0], OnnxRuntimeModel)
+    out = apply_model(bag, mix.clone(), **kwargs)
+    assert relative_error(out, io["apply_out"]) <= TOLERANCE
+
+
+def test_apply_with_shifts_and_bag_weights(exports):
+    """A weighted bag with shifts: the ONNX Runtime bag follows the PyTorch bag, also on a
+    second call (the leaf draws from Python's `random` as the transformer does)."""
+    model = exports.model("htdemucs_small")
+    folder = exports.bag("htdemucs_small", 3 * 44100, {"overlap": 0.25})
+    leaf = load_onnx_bag(folder, threads=2, providers=["CPUExecutionProvider"]).models[0]
+    weights = [[1., 0., 1., 2.], [0.5, 1., 1., 0.]]
+    mix = exports.io("htdemucs_small")["apply_mix"][..., :44100]
+    outs = []
+    for members in ([model, model], [leaf, leaf]):
+        random.seed(3)
+        bag = BagOfModels(members, weights)
+        outs.append([apply_model(bag, mix.clone(), shifts=2, overlap=0.25) for _ in range(2)])
+    for out, expected in zip(outs[1], outs[0]):
+        assert relative_error(out, expected) <= TOLERANCE
+
+
+def test_export_bag_writes_every_member_and_the_weights(exports, tmp_path):
+    model = exports.model("demucs_v2")
+    weights = [[1., 0., 1., 2.], [0.5, 1., 1., 0.]]
+    export_bag(BagOfModels([model, model], weights), tmp_path, name="bag")
+    manifest = read_manifest(tmp_path)
+    assert manifest["weights"] == weights
+    files = [entry["graphs"][0]["file"] for entry in manifest["models"]]
+    assert files == ["bag_0.onnx", "bag_1.onnx"]
+    bag = load_onnx_bag(tmp_path, threads=2)
+    assert bag.weights == weights and len(bag.models) == 2
+    assert bag.models[0].segment == model.segment
+
+
+def test_graph_metadata_holds_bag_weights_and_sources(exports):
+    import onnx
+    path = exports.graph("htdemucs_small", 44100)
+    metadata = {entry.key: json.loads(entry.value)
+                for entry in onnx.load(str(path)).metadata_props}
+    assert metadata["demucs.sources"] == ["drums", "bass", "other", "vocals"]
+    assert metadata["demucs.class"] == "demucs.htdemucs.HTDemucs"
+    assert metadata["demucs.input_length"] == 44100
+
+
+def test_int8_quantization_runs_close_to_float(exports, tmp_path):
+    model = exports.model("htdemucs_small")
+    export_model(model, tmp_path / "int8.onnx", 44100, quantize="int8")
+    mix = exports.io("htdemucs_small")["forward_mix"]
+    out = run_graph(tmp_path / "int8.onnx", mix)
+    reference = run_graph(exports.graph("htdemucs_small", 44100), mix)
+    assert relative_error(out, reference) < 0.1
+    with pytest.raises(OnnxExportError, match="int4"):
+        export_model(model, tmp_path / "x.onnx", 44100, quantize="int4")
+
+
+def test_wiener_model_is_refused_and_nothing_written(exports, tmp_path):
+    model = exports.model("hdemucs_wiener")
+    with pytest.raises(OnnxExportError, match=r"cac=False, wiener_iters=1"):
+        export_bag(BagOfModels([exports.model("hdemucs_cac"), model]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_refusals(tmp_path):
+    with pytest.raises(OnnxExportError, match="only Demucs, HDemucs and HTDemucs"):
+        export_model(torch.nn.Conv1d(2, 2, 1), tmp_path / "x.onnx", 100)
+    shifted = HTDemucs(["a", "b"], channels=4, depth=2, t_layers=1, t_heads=2, nfft=512,
+                       segment=0.1, t_sin_random_shift=3)
+    with pytest.raises(OnnxExportError, match="t_sin_random_shift=3"):
+        export_model(shifted, tmp_path / "x.onnx", 4410)
+    model = HTDemucs(["a", "b"], channels=4, depth=2, t_layers=1, t_heads=2, nfft=512,
+                     segment=0.1)
+    with pytest.raises(OnnxExportError, match="training segment of 4410"):
+        export_model(model, tmp_path / "x.onnx", 4000)
+
+
+@pytest.mark.parametrize("iters", [-1, 0])
+def test_mixture_phase_model_exports(tmp_path, iters):
+    """Non-cac models without Wiener iterations (mixture phase) are exported exactly."""
+    torch.manual_seed(0)
+    model = HDemucs(["drums", "bass"], channels=4, cac=False, wiener_iters=iters,
+                    end_iters=iters).eval()
+    mix = torch.randn(1, 2, 22050)
+    path = tmp_path / "phase.onnx"
+    export_model(model, path, 22050)
+    with torch.no_grad():
+        expected = model(mix)
+    assert relative_error(run_graph(path, mix), expected) <= TOLERANCE
+
+
+def test_leaf_pads_shorter_inputs_and_refuses_longer(exports):
+    folder = exports.bag("htdemucs_small", 3 * 44100, {"overlap": 0.25})
+    leaf = load_onnx_bag(folder, threads=2).models[0]
+    assert leaf.valid_length(1000) == 44100
+    model = exports.model("htdemucs_small")
+    mix = exports.io("htdemucs_small")["forward_mix"][..., :30000]
+    with torch.no_grad():
+        expected = model(mix)
+    assert relative_error(leaf(mix), expected) <= TOLERANCE
+    with pytest.raises(ValueError, match="at most 44100 samples"):
+        leaf(torch.zeros(1, 2, 44101))
+
+
+def test_manifest_errors(tmp_path):
+    with pytest.raises(OnnxManifestError, match="tools.export_onnx"):
+        load_onnx_bag(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(OnnxManifestError, match="format 'other'"):
+        read_manifest(tmp_path)
+
+
+def test_missing_onnxruntime_says_how_to_install(monkeypatch, tmp_path):
+    from demucs import onnx_runtime
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"pip install 'demucs\[onnx\]'"):
+        onnx_runtime.make_session(tmp_path / "x.onnx")
+
+
+def test_command_line_exports_and_refuses(golden_dir, tmp_path, capsys):
+    from tools import export_onnx
+    assert export_onnx.main(["demucs_unittest", "-o", str(tmp_path / "ok"),
+                             "--segment", "0.5"]) == 0
+    manifest = read_manifest(tmp_path / "ok")
+    assert manifest["models"][0]["graphs"] == [{"file": "demucs_unittest_0.onnx",
+                                                "input_length": 22050}]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "abcd1234.th").write_bytes((golden_dir / "hdemucs_wiener" / "model.th").read_bytes())
+    assert export_onnx.main(["abcd1234", "--repo", str(repo), "-o", str(tmp_path / "no")]) == 1
+    assert "wiener_iters=1" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert export_onnx.file_stem("hf://org/htdemucs") == "hf_org_htdemucs"

@@ -1,0 +1,63 @@
+"""Export a model or bag to ONNX for separation with ONNX Runtime.
+
+usage: python3 -m tools.export_onnx NAME_OR_SIG [--repo DIR] -o OUT [--segment S]
+                                    [--quantize int8] [--opset N]
+
+Writes `OUT/NAME_I.onnx` for each model I of the bag and `OUT/manifest.json`; load them with
+`demucs.onnx_runtime.load_onnx_bag(OUT)` (see docs/onnx.md). Exit status 1 with one message
+when the model cannot be exported (e.g. a Wiener-filtered HDemucs).
+"""
+import argparse
+import logging
+from pathlib import Path
+import re
+import sys
+import typing as tp
+
+from demucs.onnx_export import OPSET, QUANTIZE_CHOICES, OnnxExportError, export_bag
+from demucs.pretrained import get_model
+
+logger = logging.getLogger("tools.export_onnx")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "tools.export_onnx", description="Export a Demucs model or bag to ONNX graphs.")
+    parser.add_argument("name", help="pretrained model or bag name, or an XP signature")
+    parser.add_argument("--repo", type=Path,
+                        help="folder of local models (as `demucs --repo`)")
+    parser.add_argument("-o", "--out", type=Path, required=True,
+                        help="output folder (created; its manifest.json is overwritten)")
+    parser.add_argument("--segment", type=float,
+                        help="segment in seconds the non-transformer models are exported for "
+                             "(default: their own); transformer models keep their training "
+                             "segment")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="dynamic int8 quantization of the matrix products (smaller, "
+                             "faster on CPU, slightly less accurate)")
+    parser.add_argument("--opset", type=int, default=OPSET,
+                        help=f"ONNX opset (default {OPSET}, the first with STFT and DFT)")
+    return parser
+
+
+def file_stem(name: str) -> str:
+    """`name` made safe as the start of a file name (e.g. `hf://org/model` → `hf_org_model`)."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
+
+
+def main(argv: tp.Optional[tp.List[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = get_model(args.name, repo=args.repo)
+    try:
+        manifest = export_bag(model, args.out, name=file_stem(args.name), segment=args.segment,
+                              quantize=args.quantize, opset=args.opset)
+    except OnnxExportError as exc:
+        print(f"tools.export_onnx: cannot export {args.name}: {exc}", file=sys.stderr)
+        return 1
+    logger.info("Exported %s to %s", args.name, manifest.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

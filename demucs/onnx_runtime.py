@@ -132,7 +132,9 @@ class OnnxRuntimeModel(nn.Module):
         left = 0 if self.pads_at_end else delta // 2
         padded = F.pad(mix.detach().float().cpu(), (left, delta - left))
         session = self.sessions[target]
-        outs = [session.run(None, {"mix": item.numpy()})[0] for item in padded.split(1)]
+        # ONNX Runtime reads the array's memory as dense: views of a longer track must be copied
+        outs = [session.run(None, {"mix": np.ascontiguousarray(item.numpy())})[0]
+                for item in padded.split(1)]
         out = torch.from_numpy(np.concatenate(outs, axis=0))
         return out[..., left:left + length].to(mix.device)
 

@@ -11,7 +11,7 @@ import soundfile
 from tests.conftest import TOY_MUSDB
 from demucs import toy_musdb
 from demucs.toy_musdb import (MUSDB_VALID_TRACKS, SOURCES, ensure_toy_musdb, generate,
-                             make_track)
+                              make_track)
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = sorted(["mixture.wav"] + [f"{source}.wav" for source in SOURCES])

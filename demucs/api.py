@@ -25,7 +25,7 @@ from .htdemucs import HTDemucs
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
 from .states import ModelPackageError
-from .utils import check_amp, DummyPoolExecutor
+from .utils import check_amp, DummyPoolExecutor, fatal  # noqa: F401  (fatal: as in Demucs 4.1)
 
 __all__ = ["Separator", "list_models", "save_audio", "LoadAudioError", "LoadModelError"]
 

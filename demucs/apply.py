@@ -43,6 +43,8 @@ from torch.nn import functional as F
 import tqdm
 
 from . import allocator
+from .demucs import Demucs  # noqa: F401  (importable from here, as in Demucs 4.1)
+from .hdemucs import HDemucs  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .htdemucs import HTDemucs
 from .utils import autocast, center_trim, check_amp, DummyPoolExecutor
 

@@ -37,6 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from .files import atomic_write
+from .utils import temp_filenames  # noqa: F401  (a name of Demucs 4.1's audio module)
 
 logger = logging.getLogger(__name__)
 
@@ -894,3 +895,48 @@ def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int 
     wav = prevent_clip(f32_pcm(wav.detach().cpu()), mode=clip)
     with atomic_write(path) as temporary:
         _encode(_tensor_blocks(wav), temporary, wav.shape[0], fmt)
+
+
+def encode_wav(wav: torch.Tensor, path: PathLike, samplerate: int, bits_per_sample: int = 16,
+               as_float: bool = False) -> None:
+    """Write `[C, T]` float audio, clamped to [-1, 1], as a wav file whatever `path`'s suffix:
+    16 or 24-bit PCM, or 32-bit float with `as_float` (Demucs 4.1's `encode_wav`)."""
+    fmt = AudioFormat("wav", samplerate, clip=None, bits_per_sample=bits_per_sample,
+                      as_float=as_float)
+    wav = f32_pcm(wav.detach().cpu()).clamp(-1, 1)
+    with atomic_write(path) as temporary:
+        _encode(_tensor_blocks(wav), temporary, wav.shape[0], fmt)
+
+
+def _pcm_bytes(wav: torch.Tensor, bits_per_sample: int) -> bytes:
+    """Interleaved little-endian PCM: int16 for 16 bits, full-scale int32 for 24 bits."""
+    if bits_per_sample == 16:
+        return i16_pcm(wav).t().contiguous().numpy().astype("<i2").tobytes()
+    if bits_per_sample == 24:
+        scaled = (f32_pcm(wav).double().clamp(-1, 1) * (2 ** 31 - 1)).round()
+        return scaled.to(torch.int32).t().contiguous().numpy().astype("<i4").tobytes()
+    raise ValueError(f"bits_per_sample must be 16 or 24, got {bits_per_sample}.")
+
+
+def encode_ffmpeg(wav: torch.Tensor, path: PathLike, samplerate: int,
+                  bits_per_sample: int = 16) -> None:
+    """Write `[C, T]` float audio with ffmpeg, in the format `path`'s suffix names (any format
+    ffmpeg can write, e.g. `.flac`, `.ogg`, `.m4a`; Demucs 4.1's `encode_ffmpeg`). Needs ffmpeg."""
+    path = Path(path)
+    channels = wav.shape[0]
+    pcm = _pcm_bytes(wav.detach().cpu(), bits_per_sample)
+    sample_format = "s16le" if bits_per_sample == 16 else "s32le"
+    with tempfile.TemporaryDirectory(prefix="demucs_encode_") as folder:
+        encoded = Path(folder) / path.name  # ffmpeg picks the format from this name's suffix
+        command = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", sample_format,
+                   "-ar", str(samplerate), "-ac", str(channels), "-i", "-", str(encoded)]
+        try:
+            result = subprocess.run(command, input=pcm, capture_output=True)
+        except FileNotFoundError:
+            raise RuntimeError(f"Cannot write {path}: ffmpeg is not installed; install it, "
+                               "or save as .wav, .flac or .mp3 with save_audio.") from None
+        if result.returncode != 0:
+            message = _last_message(result.stderr.decode(errors="replace"))
+            raise RuntimeError(f"ffmpeg cannot write {path}: {message}")
+        with atomic_write(path) as temporary:
+            shutil.move(str(encoded), temporary)

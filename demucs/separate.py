@@ -21,6 +21,12 @@ from .api import LoadAudioError, LoadModelError, Separator, _default_device, lis
 from .audio import AudioFormat, AudioWriter
 from .files import atomic_write, remove_stale_partials
 from .pretrained import DEFAULT_MODEL, add_model_flags
+# Names Demucs 4.1's separate module makes importable from it.
+from .api import save_audio  # noqa: F401
+from .apply import BagOfModels  # noqa: F401
+from .htdemucs import HTDemucs  # noqa: F401
+from .pretrained import ModelLoadingError  # noqa: F401
+from .utils import fatal  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from . import distrib, states
+from . import augment  # noqa: F401  (importable from here, as in Demucs 4.1)
+from . import distrib, pretrained, states
 from .apply import apply_model
 from .checkpoint import (CheckpointError, CheckpointWriteError, checkpoint_package,
                          load_checkpoint, remove_unfinished_writes, restore_checkpoint,
@@ -207,7 +208,6 @@ class Solver:
         restore_checkpoint(package, self.model, self.optimizer, self.emas, self.checkpoint_file)
 
     def _load_pretrained(self, name: str, repo: tp.Optional[str]) -> None:
-        from . import pretrained
         logger.info("Starting from the pretrained model %s", name)
         model = pretrained.get_model(name=name, repo=Path(repo) if repo else None)
         models = getattr(model, "models", [model])

@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 
-def power_iteration(matrix: torch.Tensor, niters: int = 1, bs: int = 1) -> torch.Tensor:
-    """Estimate the largest eigenvalue of the square symmetric `matrix` with `niters` power
+def power_iteration(m: torch.Tensor, niters: int = 1, bs: int = 1) -> torch.Tensor:
+    """Estimate the largest eigenvalue of the square symmetric matrix `m` with `niters` power
     iterations, averaged over `bs` random start vectors."""
-    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"power_iteration needs a square matrix, got shape {tuple(matrix.shape)}")
-    vectors = torch.randn(matrix.shape[0], bs, device=matrix.device, dtype=matrix.dtype)
-    norm = torch.zeros(1, bs, device=matrix.device, dtype=matrix.dtype)
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"power_iteration needs a square matrix, got shape {tuple(m.shape)}")
+    vectors = torch.randn(m.shape[0], bs, device=m.device, dtype=m.dtype)
+    norm = torch.zeros(1, bs, device=m.device, dtype=m.dtype)
     for _ in range(niters):
-        product = matrix.mm(vectors)
+        product = m.mm(vectors)
         norm = product.norm(dim=0, keepdim=True)
         vectors = product / (1e-10 + norm)
     return norm.mean()

@@ -29,9 +29,14 @@ from torch.utils.data import ConcatDataset
 from . import distrib
 from .allocator import tune_malloc
 from .augment import augmentation_from_config
+from .demucs import Demucs
 from .ema import ModelEMA
+from .hdemucs import HDemucs
+from .htdemucs import HTDemucs
+from .repitch import RepitchedWrapper
 from .states import capture_init, get_quantizer
 from .utils import check_amp, random_subset
+from .wav import DatasetError, MIXTURE, check_tracks, get_musdb_wav_datasets, get_wav_datasets
 
 if tp.TYPE_CHECKING:
     from .solver import Solver, TrainingParts, TrainingSettings
@@ -75,9 +80,6 @@ class TorchHDemucsWrapper(nn.Module):
 
 
 def _model_classes() -> tp.Dict[str, type]:
-    from .demucs import Demucs
-    from .hdemucs import HDemucs
-    from .htdemucs import HTDemucs
     return {"demucs": Demucs, "hdemucs": HDemucs, "htdemucs": HTDemucs,
             "torch_hdemucs": TorchHDemucsWrapper}
 
@@ -152,14 +154,12 @@ def _check_soundstretch(args: DictConfig) -> None:
 
 def _wav2_datasets(args: DictConfig):
     """Train and valid sets of the `dset.wav2` folder (read like `dset.wav`)."""
-    from .wav import get_wav_datasets
     return get_wav_datasets(OmegaConf.merge(args.dset, {"wav": args.dset.wav2}))
 
 
 def _collect(problems: tp.List[str], build: tp.Callable, *args) -> tp.Any:
     """`build(*args)`; on a `DatasetError`, None, its problems appended to `problems` (so that the
     problems of every dataset are reported together)."""
-    from .wav import DatasetError
     try:
         return build(*args)
     except DatasetError as error:
@@ -170,7 +170,6 @@ def _collect(problems: tp.List[str], build: tp.Callable, *args) -> tp.Any:
 def musdb_test_problems(args: DictConfig) -> tp.List[str]:
     """Problems of the MusDB test set that `evaluate` reads at the end of training (headers only),
     so that a broken test track is reported before training rather than after it."""
-    from .wav import MIXTURE, check_tracks
     if args.test.nonhq is not None:
         return []
     return check_tracks(Path(args.dset.musdb) / "test", [MIXTURE] + list(args.dset.sources))
@@ -199,8 +198,6 @@ def get_datasets(args: DictConfig, check_test_set: bool = False):
     Every track of every folder is checked first (and the MusDB test set when `check_test_set`):
     all problems are raised together in one `DatasetError`, before any training.
     """
-    from .repitch import RepitchedWrapper
-    from .wav import DatasetError, get_musdb_wav_datasets, get_wav_datasets
     _check_soundstretch(args)
     if _is_toy_dataset(args):
         _ensure_toy_dataset(args)

@@ -392,3 +392,43 @@ def test_saved_files_get_the_mode_of_a_plain_open(tmp_path, umask, mask, mode, n
     save_audio(tonal_audio(seconds=0.2), tmp_path / name, SR)
     assert (tmp_path / name).stat().st_mode & 0o777 == mode
     assert [path.name for path in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("bits,as_float,subtype", [(16, False, "PCM_16"), (24, False, "PCM_24"),
+                                                   (16, True, "FLOAT")])
+def test_encode_wav_writes_wav_whatever_the_suffix(tmp_path, bits, as_float, subtype):
+    import soundfile
+    wav = torch.linspace(-1.5, 1.5, 2 * 4410).view(2, -1)  # clamped to [-1, 1]
+    path = tmp_path / "stem.bin"
+    audio.encode_wav(wav, path, 44100, bits_per_sample=bits, as_float=as_float)
+    info = soundfile.info(str(path))
+    assert (info.format, info.subtype, info.frames, info.channels) == ("WAV", subtype, 4410, 2)
+    data, _ = soundfile.read(str(path), dtype="float32", always_2d=True)
+    tolerance = 1e-7 if as_float else 1.01 / 2 ** (bits - 1)  # one quantization step at full scale
+    assert np.abs(data.T - wav.clamp(-1, 1).numpy()).max() < tolerance
+    assert [p.name for p in tmp_path.iterdir()] == ["stem.bin"]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+@pytest.mark.parametrize("bits", [16, 24])
+def test_encode_ffmpeg_follows_the_suffix(tmp_path, bits):
+    wav = 0.5 * torch.sin(torch.arange(2 * 22050) / 10.).view(2, -1)
+    path = tmp_path / "stem.flac"
+    audio.encode_ffmpeg(wav, path, 44100, bits_per_sample=bits)
+    decoded = AudioFile(path).read(streams=0)
+    assert decoded.shape == wav.shape
+    assert (decoded - wav).abs().max() < 2 / 2 ** 15
+    assert [p.name for p in tmp_path.iterdir()] == ["stem.flac"]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_encode_ffmpeg_names_the_file_when_the_format_is_unknown(tmp_path):
+    with pytest.raises(RuntimeError, match=r"ffmpeg cannot write .*stem\.notaformat"):
+        audio.encode_ffmpeg(torch.zeros(2, 100), tmp_path / "stem.notaformat", 44100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_encode_ffmpeg_without_ffmpeg_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="ffmpeg is not installed"):
+        audio.encode_ffmpeg(torch.zeros(2, 100), tmp_path / "stem.flac", 44100)

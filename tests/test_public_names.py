@@ -16,17 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = json.loads((ROOT / "tests" / "data" / "public_names_4_1_0.json").read_text())
 
 EXPECTED_MISSING: tp.Dict[str, tp.List[str]] = {
-    # Modules being redesigned (issue 14) while this list was made: the lead closes these gaps
-    # once the redesign is merged. Most are names 4.1.0 merely imports (re-exports).
-    "demucs.api": ["fatal"],
-    "demucs.apply": ["Demucs", "HDemucs"],
-    "demucs.audio": ["encode_ffmpeg", "encode_wav", "temp_filenames"],
-    "demucs.separate": ["BagOfModels", "HTDemucs", "ModelLoadingError", "fatal", "save_audio"],
-    "demucs.solver": ["augment", "pretrained"],
-    "demucs.train": ["Demucs", "HDemucs", "HTDemucs", "RepitchedWrapper",
-                     "get_musdb_wav_datasets", "get_wav_datasets"],
-    # Training-side files outside the hub part (reported to the lead): `wav` would import dora
-    # through `distrib`; `grids.mmi_ft.get_sub` is a Dora launcher helper of 4.1.0's grid.
+    # `wav` would import dora through `distrib`, which a separation-only install lacks;
+    # `grids.mmi_ft.get_sub` is a Dora launcher helper of 4.1.0's grid.
     "demucs.wav": ["distrib"],
     "demucs.grids.mmi_ft": ["get_sub"],
 }
@@ -35,7 +26,6 @@ EXPECTED_MISSING: tp.Dict[str, tp.List[str]] = {
 # breaks), with why; to close in the modules' own parts.
 EXPECTED_SIGNATURE_CHANGES = {
     "demucs.solver.Solver.__init__": "the Solver takes built objects (issue 14 redesign)",
-    "demucs.svd.power_iteration": "`m` is called `matrix`",
     "demucs.wav.get_wav_datasets": "takes the `dset` section, not `args` and `name`",
     "demucs.wav.get_musdb_wav_datasets": "takes the `dset` section, not `args`",
 }

@@ -16,10 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = json.loads((ROOT / "tests" / "data" / "public_names_4_1_0.json").read_text())
 
 EXPECTED_MISSING: tp.Dict[str, tp.List[str]] = {
-    # `wav` would import dora through `distrib`, which a separation-only install lacks;
-    # `grids.mmi_ft.get_sub` is a Dora launcher helper of 4.1.0's grid.
+    # `wav` would import dora through `distrib`, which a separation-only install lacks.
     "demucs.wav": ["distrib"],
-    "demucs.grids.mmi_ft": ["get_sub"],
 }
 
 # Callables whose parameters were renamed or regrouped (a caller passing the old names by keyword

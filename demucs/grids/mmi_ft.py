@@ -37,14 +37,23 @@ def one_hot(index: int) -> tp.List[int]:
     return [int(source == index) for source in range(NUM_SOURCES)]
 
 
+def get_sub(launcher: Launcher, sig: str) -> Launcher:
+    """A launcher for the parent XP `sig` (scheduled once as it is, so that it exists), bound to
+    continue from its best state (Demucs 4.1's name)."""
+    overrides, _ = PARENTS[sig]
+    sub = launcher.bind(checked_argv(main, overrides, sig))
+    sub()
+    sub.bind_({"continue_from": sig, "continue_best": True})
+    return sub
+
+
 @MyExplorer
 def explorer(launcher: Launcher) -> None:
     launcher.slurm_(gpus=4, time=3 * 24 * 60, partition="devlab,learnlab,learnfair")
     with launcher.job_array():
-        for sig, (overrides, segments) in PARENTS.items():
-            sub = launcher.bind(checked_argv(main, overrides, sig))
-            sub()
-            sub.bind_({"continue_from": sig, "continue_best": True}, FINE_TUNING)
+        for sig, (_, segments) in PARENTS.items():
+            sub = get_sub(launcher, sig)
+            sub.bind_(FINE_TUNING)
             for segment in segments:
                 for source in range(NUM_SOURCES):
                     sub({"weights": one_hot(source), "dset.segment": segment})

@@ -9,9 +9,11 @@ track's duration: the decoded track is kept in a temporary file (`demucs.audio.D
 and separated block by block. `python -m demucs.api` is the `demucs` command.
 """
 from concurrent.futures import ThreadPoolExecutor
+import errno
 import logging
 from pathlib import Path
 import runpy
+import tempfile
 import typing as tp
 
 import torch
@@ -21,6 +23,7 @@ from .allocator import tune_malloc
 from .apply import BagOfModels, apply_model, apply_model_streaming
 from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
     convert_audio_channels, save_audio
+from .files import describe_write_error
 from .htdemucs import HTDemucs
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
@@ -53,6 +56,41 @@ def _default_device() -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def check_device(device: tp.Any) -> torch.device:
+    """`device` as a `torch.device` this torch build can run on, else `ValueError` saying why
+    (an unknown name, no CUDA or MPS in this build or machine, an index past the last GPU)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps.") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no usable GPU"
+            raise ValueError(f"device {device!r} was asked for but CUDA is not available "
+                             f"(torch {torch.__version__}: {build}); use -d cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} GPU(s), cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1}.")
+    elif parsed.type == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r} was asked for but MPS is not available on "
+                             "this machine; use -d cpu.")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps.")
+    return parsed
+
+
+def _describe_spool_error(error: OSError) -> str:
+    """A failed read of a track or write of its temporary decoded copy, with the path and cause,
+    and where to find space when the temporary folder is full."""
+    where = error.filename or tempfile.gettempdir()
+    message = describe_write_error(error, where)
+    if error.errno == errno.ENOSPC:
+        message += "; set TMPDIR to a folder with more free space"
+    return message
 
 
 def max_allowed_segment(model) -> float:
@@ -131,6 +169,7 @@ class Separator:
                  callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
                  compile_model: bool = False):
         tune_malloc()
+        check_device(device)  # before the model is loaded (maybe downloaded)
         self._name = model
         self._repo = repo
         self._load_model()
@@ -165,6 +204,8 @@ class Separator:
                 raise ValueError(f"{key} must be 0 or more, got {given[key]}")
         if "amp" in given:
             check_amp(given["amp"])
+        if "device" in given:
+            check_device(given["device"])
         for key, value in given.items():
             setattr(self, f"_{key}", value)
         if "jobs" in given:
@@ -188,8 +229,11 @@ class Separator:
     def _decode_to_spool(self, track: Path) -> DecodedAudio:
         try:
             return AudioFile(track).decode_to_spool(self._samplerate, self._audio_channels)
-        except (AudioReadError, OSError) as error:
+        except AudioReadError as error:
             raise LoadAudioError(str(error)) from error
+        except OSError as error:
+            raise LoadAudioError(f"could not decode {track}: {_describe_spool_error(error)}") \
+                from error
 
     def _apply_kwargs(self) -> dict:
         return dict(segment=self._segment, shifts=self._shifts, overlap=self._overlap,

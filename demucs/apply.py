@@ -196,12 +196,21 @@ def segment_weight(segment_length: int, transition_power: float,
     return (weight / weight.max()) ** transition_power
 
 
+# Inputs shorter than this are zero-padded before the model and its output cropped back: the
+# strided encoders of small models (e.g. a 4-channel HDemucs) would otherwise normalise a single
+# time step. Model inputs of real tracks are whole segments or longer and are never padded.
+MIN_MODEL_INPUT = 1024
+
+
 def run_model(model: nn.Module, mix: torch.Tensor, amp: tp.Optional[str] = None) -> torch.Tensor:
     """`model(mix)` without gradients, in the precision `amp` selects (see `apply_model`);
     the output is always float32."""
+    length = mix.shape[-1]
+    if length < MIN_MODEL_INPUT:
+        mix = F.pad(mix, (0, MIN_MODEL_INPUT - length))
     with torch.no_grad(), autocast(mix.device, amp):
         out = model(mix)
-    return out.float()
+    return out[..., :length].float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,9 +534,21 @@ def _segment_pool(pool, num_workers: int, device: torch.device) -> tp.ContextMan
     """The given pool (left open), or a new one: threads on CPU when asked, else none."""
     if pool is not None:
         return contextlib.nullcontext(pool)
-    if num_workers > 0 and device.type == "cpu":
-        return ThreadPoolExecutor(num_workers)
-    return DummyPoolExecutor()
+    return _owned_pool(num_workers if device.type == "cpu" else 0)
+
+
+@contextlib.contextmanager
+def _owned_pool(num_workers: int) -> tp.Iterator[tp.Any]:
+    """A pool of `num_workers` threads (none when 0), shut down on exit. When the block raises
+    (Ctrl-C included), queued segments are cancelled and the exception goes on at once instead
+    of waiting for the segments in flight."""
+    pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else DummyPoolExecutor()
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 class _InMemoryExecutor:
@@ -582,12 +603,17 @@ class _InMemoryExecutor:
         sum_weight = torch.zeros(pass_.length, device=self.mix.device)
         futures = [(start, self.pool.submit(self._evaluate_segment, pass_, start))
                    for start in pass_.segment_starts()]
-        for start, future in self._with_progress(futures, leaf):
-            chunk_out = self._result(future)
-            at, chunk_length = start - pass_.start, chunk_out.shape[-1]
-            weight = leaf.weight[:chunk_length]
-            _add_fused(out[..., at:at + chunk_length], weight, chunk_out.to(self.mix.device))
-            sum_weight[at:at + chunk_length] += weight
+        try:
+            for start, future in self._with_progress(futures, leaf):
+                chunk_out = future.result()
+                at, chunk_length = start - pass_.start, chunk_out.shape[-1]
+                weight = leaf.weight[:chunk_length]
+                _add_fused(out[..., at:at + chunk_length], weight, chunk_out.to(self.mix.device))
+                sum_weight[at:at + chunk_length] += weight
+        except BaseException:  # a failed segment or Ctrl-C: the others are not needed any more
+            for _, future in futures:
+                future.cancel()
+            raise
         out /= sum_weight
         return out
 
@@ -597,13 +623,6 @@ class _InMemoryExecutor:
         assert leaf.stride is not None
         scale = float(format(leaf.stride / leaf.model.samplerate, ".2f"))
         return tqdm.tqdm(futures, unit_scale=scale, ncols=120, unit="seconds")
-
-    def _result(self, future) -> torch.Tensor:
-        try:
-            return future.result()
-        except Exception:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,7 +763,7 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
                                   max(1, int(block_seconds * model.samplerate)))
     bar = tqdm.tqdm(total=source.shape[-1], unit_scale=1 / model.samplerate, ncols=120,
                     unit="seconds", disable=not progress)
-    with ThreadPoolExecutor(num_workers) if num_workers > 0 else DummyPoolExecutor() as pool:
+    with _owned_pool(num_workers) as pool:
         for start, block in executor.blocks(pool):
             yield start, block
             bar.update(block.shape[-1])

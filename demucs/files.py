@@ -10,11 +10,14 @@ folder, so that `remove_stale_partials` can clean up after a process that was ki
 could do so itself (SIGKILL, power loss).
 """
 from contextlib import contextmanager
+import errno
 import glob
 import logging
 import os
 from pathlib import Path
 import secrets
+import shutil
+import tempfile
 import typing as tp
 
 logger = logging.getLogger(__name__)
@@ -93,3 +96,77 @@ def remove_stale_partials_in(folder: PathLike, pattern: str = "*") -> tp.List[Pa
         logger.info("Removing %s, left by an interrupted run", path)
         path.unlink(missing_ok=True)
     return stale
+
+
+# Below this much free space, a write error without an errno (libsndfile's "System error.") is
+# reported as a full disk.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def nearest_existing(path: PathLike) -> Path:
+    """`path` itself when it exists, else its closest existing ancestor."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: PathLike) -> tp.Optional[int]:
+    """Free space of the file system holding `path` (or its closest existing ancestor); None
+    when it cannot be read."""
+    try:
+        return shutil.disk_usage(nearest_existing(path)).free
+    except OSError:
+        return None
+
+
+def describe_write_error(error: BaseException, path: PathLike) -> str:
+    """'PATH: cause (ERRNO NAME)' for a failed write of `path`.
+
+    Errors that lost their errno on the way (libsndfile only says "System error.") are
+    diagnosed from the file system: nearly no free space is reported as ENOSPC.
+    """
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return f"{path}: {os.strerror(code)} ({errno.errorcode[code]})"
+    free = free_bytes(path)
+    if free is not None and free < _NEARLY_FULL_BYTES:
+        return (f"{path}: {os.strerror(errno.ENOSPC)} (ENOSPC, {free} bytes free; the writer "
+                f"said: {error})")
+    return f"{path}: {error}"
+
+
+def unwritable_reason(folder: PathLike) -> tp.Optional[str]:
+    """Why files cannot be created in `folder` (which may not exist yet), or None when they
+    can. Nothing is left behind: the check creates and removes a temporary folder in the closest
+    existing ancestor."""
+    ancestor = nearest_existing(folder)
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, so the folder {folder} cannot be created there"
+    try:
+        tempfile.TemporaryDirectory(dir=ancestor, prefix=".demucs-check-").cleanup()
+    except OSError as error:
+        return f"cannot create files in {folder}: " + describe_write_error(error, ancestor)
+    return None
+
+
+@contextmanager
+def created_folders(folder: PathLike) -> tp.Iterator[Path]:
+    """Create `folder` and its missing parents; if the block raises, remove again those of them
+    that this call created and that are still empty (a failed write leaves no empty folders)."""
+    folder = Path(folder)
+    missing = []
+    current = folder.absolute()
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for created in missing:  # deepest first
+            try:
+                created.rmdir()
+            except OSError:
+                break
+        raise

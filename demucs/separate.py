@@ -11,16 +11,19 @@ from contextlib import ExitStack
 import logging
 from pathlib import Path
 import sys
+import tempfile
 import typing as tp
 
 import torch
 
 from .allocator import tune_malloc
-from .api import LoadAudioError, LoadModelError, Separator, _default_device, list_models, \
-    max_allowed_segment
+from .api import LoadAudioError, LoadModelError, Separator, _default_device, check_device, \
+    list_models, max_allowed_segment
 from .audio import AudioFormat, AudioWriter
-from .files import atomic_write, remove_stale_partials
+from .files import atomic_write, created_folders, describe_write_error, remove_stale_partials, \
+    unwritable_reason
 from .pretrained import DEFAULT_MODEL, add_model_flags
+from .utils import exit_on_interrupt
 # Names Demucs 4.1's separate module makes importable from it.
 from .api import save_audio  # noqa: F401
 from .apply import BagOfModels  # noqa: F401
@@ -33,6 +36,16 @@ logger = logging.getLogger(__name__)
 
 class SeparationError(Exception):
     """A track could not be separated (reported, then the next track is processed)."""
+
+
+class UsageError(ValueError):
+    """The call cannot do what it asks (bad option value, clashing outputs): nothing is done."""
+
+
+# Bitrates (kbps) an MPEG-1 Layer III stream at 32-48 kHz can have; LAME would silently pick
+# another one for any other value.
+MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+FILENAME_FIELDS = dict(track="track", trackext="wav", stem="stem", ext="wav")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -148,11 +161,78 @@ def _output_path(out: Path, pattern: str, track: Path, stem: str, ext: str) -> P
     name, _, trackext = track.name.rpartition(".")
     if not name:
         name, trackext = trackext, ""
+    return out / pattern.format(track=name, trackext=trackext, stem=stem, ext=ext)
+
+
+def _check_filename_pattern(pattern: str) -> None:
     try:
-        return out / pattern.format(track=name, trackext=trackext, stem=stem, ext=ext)
-    except (KeyError, IndexError) as error:
-        raise SeparationError(f"invalid --filename {pattern!r}: unknown field {error}; use "
-                              "{track}, {trackext}, {stem} and {ext}") from None
+        pattern.format(**FILENAME_FIELDS)
+    except (KeyError, IndexError, ValueError) as error:
+        detail = f"{{{error.args[0]}}}" if isinstance(error, KeyError) else str(error)
+        raise UsageError(f"--filename {pattern!r} has an unknown field or is malformed "
+                         f"({detail}); use {{track}}, {{trackext}}, {{stem}} and {{ext}}.") \
+            from None
+
+
+def plan_outputs(tracks: tp.Sequence[Path], out: Path, pattern: str, stems: tp.Sequence[str],
+                 ext: str) -> tp.Dict[Path, tp.Dict[str, Path]]:
+    """`{track: {stem: output path}}` for the whole call, or `UsageError` when two outputs would
+    share a path (which would keep only the last one written) or an output would replace an
+    input track. The same track given twice is separated once."""
+    plan: tp.Dict[Path, tp.Dict[str, Path]] = {}
+    owners: tp.Dict[Path, str] = {}
+    inputs = {track.resolve(): track for track in tracks}
+    for track in dict.fromkeys(tracks):
+        if track.resolve() in {known.resolve() for known in plan}:
+            logger.warning("%s is given more than once: it is separated once.", track)
+            continue
+        plan[track] = {}
+        for stem in stems:
+            path = _output_path(out, pattern, track, stem, ext)
+            owner = f"stem {stem} of {track}"
+            if path.resolve() in owners:
+                raise UsageError(_clash_message(path, owners[path.resolve()], owner, pattern))
+            if path.resolve() in inputs:
+                raise UsageError(f"{owner} would be written to {path}, replacing the input track "
+                                 f"{inputs[path.resolve()]}; choose another --out or --filename.")
+            owners[path.resolve()] = owner
+            plan[track][stem] = path
+    return plan
+
+
+def _clash_message(path: Path, first: str, second: str, pattern: str) -> str:
+    if "{stem}" not in pattern:
+        hint = "--filename must contain {stem} so that each stem gets its own file"
+    elif "{track}" not in pattern:
+        hint = "--filename must contain {track} so that each track gets its own files"
+    else:
+        hint = ("tracks with the same name from different folders need separate calls with "
+                "different --out folders (or rename one)")
+    return f"{first} and {second} would both be written to {path}: {hint}."
+
+
+def _check_writable(folders: tp.Iterable[Path]) -> None:
+    problems = [reason for reason in map(unwritable_reason, dict.fromkeys(folders)) if reason]
+    if problems:
+        raise UsageError("; ".join(problems) + "; choose another --out.")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model is loaded: option values, the device,
+    the input files and the output folder."""
+    if args.mp3 and args.mp3_bitrate not in MP3_BITRATES:
+        raise UsageError(f"--mp3-bitrate {args.mp3_bitrate} is not an mp3 bitrate; use one of "
+                         f"{', '.join(map(str, MP3_BITRATES))} (kbps).")
+    try:
+        check_device(args.device)
+    except ValueError as error:
+        raise UsageError(f"-d/--device: {error}") from None
+    _check_filename_pattern(args.filename)
+    missing = [str(track) for track in args.tracks if not track.is_file()]
+    if missing:
+        raise UsageError(f"no such file: {', '.join(missing)}. If a path contains spaces, "
+                         "surround it with quotes.")
+    _check_writable([args.out])
 
 
 def _blocks(separator: Separator, track: Path, split: bool):
@@ -162,20 +242,25 @@ def _blocks(separator: Separator, track: Path, split: bool):
         yield separator.separate_audio_file(track)
 
 
-def separate_track(separator: Separator, track: Path, out: Path, args: argparse.Namespace,
-                   fmt: AudioFormat) -> tp.List[Path]:
-    """Separate one track and write its stems; returns the written paths."""
-    names = _stem_names(separator.model.sources, args.stem, args.other_method)
-    paths = {name: _output_path(out, args.filename, track, name, fmt.ext) for name in names}
+def separate_track(separator: Separator, track: Path, paths: tp.Dict[str, Path],
+                   args: argparse.Namespace, fmt: AudioFormat) -> tp.List[Path]:
+    """Separate one track and write its stems to `paths` (`{stem: path}`, see `plan_outputs`);
+    returns the written paths. Either every stem is written or none."""
     for path in paths.values():
         remove_stale_partials(path)
     with ExitStack() as writers_stack:
         writers = {name: writers_stack.enter_context(AudioWriter(separator.audio_channels))
-                   for name in names}
-        for origin, sources in _blocks(separator, track, args.split):
-            stems = _stems_of_block(origin, sources, args.stem, args.other_method)
-            for name, block in stems.items():
-                writers[name].append(block)
+                   for name in paths}
+        try:
+            for origin, sources in _blocks(separator, track, args.split):
+                stems = _stems_of_block(origin, sources, args.stem, args.other_method)
+                for name, block in stems.items():
+                    writers[name].append(block)
+        except OSError as error:  # the spools of the decoded track and of the stems
+            raise SeparationError(
+                "could not write temporary audio: "
+                + describe_write_error(error, Path(tempfile.gettempdir()))
+                + "; set TMPDIR to a folder with more free space.") from error
         _encode_all_or_none(writers, paths, fmt)
     return list(paths.values())
 
@@ -183,15 +268,23 @@ def separate_track(separator: Separator, track: Path, out: Path, args: argparse.
 def _encode_all_or_none(writers: tp.Dict[str, AudioWriter], paths: tp.Dict[str, Path],
                         fmt: AudioFormat) -> None:
     """Encode every stem under a temporary name; rename them only once all of them succeeded
-    (on failure, every temporary is removed and previous outputs stay as they were)."""
+    (on failure, every temporary and every folder made for them is removed and previous outputs
+    stay as they were). A write error names the file and its cause."""
     with ExitStack() as renames:
         for name, path in paths.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writers[name].encode(renames.enter_context(atomic_write(path)), fmt)
+            renames.enter_context(created_folders(path.parent))
+            try:
+                writers[name].encode(renames.enter_context(atomic_write(path)), fmt)
+            except (OSError, RuntimeError) as error:
+                raise SeparationError("could not write " + describe_write_error(error, path)) \
+                    from error
 
 
 def _print_models(repo: tp.Optional[Path]) -> None:
-    models = list_models(repo)
+    try:
+        models = list_models(repo)
+    except (LoadModelError, OSError) as error:
+        _fatal(f"error: --list-models: {error}")
     print("Bag of models:", end="\n    ")
     print("\n    ".join(models["bag"]))
     print("Single models:", end="\n    ")
@@ -241,7 +334,8 @@ def _warn_about_slow_options_on_cpu(args: argparse.Namespace) -> None:
 
 
 def main(opts: tp.Optional[tp.List[str]] = None) -> None:
-    """Entry point of the `demucs` command; exits with status 1 if any track failed."""
+    """Entry point of the `demucs` command; exits with status 1 if any track failed, 130 or 143
+    on Ctrl-C or SIGTERM (at once when run as a command, `opts` None)."""
     tune_malloc()
     args = get_parser().parse_args(opts)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -249,29 +343,40 @@ def main(opts: tp.Optional[tp.List[str]] = None) -> None:
     if args.list_models:
         _print_models(args.repo)
         return
+    with exit_on_interrupt("demucs", "the stems of finished tracks are kept, nothing of the "
+                           "current one was written", immediate=opts is None):
+        _separate_all(args)
+
+
+def _separate_all(args: argparse.Namespace) -> None:
     if not args.tracks:
         _fatal("error: no tracks given; pass the audio files to separate.")
     if args.name is None:
         args.name = args.sig or DEFAULT_MODEL
+    try:
+        _check_options(args)
+    except UsageError as error:
+        _fatal(f"error: {error}")
     separator = _make_separator(args)
     out = args.out / args.name
-    logger.info("Separated tracks will be stored in %s", out.resolve())
     fmt = _output_format(args, separator.samplerate)
+    names = _stem_names(separator.model.sources, args.stem, args.other_method)
+    try:
+        plan = plan_outputs(args.tracks, out, args.filename, names, fmt.ext)
+        _check_writable(path.parent for paths in plan.values() for path in paths.values())
+    except UsageError as error:
+        _fatal(f"error: {error}")
+    logger.info("Separated tracks will be stored in %s", out.resolve())
     failures = 0
-    for track in args.tracks:
-        if not track.exists():
-            logger.error("File %s does not exist. If the path contains spaces, please try again "
-                         "after surrounding the entire path with quotes \"\".", track)
-            failures += 1
-            continue
+    for track, paths in plan.items():
         logger.info("Separating track %s", track)
         try:
-            separate_track(separator, track, out, args, fmt)
+            separate_track(separator, track, paths, args, fmt)
         except (LoadAudioError, SeparationError, ValueError, OSError, RuntimeError) as error:
             logger.error("Could not separate %s: %s", track, error)
             failures += 1
     if failures:
-        _fatal(f"{failures} of {len(args.tracks)} track(s) could not be separated.")
+        _fatal(f"{failures} of {len(plan)} track(s) could not be separated.")
 
 
 if __name__ == "__main__":

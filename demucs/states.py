@@ -257,12 +257,22 @@ def _torch_load_safe(path: Path) -> tp.Any:
         raise UnsafeCheckpointError(f"{path} could not be loaded safely: {exc}") from exc
 
 
+# torch's legacy files start with a pickle (protocol 2) of their magic number.
+_LEGACY_MAGIC = b"\x80\x02"
+
+
 def _torch_load_legacy(path: Path) -> tp.Any:
     """Safe load of a file in torch's legacy (pre-1.6, non-zip) format.
 
     Its globals cannot be listed beforehand, so every allowed global that is cheap to import
     is allowed; model classes pickled in this format are refused by torch itself.
     """
+    with open(path, "rb") as file:
+        if file.read(2) != _LEGACY_MAGIC:
+            raise CorruptPackageError(
+                f"{path} is truncated, corrupted or not a model package: neither a zip "
+                "archive (torch >= 1.6) nor torch's legacy format. Check that the file is "
+                "complete and is a Demucs model (.th) or a safetensors file.")
     light = [name for name in ALLOWED_GLOBALS if not name.startswith(("demucs.train", "diffq."))]
     try:
         with torch.serialization.safe_globals(_safe_globals(light)):

@@ -4,7 +4,9 @@ import contextlib
 from contextlib import contextmanager
 import math
 import os
+import signal
 import sys
+import threading
 import tempfile
 import typing as tp
 
@@ -79,6 +81,49 @@ def fatal(*args: tp.Any) -> tp.NoReturn:
     line tools use instead of importing dora's)."""
     print(*args, file=sys.stderr)
     sys.exit(1)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (like KeyboardInterrupt for Ctrl-C) so that the
+    cleanups of the code it interrupts run."""
+
+
+def _raise_terminated(signum: int, frame: tp.Any) -> None:
+    raise Terminated()
+
+
+# Exit status of a process stopped by a signal, as shells report it.
+INTERRUPT_STATUS = {KeyboardInterrupt: 128 + signal.SIGINT, Terminated: 128 + signal.SIGTERM}
+
+
+@contextmanager
+def exit_on_interrupt(command: str, what_is_kept: str, immediate: bool) -> tp.Iterator[None]:
+    """Run the block so that Ctrl-C (SIGINT) or SIGTERM end the command with one line on stderr
+    and status 130 or 143, after the block's own cleanups (temporary files) ran.
+
+    Args:
+        command: the command's name, which starts the line.
+        what_is_kept: what the user still has (e.g. "stems of finished tracks are kept").
+        immediate: leave through `os._exit`, without waiting for worker threads still busy with
+            a segment (they would delay the exit by a whole segment); for a process's main
+            function only. Otherwise `SystemExit` is raised.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as interrupt:
+        status = INTERRUPT_STATUS[type(interrupt)]
+        name = "interrupted" if status == INTERRUPT_STATUS[KeyboardInterrupt] else "terminated"
+        print(f"\n{command}: {name}; {what_is_kept}.", file=sys.stderr)
+        if immediate:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        raise SystemExit(status) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def sizeof_fmt(num: float, suffix: str = "B") -> str:

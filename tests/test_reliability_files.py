@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from demucs import network
-from demucs.api import LoadModelError, Separator
+from demucs.api import LoadModelError, Separator, save_audio
 from demucs.demucs import Demucs
 from demucs.pretrained import get_model
 from demucs.repo import LocalRepo, ModelLoadingError, RemoteRepo
@@ -111,6 +111,7 @@ def _separator(folder: Path, data: bytes, hub: Path) -> None:
 
 def _cli(folder: Path, data: bytes, hub: Path) -> None:
     (folder / f"{SIG}.th").write_bytes(data)
+    save_audio(torch.zeros(2, 4410), folder / "song.wav", samplerate=44100)  # inputs must exist
     separate_main(["-n", SIG, "--repo", str(folder), "-o", str(folder / "out"), "-d", "cpu",
                    str(folder / "song.wav")])
 

@@ -165,22 +165,31 @@ def test_two_stems(repo, track, tmp_path, method, names):
 def test_bad_tracks_are_reported_and_others_processed(repo, track, tmp_path, caplog):
     bad = tmp_path / "broken.mp3"
     bad.write_bytes(b"\x00garbage" * 100)
-    missing = tmp_path / "missing.wav"
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
-        _run(repo, tmp_path / "out", "--shifts", "0", str(bad), str(missing), str(track))
+        _run(repo, tmp_path / "out", "--shifts", "0", str(bad), str(track))
     assert exit_info.value.code == 1
-    assert "broken.mp3" in caplog.text and "missing.wav does not exist" in caplog.text
-    assert "2 of 3 track(s) could not be separated" in caplog.text
+    assert "broken.mp3" in caplog.text
+    assert "1 of 2 track(s) could not be separated" in caplog.text
     outputs = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
                      if p.is_file())
     assert outputs == sorted(Path("tiny/my song") / f"{s}.wav" for s in SOURCES)
+
+
+def test_missing_tracks_are_refused_before_any_work(repo, track, tmp_path, caplog):
+    missing = [tmp_path / "missing.wav", tmp_path / "gone.flac"]
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        _run(repo, tmp_path / "out", "--shifts", "0", str(missing[0]), str(track),
+             str(missing[1]))
+    assert exit_info.value.code == 1
+    assert f"no such file: {missing[0]}, {missing[1]}" in caplog.text
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--two-stems", "guitar"], 'stem "guitar" is not in selected model'),
     (["-n", "transformer", "--segment", "2"], "Maximum segment is: 1"),
     (["-n", "unknown"], "unknown"),
-    (["--filename", "{song}.{ext}"], "invalid --filename"),
+    (["--filename", "{song}.{ext}"], "--filename '{song}.{ext}' has an unknown field or is malformed ({song})"),
 ])
 def test_fatal_errors(repo, track, tmp_path, caplog, flags, message):
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:

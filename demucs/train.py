@@ -17,7 +17,6 @@ import shutil
 import sys
 import typing as tp
 
-from dora import hydra_main
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 import numpy as np
@@ -29,6 +28,8 @@ from torch.utils.data import ConcatDataset
 from . import distrib
 from .allocator import tune_malloc
 from .augment import augmentation_from_config
+from .checkpoint import CheckpointError
+from .config_check import checked_hydra_main
 from .demucs import Demucs
 from .ema import ModelEMA
 from .hdemucs import HDemucs
@@ -307,11 +308,45 @@ def _check_shift_fits_segment(args: DictConfig) -> None:
             "segment - shift seconds, which would leave nothing to train on.")
 
 
+def _empty_valid_set_hint(args: DictConfig) -> str:
+    if args.dset.use_musdb and not args.dset.wav:
+        return (f"dset.musdb={args.dset.musdb} holds none of the 14 MusDB validation tracks "
+                "(musdb's list, e.g. 'Actions - One Minute Smile', in its train/ folder). For "
+                "your own songs, put them in a folder with train/ and valid/ subfolders and "
+                "train with dset.wav=FOLDER dset.use_musdb=false, or name some train/ songs "
+                "after MusDB validation tracks")
+    return f"add songs to the valid/ subfolder of dset.wav={args.dset.wav}"
+
+
+def _loader_size_problems(args: DictConfig, train_size: int, valid_size: int) -> tp.List[str]:
+    """Why the loaders would give no batch: fewer examples than one batch per worker (drop_last
+    drops the rest), or an empty valid set. `args.batch_size` is already per worker here."""
+    workers = distrib.world_size
+    batch_size = args.batch_size * workers
+    where = f" over {workers} workers" if workers > 1 else ""
+    more = (" (dset=toy: more songs with dset.toy.tracks=N after deleting "
+            f"{args.dset.musdb})") if _is_toy_dataset(args) else ""
+    problems = []
+    if train_size // workers < args.batch_size:
+        problems.append(f"the train set has {train_size} examples{where}, fewer than "
+                        f"batch_size={batch_size}: set a smaller batch_size or add songs{more}")
+    if valid_size == 0:
+        problems.append(f"the valid set is empty: {_empty_valid_set_hint(args)}")
+    elif valid_size // workers < (1 if args.dset.full_cv else args.batch_size):
+        needed = workers if args.dset.full_cv else batch_size
+        problems.append(f"the valid set has {valid_size} examples, fewer than {needed} (one "
+                        f"batch for each of the {workers} workers)")
+    return problems
+
+
 def get_loaders(args: DictConfig) -> tp.Dict[str, torch.utils.data.DataLoader]:
     """The train loader (shuffled, full batches) and the valid loader (whole tracks one by one
     with `dset.full_cv`), each worker reading its own shard."""
     train_set, valid_set = get_datasets(args, check_test_set=True)
     logger.info("train/valid set size: %d %d", len(train_set), len(valid_set))
+    problems = _loader_size_problems(args, len(train_set), len(valid_set))
+    if problems:
+        raise DatasetError(problems, context="the training data")
     num_workers = distrib.loader_workers(args.misc.num_workers)
     train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
                                   num_workers=num_workers, drop_last=True)
@@ -405,9 +440,43 @@ def _lock_xp():
     return lock
 
 
-@hydra_main(config_path="../conf", config_name="config", version_base="1.1")
+# Files of an XP folder that a run writes before its first checkpoint: a run that fails before
+# writing anything else leaves no folder behind.
+_BOOKKEEPING_FILES = frozenset({"train.lock", "train.log", ".argv.json", ".hydra"})
+
+
+def _reported_errors() -> tp.Tuple[tp.Type[BaseException], ...]:
+    """Errors whose message says what went wrong and what to do: `main` shows them as one line
+    (set HYDRA_FULL_ERROR=1 for the traceback)."""
+    from .repitch import RepitchError, SoundstretchMissingError
+    from .solver import NonFiniteLossError
+    return (DatasetError, CheckpointError, OSError, NonFiniteLossError, RepitchError,
+            SoundstretchMissingError, ValueError)
+
+
+def _remove_if_untouched(folder: Path) -> None:
+    """Delete the XP folder of a run that failed before it saved anything."""
+    if folder.is_dir() and {path.name for path in folder.iterdir()} <= _BOOKKEEPING_FILES:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stop(message: str, status: int, folder: tp.Optional[Path]) -> tp.NoReturn:
+    if folder is not None and distrib.rank == 0:
+        _remove_if_untouched(folder)
+    print(f"demucs.train: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+@checked_hydra_main(config_path="../conf", config_name="config", version_base="1.1",
+                    model_names=list(_model_classes()))
 def main(args: DictConfig) -> None:
-    """Train the XP described by `args` (resuming from its checkpoint when there is one)."""
+    """Train the XP described by `args` (resuming from its checkpoint when there is one).
+
+    A failure with a known cause (data, config values, checkpoint, disk) ends with one line on
+    stderr and status 1; Ctrl-C with status 130, keeping the last checkpoint. A run that failed
+    before saving anything leaves no XP folder behind.
+    """
+    from dora import get_xp
     tune_malloc()
     _absolutize_paths(args)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -417,12 +486,23 @@ def main(args: DictConfig) -> None:
     logger.info("For logs, checkpoints and samples check %s", os.getcwd())
     logger.debug(args)
     lock = _lock_xp()
+    failure: tp.Optional[tp.Tuple[str, int, bool]] = None
     try:
         get_solver(args).train()
         distrib.close()
+    except KeyboardInterrupt:
+        failure = ("interrupted; the last saved checkpoint is kept: run the same command to "
+                   "resume.", 130, False)
+    except _reported_errors() as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        failure = (str(error), 1, True)
     finally:
         if lock is not None:
             lock.release()
+    if failure is not None:
+        message, status, clean_up = failure
+        _stop(message, status, Path(get_xp().folder) if clean_up else None)
 
 
 if "_DORA_TEST_PATH" in os.environ:

@@ -189,7 +189,8 @@ def test_missing_tracks_are_refused_before_any_work(repo, track, tmp_path, caplo
     (["--two-stems", "guitar"], 'stem "guitar" is not in selected model'),
     (["-n", "transformer", "--segment", "2"], "Maximum segment is: 1"),
     (["-n", "unknown"], "unknown"),
-    (["--filename", "{song}.{ext}"], "--filename '{song}.{ext}' has an unknown field or is malformed ({song})"),
+    (["--filename", "{song}.{ext}"],
+     "--filename '{song}.{ext}' has an unknown field or is malformed ({song})"),
 ])
 def test_fatal_errors(repo, track, tmp_path, caplog, flags, message):
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:

@@ -182,7 +182,7 @@ def plan_outputs(tracks: tp.Sequence[Path], out: Path, pattern: str, stems: tp.S
     plan: tp.Dict[Path, tp.Dict[str, Path]] = {}
     owners: tp.Dict[Path, str] = {}
     inputs = {track.resolve(): track for track in tracks}
-    for track in dict.fromkeys(tracks):
+    for track in tracks:
         if track.resolve() in {known.resolve() for known in plan}:
             logger.warning("%s is given more than once: it is separated once.", track)
             continue

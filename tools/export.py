@@ -96,7 +96,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> None:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if not args.xps:
+        parser.error("give the signatures of the XPs to export, e.g. `python3 -m tools.export "
+                     "955717e8` (the 8 hex digits Dora printed for the XP)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failures = 0
     for sig in args.xps:

@@ -4,7 +4,7 @@ The generator lives in `demucs.toy_musdb`, since training with `dset=toy` needs 
 """
 import sys
 
-from demucs.toy_musdb import main
+from demucs.toy_musdb import get_parser, main  # noqa: F401  (get_parser: for the docs tests)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.sysdeps
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: all setup sysdeps test test-all test-slurm test-clients demo golden lint clean dist bench-separate bench-speed bench-train
+.PHONY: all setup sysdeps test test-all test-slurm test-clients test-docs demo golden lint clean dist bench-separate bench-speed bench-train
 
 all: test
 
@@ -37,6 +37,10 @@ test-all: setup
 
 test-slurm: setup
 	$(PYTEST) -m slurm
+
+# Every command of README.md and docs/ run as written on the toy data (tests/test_doc_commands.py).
+test-docs: setup
+	$(PYTEST) -m docs
 
 # Real programs built on Demucs (tests/clients/clients.txt) run offline against this project,
 # installed with `pip install .` into a scratch venv under build/clients.

@@ -402,3 +402,24 @@ def test_export_of_an_unknown_signature_says_so(capsys, tmp_path, monkeypatch, c
     assert exit_.value.code == 1
     assert "Cannot export deadbeef" in caplog.text
     assert not (tmp_path / "release").exists()
+
+
+def test_ctrl_c_during_training_keeps_the_checkpoint_and_says_how_to_resume(tiny_musdb,
+                                                                             tmp_path):
+    argv = base_argv(tiny_musdb, epochs=1000)
+    proc = subprocess.Popen([sys.executable, "-m", "dora", "run", *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dora_env(tmp_path / "outputs"))
+    _wait_for(proc, "Train | Epoch 3")  # epochs 1 and 2 are saved
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 130
+    assert "Traceback" not in rest
+    assert rest.strip().splitlines()[-1] == (
+        "demucs.train: interrupted; the last saved checkpoint is kept: run the same command to "
+        "resume.")
+    folders = list((tmp_path / "outputs" / "xps").iterdir())
+    assert len(folders) == 1 and (folders[0] / "checkpoint.th").is_file()

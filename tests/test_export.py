@@ -76,6 +76,17 @@ def test_signed_package_loads_from_a_local_repo(tmp_path: Path):
     assert isinstance(LocalRepo(tmp_path).get_model("abcd1234"), HTDemucs)
 
 
+def test_export_replaces_earlier_exports_of_the_same_xp(tmp_path: Path):
+    package = build_package(_solver(), "abcd1234")
+    (tmp_path / "abcd12345.th").write_bytes(b"another XP, kept")
+    plain = write_package(package, "abcd1234", tmp_path, sign=False)
+    signed = write_package(package, "abcd1234", tmp_path, sign=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["abcd12345.th", signed.name]
+    assert sorted(LocalRepo(tmp_path).list_model()) == ["abcd1234", "abcd12345"]
+    assert write_package(package, "abcd1234", tmp_path, sign=False) == plain
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["abcd1234.th", "abcd12345.th"]
+
+
 def test_quantized_export(tmp_path: Path):
     solver = _solver(quantizer_bits=8)
     package = build_package(solver, "q1")

@@ -6,6 +6,7 @@ trained with DiffQ/QAT), with the training metrics attached. Transformer models 
 The file is `SIG.th`, or `SIG-HASH8.th` with `--sign` (HASH8 checked by `--repo` loading).
 """
 import argparse
+import glob
 from fractions import Fraction
 import logging
 from pathlib import Path
@@ -67,13 +68,20 @@ def build_package(solver, sig: str) -> dict:
 
 
 def write_package(package: dict, sig: str, out: Path, sign: bool) -> Path:
-    """Save `package` as `out/SIG.th` (or `SIG-HASH8.th` when `sign`), atomically."""
+    """Save `package` as `out/SIG.th` (or `SIG-HASH8.th` when `sign`), atomically, then remove
+    earlier exports of the same XP from `out` (signed or not): a model folder holding two
+    packages for one signature cannot be loaded from."""
     out.mkdir(parents=True, exist_ok=True)
     if sign:
-        return states.save_with_checksum(package, out / f"{sig}.th")
-    path = out / f"{sig}.th"
-    with atomic_write(path) as temporary:
-        torch.save(package, temporary)
+        path = states.save_with_checksum(package, out / f"{sig}.th")
+    else:
+        path = out / f"{sig}.th"
+        with atomic_write(path) as temporary:
+            torch.save(package, temporary)
+    for earlier in [out / f"{sig}.th", *out.glob(f"{glob.escape(sig)}-*.th")]:
+        if earlier != path and earlier.is_file():
+            logger.info("Removing %s, an earlier export of %s", earlier, sig)
+            earlier.unlink()
     return path
 
 

@@ -217,7 +217,7 @@ def _failing_encode(error: BaseException):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EIO, errno.EROFS])
 @pytest.mark.parametrize("flags", [[], ["--flac"], ["--mp3"]])
 def test_write_errors_name_the_file_and_the_cause(repo, track, tmp_path, caplog, monkeypatch,
-                                                   code, flags):
+                                                  code, flags):
     monkeypatch.setattr(AudioWriter, "encode", _failing_encode(OSError(code, os.strerror(code))))
     assert _separate(repo, tmp_path / "out", *flags, track) == 1
     message = _error_text(caplog)
@@ -404,8 +404,7 @@ def test_export_of_an_unknown_signature_says_so(capsys, tmp_path, monkeypatch, c
     assert not (tmp_path / "release").exists()
 
 
-def test_ctrl_c_during_training_keeps_the_checkpoint_and_says_how_to_resume(tiny_musdb,
-                                                                             tmp_path):
+def test_ctrl_c_in_training_keeps_the_checkpoint_and_says_how_to_resume(tiny_musdb, tmp_path):
     argv = base_argv(tiny_musdb, epochs=1000)
     proc = subprocess.Popen([sys.executable, "-m", "dora", "run", *argv], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -81,7 +81,7 @@ def test_export_replaces_earlier_exports_of_the_same_xp(tmp_path: Path):
     (tmp_path / "abcd12345.th").write_bytes(b"another XP, kept")
     plain = write_package(package, "abcd1234", tmp_path, sign=False)
     signed = write_package(package, "abcd1234", tmp_path, sign=True)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["abcd12345.th", signed.name]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["abcd12345.th", signed.name])
     assert sorted(LocalRepo(tmp_path).list_model()) == ["abcd1234", "abcd12345"]
     assert write_package(package, "abcd1234", tmp_path, sign=False) == plain
     assert sorted(path.name for path in tmp_path.iterdir()) == ["abcd1234.th", "abcd12345.th"]

@@ -40,6 +40,27 @@ def new_sdr(references: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(signal / noise)
 
 
+def si_sdr(references: torch.Tensor, estimates: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale-invariant SDR in dB (Le Roux et al., 2019) of `[B, S, C, T]` estimates, `[B, S]`.
+
+    Each source is taken whole (both channels, the whole track) with its mean removed; the
+    reference scaled to best fit the estimate is the target, the rest is the error:
+    `10 log10((|a r|^2 + eps) / (|e - a r|^2 + eps))` with `a = <e, r> / (|r|^2 + eps)`. Unlike
+    nSDR, a gain on the estimate does not change it.
+    """
+    if references.shape != estimates.shape or references.dim() != 4:
+        raise ValueError(f"si_sdr needs two [B, S, C, T] tensors of one shape, got "
+                         f"{tuple(references.shape)} and {tuple(estimates.shape)}")
+    refs = references.flatten(2).double()
+    ests = estimates.flatten(2).double()
+    refs = refs - refs.mean(-1, keepdim=True)
+    ests = ests - ests.mean(-1, keepdim=True)
+    scale = (refs * ests).sum(-1, keepdim=True) / (refs.square().sum(-1, keepdim=True) + eps)
+    target = scale * refs
+    error = ests - target
+    return 10 * torch.log10((target.square().sum(-1) + eps) / (error.square().sum(-1) + eps))
+
+
 def eval_track(references: torch.Tensor, estimates: torch.Tensor, win: int, hop: int,
                compute_sdr: bool = True) -> tp.Tuple[tp.Optional[tuple], torch.Tensor]:
     """Score the `[S, C, T]` estimates of one track against its references.
@@ -98,9 +119,17 @@ def _save_estimates(model: torch.nn.Module, folder: Path, estimates: torch.Tenso
         save_audio(estimate, folder / f"{source}.mp3", model.samplerate)
 
 
+def _score_track(references: torch.Tensor, estimates: torch.Tensor, win: int, hop: int,
+                 compute_sdr: bool) -> tp.Tuple[tp.Optional[tuple], torch.Tensor, torch.Tensor]:
+    """`eval_track`'s scores of one `[S, C, T]` track, plus its SI-SDR `[S]`."""
+    bss, nsdr = eval_track(references, estimates, win=win, hop=hop, compute_sdr=compute_sdr)
+    return bss, nsdr, si_sdr(references.cpu()[None], estimates.cpu()[None])[0]
+
+
 def _track_scores(sources: tp.Sequence[str], result) -> TrackScores:
-    bss, nsdr = result
-    scores: TrackScores = {source: {"nsdr": [float(value)]} for source, value in zip(sources, nsdr)}
+    bss, nsdr, scale_invariant = result
+    scores: TrackScores = {source: {"nsdr": [float(value)], "si_sdr": [float(invariant)]}
+                           for source, value, invariant in zip(sources, nsdr, scale_invariant)}
     if bss is not None:
         sdr, isr, sir, sar = bss
         for idx, source in enumerate(sources):
@@ -141,8 +170,8 @@ def _scoring_pool(workers: int):
 def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
              ) -> tp.Dict[str, float]:
     """Separate the MusDB test set with `solver.model` and return the aggregated scores
-    (`nsdr*` always, `sdr*`, `isr*`, `sir*`, `sar*` when `compute_sdr`). `amp` runs the model
-    in mixed precision (see `apply_model`); training tests keep float32.
+    (`nsdr*` and `si_sdr*` always, `sdr*`, `isr*`, `sir*`, `sar*` when `compute_sdr`). `amp`
+    runs the model in mixed precision (see `apply_model`); training tests keep float32.
 
     Of the solver, only `model`, `device`, `folder` (where `test.save` writes) and `args` (the
     training config: `test.*`, `dset.musdb*`) are read, here and nowhere else in this module.
@@ -163,8 +192,8 @@ def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
             references, estimates = _separate_track(model, track, args, solver.device, amp)
             if args.test.save:
                 _save_estimates(model, Path(solver.folder) / "wav" / track.name, estimates)
-            pendings.append((track.name, pool.submit(eval_track, references, estimates, win=win,
-                                                     hop=hop, compute_sdr=compute_sdr)))
+            pendings.append((track.name, pool.submit(_score_track, references, estimates,
+                                                     win=win, hop=hop, compute_sdr=compute_sdr)))
         tracks = {}
         for name, pending in tqdm(pendings, desc="Eval (scores)", disable=distrib.rank != 0,
                                   leave=False):

@@ -291,6 +291,9 @@ def _trace(model: nn.Module, path: Path, input_length: int, opset: int) -> None:
         # package and honours `symbolic` of autograd functions (our STFT operators).
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Strided slices (the spectrogram framing) are kept as Slice nodes, which is fine.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1",
+                                category=UserWarning)
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=["mix"], output_names=["sources"],
                           do_constant_folding=True)

@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 from pathlib import Path
+import time
 import typing as tp
 
 from dora import get_xp
@@ -33,6 +34,7 @@ from .checkpoint import (CheckpointError, CheckpointWriteError, checkpoint_packa
 from .ema import ModelEMA
 from .evaluate import evaluate, new_sdr
 from .svd import svd_penalty
+from .tracking import EpochTracker
 from .utils import autocast, EMA, pull_metric
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class TrainingSettings:
     continue_pretrained: tp.Optional[str] = None  # [continue_pretrained]
     pretrained_repo: tp.Optional[str] = None  # [pretrained_repo]
     log_params_without_grad: bool = False  # [flag=uns]
+    tensorboard: bool = False  # TensorBoard events in the XP folder [misc.tensorboard]
 
 
 @dataclass
@@ -94,7 +97,7 @@ class TrainingParts:
 TRAIN_FORMATS = {"loss": ".4f", "reco": ".4f", "grad": ".4f", "ms": ".2f", "penalty": ".4f"}
 VALID_FORMATS = {"loss": ".4f", "reco": ".4f", "ms": ".2f", "penalty": ".4f", "best": ".4f",
                  "nsdr": ".3f"}
-TEST_FORMATS = {"sdr": ".3f", "sdr_med": ".3f", "nsdr": ".3f"}
+TEST_FORMATS = {"sdr": ".3f", "sdr_med": ".3f", "nsdr": ".3f", "si_sdr": ".3f"}
 FORMATS = {"Train": TRAIN_FORMATS, "Valid": VALID_FORMATS, "Test": TEST_FORMATS}
 
 
@@ -170,6 +173,7 @@ class Solver:
         self.history = self.link.history
         self.best_state: tp.Optional[dict] = None
         self.best_changed = False
+        self.tracker = EpochTracker(self.folder, settings.tensorboard and distrib.rank == 0)
         self._reset()
 
     # ---------------------------------------------------------------- state
@@ -239,12 +243,16 @@ class Solver:
                 for stage in FORMATS:
                     if stage.lower() in metrics:
                         _log_summary(stage, epoch, metrics[stage.lower()])
-        for epoch in range(len(self.history), self.settings.epochs):
-            self._run_epoch(epoch)
+        try:
+            for epoch in range(len(self.history), self.settings.epochs):
+                self._run_epoch(epoch)
+        finally:
+            self.tracker.close()
 
     def _run_epoch(self, epoch: int) -> None:
         """Train, validate, test when due, record the metrics and save the checkpoint."""
         settings = self.settings
+        begin = time.time()
         metrics = {"train": self._train_epoch(epoch)}
         _log_summary("Train", epoch, metrics["train"])
         metrics["valid"], best_candidate = self._validate(epoch)
@@ -259,6 +267,8 @@ class Solver:
             metrics["test"] = self._test(compute_sdr=settings.test_sdr and is_last)
             _log_summary("Test", epoch, metrics["test"])
         self.link.push_metrics(metrics)
+        self.tracker.log_epoch(epoch, metrics, self.optimizer.param_groups[0]["lr"],
+                               time.time() - begin)
         if distrib.rank == 0:
             self._serialize(epoch)
             logger.debug("Checkpoint saved to %s", self.checkpoint_file)

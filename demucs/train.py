@@ -297,7 +297,8 @@ def training_settings(args: DictConfig) -> "TrainingSettings":
         train_valid=bool(args.dset.train_valid), save_every=args.save_every,
         continue_from=args.continue_from, continue_best=bool(args.continue_best),
         continue_opt=bool(args.continue_opt), continue_pretrained=args.continue_pretrained,
-        pretrained_repo=args.pretrained_repo, log_params_without_grad=args.flag == "uns")
+        pretrained_repo=args.pretrained_repo, log_params_without_grad=args.flag == "uns",
+        tensorboard=bool(args.misc.get("tensorboard", False)))
 
 
 def _check_shift_fits_segment(args: DictConfig) -> None:
@@ -312,9 +313,9 @@ def _empty_valid_set_hint(args: DictConfig) -> str:
     if args.dset.use_musdb and not args.dset.wav:
         return (f"dset.musdb={args.dset.musdb} holds none of the 14 MusDB validation tracks "
                 "(musdb's list, e.g. 'Actions - One Minute Smile', in its train/ folder). For "
-                "your own songs, put them in a folder with train/ and valid/ subfolders and "
-                "train with dset.wav=FOLDER dset.use_musdb=false, or name some train/ songs "
-                "after MusDB validation tracks")
+                "your own songs, pick some for validation with dset.valid_tracks=N (or a list "
+                "of song names), or put them in a folder with train/ and valid/ subfolders and "
+                "train with dset.wav=FOLDER dset.use_musdb=false")
     return f"add songs to the valid/ subfolder of dset.wav={args.dset.wav}"
 
 

@@ -458,6 +458,34 @@ def _get_musdb_valid() -> tp.List[str]:
         return list(yaml.safe_load(file)["validation_tracks"])
 
 
+def choose_valid_tracks(names: tp.Sequence[str], choice: tp.Any, root: Path) -> tp.Set[str]:
+    """The songs of the MusDB-layout folder `root` (named `names`) kept for validation.
+
+    `choice` is `dset.valid_tracks`: None keeps MusDB's 14 validation songs (those present);
+    a number N picks N songs, the same ones on every machine and run (ranked by a hash of their
+    names, so adding songs rarely changes the choice); a list names them. Raises `DatasetError`
+    for a count that leaves no training song or a name that is not in `root`.
+    """
+    if choice is None:
+        return set(_get_musdb_valid()) & set(names)
+    if isinstance(choice, bool) or not isinstance(choice, (int, tp.Sequence)) \
+            or isinstance(choice, str):
+        raise DatasetError([f"dset.valid_tracks={choice!r} must be a number of songs or a list "
+                            "of song names"], context=str(root))
+    if isinstance(choice, int):
+        if not 0 < choice < len(names):
+            raise DatasetError([f"dset.valid_tracks={choice} must be between 1 and "
+                                f"{len(names) - 1}: {root} holds {len(names)} songs"],
+                               context=str(root))
+        ranked = sorted(names, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
+        return set(ranked[:choice])
+    missing = [str(name) for name in choice if name not in names]
+    if missing:
+        raise DatasetError([f"dset.valid_tracks names {name!r}, which is not a song folder of "
+                            f"{root}" for name in missing], context=str(root))
+    return set(map(str, choice))
+
+
 def get_musdb_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
     """Train and valid `Wavset`s from MusDB HQ at `dset.musdb`.
 
@@ -470,13 +498,15 @@ def get_musdb_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
     cache_file = Path(dset.metadata) / f"musdb_{_hash_path(dset.musdb)}.json"
     metadata = cached_metadata(cache_file, {"train": root}, list(dset.sources),
                                dset.normalize)["train"]
-    valid_tracks = set(_get_musdb_valid())
+    valid_tracks = choose_valid_tracks(sorted(metadata), dset.get("valid_tracks"), root)
     train_meta = {name: meta for name, meta in metadata.items()
                   if dset.train_valid or name not in valid_tracks}
     valid_meta = {name: meta for name, meta in metadata.items() if name in valid_tracks}
-    if not valid_meta:
+    if valid_meta:
+        logger.info("Validation tracks of %s: %s", root, ", ".join(sorted(valid_meta)))
+    else:
         logger.warning("%s holds none of the MusDB validation tracks: the MusDB valid set is "
-                       "empty", root)
+                       "empty (dset.valid_tracks=N picks N of its songs)", root)
     common = {"samplerate": dset.samplerate, "channels": dset.channels,
               "normalize": dset.normalize}
     train_set = Wavset(root, train_meta, list(dset.sources), segment=dset.segment,

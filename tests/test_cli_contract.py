@@ -369,9 +369,15 @@ def test_custom_musdb_folder_without_valid_tracks_stops_before_training(tmp_path
                           env=dora_env(tmp_path / "outputs"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert "the valid set is empty" in proc.stderr and "dset.wav=FOLDER" in proc.stderr
+    assert "the valid set is empty" in proc.stderr and "dset.valid_tracks=N" in proc.stderr
     assert "Train Summary" not in proc.stdout + proc.stderr
     assert list((tmp_path / "outputs" / "xps").iterdir()) == []  # no leftover XP folder
+    # the hint works: one of the songs is kept for validation
+    proc = subprocess.run([sys.executable, "-m", "dora", "run", *base_argv(musdb),
+                           "dset.valid_tracks=1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dora_env(tmp_path / "outputs"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Validation tracks of" in proc.stdout + proc.stderr
 
 
 def test_too_few_examples_for_the_batch(tiny_musdb):

@@ -2,6 +2,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+from hypothesis import given, settings, strategies as st
 import numpy as np
 from omegaconf import OmegaConf
 import pytest
@@ -9,7 +10,7 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from demucs.evaluate import eval_track, evaluate, new_sdr, summarize
+from demucs.evaluate import eval_track, evaluate, new_sdr, si_sdr, summarize
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 RATE = 8000
@@ -35,6 +36,27 @@ def test_new_sdr_perfect_and_silent_cases():
     assert float(new_sdr(zeros, zeros)) == pytest.approx(0.)
     with pytest.raises(ValueError, match="4-D"):
         new_sdr(torch.zeros(3, 4), torch.zeros(3, 4))
+
+
+def test_si_sdr_matches_hand_computation():
+    reference = torch.tensor([1., -1., 1., -1.])  # zero mean
+    noise = torch.tensor([1., 1., -1., -1.])  # zero mean, orthogonal to the reference
+    estimate = 2 * reference + noise  # target 2r (energy 16), error n (energy 4)
+    value = si_sdr(reference.view(1, 1, 1, 4), estimate.view(1, 1, 1, 4))
+    assert value.item() == pytest.approx(10 * np.log10(16 / 4), abs=1e-6)
+
+
+@given(gain=st.floats(0.01, 100), offset=st.floats(-1, 1))
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+def test_si_sdr_ignores_gain_and_offset(gain, offset):
+    generator = torch.Generator().manual_seed(0)
+    references = torch.randn(2, 3, 2, 500, generator=generator)
+    estimates = references + 0.3 * torch.randn(2, 3, 2, 500, generator=generator)
+    base = si_sdr(references, estimates)
+    assert torch.allclose(si_sdr(references, gain * estimates + offset), base, atol=1e-6)
+    assert base.shape == (2, 3)
+    with pytest.raises(ValueError, match="si_sdr needs two"):
+        si_sdr(references, estimates[..., :-1])
 
 
 def test_eval_track_bss_scores_shapes_and_nsdr():
@@ -113,6 +135,16 @@ def test_evaluate_tiny_musdb_against_hand_nsdr(tmp_path):
             expected[src].append(10 * np.log10(num / den))
     for src in SOURCES:
         assert result[f"nsdr_{src}"] == pytest.approx(np.mean(expected[src]), abs=2e-3)
+        # a quarter of the mixture: SI-SDR is that of the mixture, against a hand computation
+        hand = []
+        for track in stems.values():
+            ref = track[src].astype(np.float64).ravel()
+            est = sum(track.values()).astype(np.float64).ravel()
+            ref, est = ref - ref.mean(), est - est.mean()
+            target = (ref @ est) / (ref @ ref + 1e-8) * ref
+            hand.append(10 * np.log10(((target ** 2).sum() + 1e-8)
+                                      / (((est - target) ** 2).sum() + 1e-8)))
+        assert result[f"si_sdr_{src}"] == pytest.approx(np.mean(hand), abs=2e-3)
     assert "sdr" not in result
     assert (tmp_path / "xp" / "wav" / "A - a" / "vocals.mp3").exists()
 

@@ -366,3 +366,19 @@ def test_metadata_cache_and_created_mixtures_get_a_plain_file_mode(tmp_path):
     written = [tmp_path / "meta.json", tmp_path / "train" / "song" / (wav.MIXTURE + wav.EXT)]
     assert [stat.S_IMODE(path.stat().st_mode) for path in written] == [0o644, 0o644]
     assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_valid_tracks_of_a_musdb_layout_folder(tmp_path):
+    from demucs.wav import DatasetError, choose_valid_tracks
+    names = [f"Song {index}" for index in range(10)]
+    assert choose_valid_tracks(names, None, tmp_path) == set()
+    chosen = choose_valid_tracks(names, 3, tmp_path)
+    assert len(chosen) == 3 and chosen <= set(names)
+    assert choose_valid_tracks(list(reversed(names)), 3, tmp_path) == chosen  # order-free
+    assert len(chosen & choose_valid_tracks(names + ["Song 10"], 3, tmp_path)) >= 2
+    assert choose_valid_tracks(names, ["Song 4", "Song 7"], tmp_path) == {"Song 4", "Song 7"}
+    for bad, message in [(0, "between 1 and 9"), (10, "between 1 and 9"),
+                         (["Song 4", "Nope"], "'Nope', which is not a song folder"),
+                         ("Song 4", "a number of songs or a list"), (True, "a number")]:
+        with pytest.raises(DatasetError, match=message):
+            choose_valid_tracks(names, bad, tmp_path)

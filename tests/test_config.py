@@ -97,6 +97,8 @@ ADDED_DEFAULTS: tp.Dict[str, tp.Any] = {
     "optim.skip_nonfinite": False,  # skip non-finite batches instead of stopping (docs/reliability)
     "optim.amp": None,  # opt-in bf16 training forward (docs/performance)
     "misc.compile": False,  # opt-in torch.compile of the trained model (docs/performance)
+    "misc.tensorboard": True,  # TensorBoard events of every XP (excluded from signatures)
+    "dset.valid_tracks": None,  # validation songs of a MusDB-layout folder (None: MusDB's 14)
 }
 # Keys whose values a signature never depends on (dora.exclude), checked for presence only.
 UNHASHED_SECTIONS = {"slurm": {"time", "constraint", "setup"}, "hydra": {"job_logging"}}

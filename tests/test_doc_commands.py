@@ -63,6 +63,9 @@ COMMANDS: tp.Dict[str, str] = {
     "dora run -d model=htdemucs": CONFIG,
     "dora run -d -f 955717e8": CONFIG,
     "dora info -f 955717e8": RUN,
+    "python3 -m tools.plot_xp SIG": RUN,
+    "tensorboard --logdir outputs/xps": "starts a web server that runs until stopped; "
+                                        "tests/test_tracking.py reads the events it would show",
     "dora grid mdx": SLURM,
     "dora grid mmi": SLURM,
     "dora grid mmi_ft": SLURM,
@@ -100,6 +103,7 @@ STORY = [
     "python3 -m tools.toy_musdb data/toy_musdb",
     "dora run dset=toy model=htdemucs htdemucs.channels=8 epochs=2",
     "dora run -f SIG",
+    "python3 -m tools.plot_xp SIG",
     "python3 -m tools.export SIG",
     "python3 -m tools.export --sign SIG",
     "demucs --repo ./release_models -n SIG track.mp3",
@@ -269,3 +273,5 @@ def test_the_documented_story_runs_as_written(tmp_path: Path):
     # `tools.export --sign` replaced the unsigned export of the same XP
     assert [path.name[:9] for path in (repo / "release_models").iterdir()] == [f"{sig}-"]
     assert (repo / "onnx" / sig).is_dir() and (repo / "onnx" / "htdemucs_int8").is_dir()
+    assert (repo / "outputs" / "plots" / f"{sig}.png").stat().st_size > 10_000
+    assert list((repo / "outputs" / "xps" / sig / "tensorboard").iterdir())

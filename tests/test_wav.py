@@ -164,12 +164,8 @@ def test_musdb_split(tmp_path):
     assert len(train_all.metadata) == 3
 
 
-def test_toy_musdb(request):
-    try:
-        toy = request.getfixturevalue("toy_musdb")
-    except pytest.FixtureLookupError:
-        pytest.skip("toy_musdb fixture (helper A's conftest) not available yet")
-    dset = make_dset(Path(request.config.cache.mkdir("wav_toy")), musdb=str(toy), samplerate=44100)
+def test_toy_musdb(toy_musdb, tmp_path):
+    dset = make_dset(tmp_path, musdb=str(toy_musdb), samplerate=44100)
     train, valid = wav.get_musdb_wav_datasets(dset)
     assert len(train) > 0
     assert train[0].shape == (4, 2, 44100)

@@ -176,6 +176,16 @@ def train_xp(demo: Demo) -> str:
             f"{summarize_history(history)}")
 
 
+def plot_curves(demo: Demo) -> str:
+    """Draw the XP's loss and nSDR curves into a PNG with `tools.plot_xp`."""
+    sig = demo.trained_sig
+    out = demo.workdir / "outputs" / "plots" / f"{sig}.png"
+    run_command(demo, [sys.executable, "-m", "tools.plot_xp", sig, "-o", str(out)])
+    if not out.is_file():
+        raise DemoError(f"tools.plot_xp did not write {out}.")
+    return f"Training curves of {sig}: {out}"
+
+
 def export_xp(demo: Demo) -> str:
     """Export the XP's best state as a release package (overwriting a previous export)."""
     sig = demo.trained_sig
@@ -271,6 +281,7 @@ Step = tp.Tuple[str, tp.Callable[[Demo], str]]
 STEPS: tp.List[Step] = [
     ("Generate the toy MusDB", generate_toy_musdb),
     ("Train a small HTDemucs on it with Dora", train_xp),
+    ("Plot its training curves", plot_curves),
     ("Export the XP", export_xp),
     ("Separate a toy test song", separate_track),
     ("Evaluate on the toy test set", evaluate_model),

@@ -7,12 +7,14 @@ from concurrent import futures
 import logging
 import multiprocessing
 from pathlib import Path
+import tempfile
 import typing as tp
 
 import musdb
 import numpy as np
 import torch
 from tqdm import tqdm
+import yaml
 
 from . import distrib
 from .apply import apply_model
@@ -81,10 +83,31 @@ def eval_track(references: torch.Tensor, estimates: torch.Tensor, win: int, hop:
     return scores, nsdr
 
 
-def _test_set(args) -> musdb.DB:
-    if args.test.nonhq is None:
+# The stems musdb's own setup knows; any other set of stems gets a setup of its own.
+MUSDB_STEMS = frozenset({"drums", "bass", "other", "vocals"})
+
+
+def musdb_setup(sources: tp.Sequence[str]) -> dict:
+    """A musdb setup for a MusDB-layout folder with `sources` (e.g. guitar and piano stems):
+    each source read from `SOURCE.wav`, each target being that source alone."""
+    return {"sample_rate": 44100.0, "mixture": "mixture.wav",
+            "sources": {source: f"{source}.wav" for source in sources},
+            "stem_ids": {"mixture": 0, **{source: index + 1
+                                          for index, source in enumerate(sources)}},
+            "targets": {source: {source: 1} for source in sources}}
+
+
+def _test_set(args, sources: tp.Sequence[str]) -> musdb.DB:
+    """The test tracks, read with musdb: MusDB HQ (`dset.musdb`) or MusDB (`test.nonhq`); a
+    folder of other stems than MusDB's is read through `musdb_setup(sources)`."""
+    if args.test.nonhq is not None:
+        return musdb.DB(args.test.nonhq, subsets=["test"], is_wav=False)
+    if set(sources) <= MUSDB_STEMS:
         return musdb.DB(args.dset.musdb, subsets=["test"], is_wav=True)
-    return musdb.DB(args.test.nonhq, subsets=["test"], is_wav=False)
+    with tempfile.TemporaryDirectory() as folder:
+        setup = Path(folder) / "setup.yaml"
+        setup.write_text(yaml.safe_dump(musdb_setup(sources)))
+        return musdb.DB(args.dset.musdb, setup_file=str(setup), subsets=["test"], is_wav=True)
 
 
 def _separate_track(model: torch.nn.Module, track, args, device: torch.device,
@@ -178,7 +201,7 @@ def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
     """
     args = solver.args
     model = solver.model
-    test_set = _test_set(args)
+    test_set = _test_set(args, model.sources)
     if len(test_set) == 0:
         location = args.test.nonhq or args.dset.musdb
         raise FileNotFoundError(f"No MusDB test tracks found under {location}/test.")

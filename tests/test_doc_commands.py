@@ -57,6 +57,8 @@ COMMANDS: tp.Dict[str, str] = {
     # docs/training.md
     "dora run dset.musdb=/path/to/musdbhq": CONFIG,
     "dora run dset.musdb=/path/to/my_songs dset.valid_tracks=2": CONFIG,
+    "dora run dset.musdb=/path/to/my_songs dset.valid_tracks=2 "
+    "dset.sources=[drums,bass,guitar,piano,other,vocals] weights=[1,1,1,1,1,1]": CONFIG,
     "NUMBA_NUM_THREADS=1 python3 -m tools.automix --musdb /path/to/musdbhq "
     "--out /path/to/automix_musdb": PARSE,
     "dora run model=hdemucs hdemucs.channels=32 optim.lr=1e-4 batch_size=16": CONFIG,

@@ -25,12 +25,13 @@ TINY_MODELS = {
 }
 
 
-def write_track(folder: Path, rng: np.random.Generator, seconds: float) -> None:
+def write_track(folder: Path, rng: np.random.Generator, seconds: float,
+                sources: tp.Sequence[str] = SOURCES) -> None:
     """A track folder of noisy tones: one float wav per source and their sum as the mixture."""
     folder.mkdir(parents=True)
     time_axis = np.arange(int(seconds * RATE)) / RATE
     stems = {}
-    for index, source in enumerate(SOURCES):
+    for index, source in enumerate(sources):
         freq = 110 * (index + 1) * (1 + rng.random())
         tone = 0.2 * np.sin(2 * np.pi * freq * time_axis)[:, None]
         stems[source] = (tone + 0.02 * rng.standard_normal((len(time_axis), 2))).astype(np.float32)
@@ -38,16 +39,16 @@ def write_track(folder: Path, rng: np.random.Generator, seconds: float) -> None:
     sf.write(folder / "mixture.wav", sum(stems.values()), RATE, subtype="FLOAT")
 
 
-def write_tiny_musdb(root: Path) -> Path:
+def write_tiny_musdb(root: Path, sources: tp.Sequence[str] = SOURCES) -> Path:
     """MusDB layout at 8 kHz under `root`: 4 train tracks (2 with musdb validation names), 2 test
-    tracks. Returns `root`."""
+    tracks, each with one wav per source of `sources`. Returns `root`."""
     from demucs.wav import _get_musdb_valid
     rng = np.random.default_rng(0)
     train = ["Toy - One", "Toy - Two"] + _get_musdb_valid()[:2]
     for name in train:
-        write_track(root / "train" / name, rng, seconds=3)
+        write_track(root / "train" / name, rng, seconds=3, sources=sources)
     for name in ["Toy - Test A", "Toy - Test B"]:
-        write_track(root / "test" / name, rng, seconds=2)
+        write_track(root / "test" / name, rng, seconds=2, sources=sources)
     return root
 
 

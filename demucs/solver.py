@@ -304,9 +304,13 @@ class Solver:
                         desc=f"{name.capitalize()} | Epoch {epoch + 1}", leave=False,
                         disable=distrib.rank != 0, dynamic_ncols=True)
         meter = _EpochMeter()
+        examples = 0
         for index, batch in enumerate(progress):
-            if meter.add(step(batch.to(self.device), (epoch, index))):
-                progress.set_postfix(loss=f"{meter.averages['loss']:.4f}")
+            examples += len(batch) * distrib.world_size
+            added = meter.add(step(batch.to(self.device), (epoch, index)))
+            if added and not progress.disable:  # a disabled bar (workers > 0) has no clock
+                rate = examples / max(progress.format_dict["elapsed"], 1e-9)
+                progress.set_postfix(loss=f"{meter.averages['loss']:.4f}", ex_s=f"{rate:.1f}")
         if meter.count == 0 and meter.skipped:
             raise NonFiniteLossError(
                 f"Epoch {epoch + 1}: all {meter.skipped} training batches had a non-finite loss "

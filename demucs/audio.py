@@ -17,6 +17,7 @@ Every read problem (missing, empty, truncated, not audio, no channels) is report
 """
 from contextlib import closing, contextmanager
 from fractions import Fraction
+import io
 import json
 import logging
 import math
@@ -799,6 +800,32 @@ def _encode_mp3(blocks: tp.Iterable[torch.Tensor], path: Path, channels: int, fm
             file.write(_info_frame_of_file(stream, fmt.samplerate, samples))
             stream.seek(0)
             shutil.copyfileobj(stream, file)
+
+
+def mp3_round_trip(wav: torch.Tensor, samplerate: int, bitrate: int, preset: int = 7
+                   ) -> torch.Tensor:
+    """`[C, T]` audio (C = 1 or 2) encoded to mp3 at `bitrate` kbps and decoded back, in memory:
+    the same length and level, with the codec's artefacts (for training augmentation).
+
+    The level is scaled to full range for the 16-bit encoder and back. Needs a sample rate of
+    MPEG-1 Layer III (32, 44.1 or 48 kHz), whose gapless tag makes the decoded length exact.
+    """
+    if samplerate not in _MP3_SAMPLERATE_INDEX:
+        raise ValueError(f"mp3 round trips need a sample rate of 32000, 44100 or 48000 Hz, got "
+                         f"{samplerate}")
+    peak = float(wav.abs().max())
+    if peak == 0:
+        return wav.clone()
+    encoder = _lame_encoder(wav.shape[0], AudioFormat("mp3", samplerate, bitrate=bitrate,
+                                                      preset=preset), verbose=False)
+    encoder.set_out_sample_rate(samplerate)  # low bitrates would otherwise be resampled
+    data = encoder.encode(i16_pcm(wav / peak).t().contiguous().numpy().tobytes())
+    data += encoder.flush()
+    stream = io.BytesIO(_lame_info_frame(data, samplerate, wav.shape[-1]) + data)
+    decoded, _ = soundfile.read(stream, dtype="float32", always_2d=True)
+    out = torch.from_numpy(decoded.T.copy())[:, :wav.shape[-1]]
+    out = F.pad(out, (0, wav.shape[-1] - out.shape[-1]))
+    return (out * peak).to(wav.dtype)
 
 
 def _info_frame_of_file(stream: tp.BinaryIO, samplerate: int, samples: int) -> bytes:

@@ -3,6 +3,7 @@
 Each module is active only in training mode (except `Shift`, which also trims in eval mode so that
 lengths match) and draws its randomness from torch's global generator.
 """
+import math
 import typing as tp
 
 import torch
@@ -135,3 +136,130 @@ def augmentation_from_config(args) -> nn.Sequential:
     if args.augment.remix.proba:
         modules.append(Remix(**args.augment.remix))
     return nn.Sequential(*modules)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentations of single examples `[sources, channels, time]`, in the data-loading workers (CPU),
+# for data that is not studio-clean. Both are opt-in (proba 0 by default).
+
+# Lowest mp3 bitrate of the codec round trip: below it, lame leaves MPEG-1 and the decoded stem
+# would no longer line up with the others.
+MIN_CODEC_BITRATE = 64
+
+
+class LossyCodec:
+    """Each stem of an example, with probability `proba`, goes through an mp3 encoder and decoder
+    at a bitrate drawn from `bitrates` (`augment.codec`): the model learns from sources that were
+    lossy (the mixture is the sum of the stems, so it carries the artefacts too). Length and
+    level are kept.
+
+    Args:
+        samplerate: of the examples (`dset.samplerate`): 32000, 44100 or 48000 Hz.
+        proba: chance of each stem to be coded.
+        bitrates: kbps to draw from, each at least `MIN_CODEC_BITRATE`.
+    """
+
+    def __init__(self, samplerate: int, proba: float = 0., bitrates: tp.Sequence[int] = (128,)):
+        from .audio import mp3_round_trip  # noqa: F401  (fails early without lameenc)
+        low = [rate for rate in bitrates if rate < MIN_CODEC_BITRATE]
+        if not bitrates or low:
+            raise ValueError(f"augment.codec.bitrates={list(bitrates)}: give bitrates of at "
+                             f"least {MIN_CODEC_BITRATE} kbps")
+        if samplerate not in (32000, 44100, 48000):
+            raise ValueError(f"augment.codec needs dset.samplerate of 32000, 44100 or 48000 Hz "
+                             f"(mp3), got {samplerate}")
+        self.samplerate = samplerate
+        self.proba = proba
+        self.bitrates = list(bitrates)
+
+    def __call__(self, example: torch.Tensor) -> torch.Tensor:
+        from .audio import mp3_round_trip
+        out = example
+        for index in range(example.shape[0]):
+            if _chance(self.proba):
+                bitrate = self.bitrates[int(torch.randint(len(self.bitrates), ()))]
+                out = out.clone() if out is example else out
+                out[index] = mp3_round_trip(example[index], self.samplerate, bitrate)
+        return out
+
+
+class RandomEQ:
+    """Each stem of an example, with probability `proba`, gets a random gain in each of three
+    bands, below `cutoffs[0]` Hz, between the cutoffs and above `cutoffs[1]` (`augment.eq`):
+    a random equalisation, for recordings of other timbres. The gain curve moves from one band
+    to the next over an octave around each cutoff, and is applied in the frequency domain (one
+    FFT per stem).
+
+    Args:
+        samplerate: of the examples (`dset.samplerate`).
+        proba: chance of each stem to be equalised.
+        max_db: the gain of each band is drawn uniformly in [-max_db, max_db] dB.
+        cutoffs: the band edges in Hz.
+    """
+
+    def __init__(self, samplerate: int, proba: float = 0., max_db: float = 6.,
+                 cutoffs: tp.Sequence[float] = (300., 3000.)):
+        if not 0 < cutoffs[0] < cutoffs[1] < samplerate / 2:
+            raise ValueError(f"augment.eq cutoffs {list(cutoffs)} must rise and stay below "
+                             f"half of dset.samplerate={samplerate}")
+        self.samplerate = samplerate
+        self.proba = proba
+        self.max_db = max_db
+        low, high = math.log2(cutoffs[0]), math.log2(cutoffs[1])
+        self._knees = torch.tensor([low - 0.5, low + 0.5, high - 0.5, high + 0.5])
+
+    def _gain_curve(self, length: int, decibels: torch.Tensor) -> torch.Tensor:
+        """Linear gains at the rfft frequencies of `length` samples for band gains `decibels`."""
+        freqs = torch.fft.rfftfreq(length, 1 / self.samplerate).clamp(min=1.).log2()
+        levels = torch.stack([decibels[0], decibels[1], decibels[1], decibels[2]])
+        curve = torch.full_like(freqs, float(decibels[0]))
+        for index in range(3):  # linear in log-frequency between consecutive knees
+            left, right = self._knees[index], self._knees[index + 1]
+            inside = (freqs >= left) & (freqs < right)
+            weight = (freqs[inside] - left) / (right - left)
+            curve[inside] = levels[index] + weight * (levels[index + 1] - levels[index])
+        curve[freqs >= self._knees[-1]] = float(decibels[2])
+        return 10 ** (curve / 20)
+
+    def __call__(self, example: torch.Tensor) -> torch.Tensor:
+        out = example
+        length = example.shape[-1]
+        for index in range(example.shape[0]):
+            if _chance(self.proba):
+                decibels = (torch.rand(3) * 2 - 1) * self.max_db
+                spectrum = torch.fft.rfft(example[index].float(), dim=-1)
+                spectrum *= self._gain_curve(length, decibels)
+                out = out.clone() if out is example else out
+                out[index] = torch.fft.irfft(spectrum, n=length, dim=-1).to(example.dtype)
+        return out
+
+
+class AugmentedExamples(torch.utils.data.Dataset):
+    """`dataset` whose examples go through `transforms` in order (in the loading workers)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset,
+                 transforms: tp.Sequence[tp.Callable[[torch.Tensor], torch.Tensor]]):
+        self.dataset = dataset
+        self.transforms = list(transforms)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        example = self.dataset[index]
+        for transform in self.transforms:
+            example = transform(example)
+        return example
+
+
+def example_augmentations(args) -> tp.List[tp.Callable[[torch.Tensor], torch.Tensor]]:
+    """The opt-in example augmentations of a training config (`augment.codec`, `augment.eq`),
+    checked on creation."""
+    transforms: tp.List[tp.Callable[[torch.Tensor], torch.Tensor]] = []
+    codec = args.augment.get("codec")
+    if codec is not None and codec.proba:
+        transforms.append(LossyCodec(args.dset.samplerate, codec.proba, list(codec.bitrates)))
+    eq = args.augment.get("eq")
+    if eq is not None and eq.proba:
+        transforms.append(RandomEQ(args.dset.samplerate, eq.proba, eq.max_db))
+    return transforms

@@ -42,6 +42,9 @@ NUMBER_KEYS: tp.Tuple[tp.Tuple[str, float, bool], ...] = (
     ("optim.clip_grad", 0., False), ("optim.weight_decay", 0., False),
     ("model_segment", 0., True), ("test.overlap", 0., False),
 )
+# Probabilities: numbers from 0 to 1.
+PROBABILITY_KEYS = ("augment.repitch.proba", "augment.remix.proba", "augment.scale.proba",
+                    "augment.codec.proba", "augment.eq.proba")
 _QUIET = (
     (r"(?s).*version_base", None),  # Hydra14MigrationWarning and the version_base notes
     (r"(?s).*Future Hydra versions will no longer change working directory", UserWarning),
@@ -107,6 +110,10 @@ def _range_problems(cfg: DictConfig) -> tp.List[str]:
             problems.append(f"{key}={value} must be a whole number")
         elif value < minimum:
             problems.append(f"{key}={value} must be at least {minimum}")
+    for key in PROBABILITY_KEYS:
+        found, value = _lookup(cfg, key)
+        if found and _is_number(value) and not 0 <= value <= 1:
+            problems.append(f"{key}={value} must be a probability, from 0 to 1")
     for key, bound, strict in NUMBER_KEYS:
         found, value = _lookup(cfg, key)
         if not found or value is None or not _is_number(value):

@@ -27,7 +27,7 @@ from torch.utils.data import ConcatDataset
 
 from . import distrib
 from .allocator import tune_malloc
-from .augment import augmentation_from_config
+from .augment import AugmentedExamples, augmentation_from_config, example_augmentations
 from .checkpoint import CheckpointError
 from .config_check import checked_hydra_main
 from .demucs import Demucs
@@ -236,6 +236,9 @@ def get_datasets(args: DictConfig, check_test_set: bool = False):
         repitch = OmegaConf.to_container(args.augment.repitch, resolve=True)
         assert isinstance(repitch, dict)
         train_set = RepitchedWrapper(train_set, vocals=vocals, **repitch)
+    transforms = example_augmentations(args)
+    if transforms:
+        train_set = AugmentedExamples(train_set, transforms)
     return train_set, valid_set
 
 

@@ -132,3 +132,71 @@ def test_augmentation_from_config_follows_the_config_keys():
     args.augment.scale.proba = 0
     args.augment.remix.proba = 1
     assert [type(m).__name__ for m in augmentation_from_config(args)] == ["Shift", "Remix"]
+
+
+# ------------------------------------------------------------------ example augmentations
+def _tones(seconds: float = 2., samplerate: int = 44100) -> torch.Tensor:
+    """`[4, 2, T]` stems: a tone per stem and channel, at full scale times 2.5 (normalised data
+    is not bounded by 1)."""
+    time = torch.arange(int(seconds * samplerate)) / samplerate
+    freqs = torch.tensor([110., 220., 440., 880.])[:, None, None] * torch.tensor([1., 1.5])[:, None]
+    return 2.5 * torch.sin(2 * torch.pi * freqs * time)
+
+
+@pytest.mark.parametrize("bitrate", [64, 128, 320])
+def test_mp3_round_trip_keeps_length_alignment_and_level(bitrate):
+    from demucs.audio import mp3_round_trip
+    stem = _tones()[0]
+    coded = mp3_round_trip(stem, 44100, bitrate)
+    assert coded.shape == stem.shape and coded.dtype == stem.dtype
+    error = (coded - stem).square().mean() / stem.square().mean()
+    assert error < 0.01  # aligned: a shift of one sample would already cost more at 110 Hz
+    assert coded.abs().max() == pytest.approx(2.5, rel=0.05)
+    with pytest.raises(ValueError, match="32000, 44100 or 48000"):
+        mp3_round_trip(stem, 8000, bitrate)
+
+
+def test_lossy_codec_codes_the_chosen_stems_only():
+    torch.manual_seed(0)
+    example = _tones(1.)
+    assert augment.LossyCodec(44100, proba=0., bitrates=[128])(example) is example
+    coded = augment.LossyCodec(44100, proba=1., bitrates=[64, 128])(example)
+    assert coded.shape == example.shape and torch.isfinite(coded).all()
+    assert all(not torch.equal(coded[index], example[index]) for index in range(4))
+    assert torch.equal(example, _tones(1.))  # the input is not modified
+    with pytest.raises(ValueError, match="at least 64 kbps"):
+        augment.LossyCodec(44100, proba=1., bitrates=[32, 128])
+    with pytest.raises(ValueError, match="dset.samplerate"):
+        augment.LossyCodec(8000, proba=1., bitrates=[128])
+
+
+@given(max_db=st.floats(0.5, 12), seed=st.integers(0, 1000))
+@settings(max_examples=15, deadline=None, derandomize=True, database=None)
+def test_random_eq_gains_stay_within_max_db(max_db, seed):
+    torch.manual_seed(seed)
+    example = _tones(0.5)
+    out = augment.RandomEQ(44100, proba=1., max_db=max_db)(example)
+    ratio_db = 10 * torch.log10(out.square().mean(-1) / example.square().mean(-1))
+    assert ratio_db.abs().max() <= max_db + 0.1  # each tone lies in one band: its band's gain
+    assert not torch.allclose(out, example)
+
+
+def test_random_eq_without_gain_is_the_identity_and_checks_its_bands():
+    example = _tones(0.5)
+    flat = augment.RandomEQ(44100, proba=1., max_db=0.)(example)
+    assert torch.allclose(flat, example, atol=1e-4)
+    with pytest.raises(ValueError, match="cutoffs"):
+        augment.RandomEQ(8000, proba=1., cutoffs=(300, 5000))
+
+
+def test_example_augmentations_from_the_config():
+    from omegaconf import OmegaConf
+    args = OmegaConf.create({"dset": {"samplerate": 44100}, "augment": {
+        "codec": {"proba": 0.5, "bitrates": [96]}, "eq": {"proba": 0, "max_db": 6}}})
+    transforms = augment.example_augmentations(args)
+    assert [type(t).__name__ for t in transforms] == ["LossyCodec"]
+    args.augment.eq.proba = 0.3
+    dataset = augment.AugmentedExamples([_tones(0.2)], augment.example_augmentations(args))
+    assert len(dataset) == 1 and dataset[0].shape == _tones(0.2).shape
+    del args.augment["codec"], args.augment["eq"]  # configs made before these keys
+    assert augment.example_augmentations(args) == []

@@ -329,6 +329,7 @@ def test_device_error_as_a_process_has_no_traceback(repo, track, tmp_path):
     ("dset=notadset", "Could not find 'dset/notadset' Available options in 'dset':"),
     ("augment.flip=maybe", "augment.flip='maybe' must be true or false"),
     ("weights=3", "weights=3 must be a list"),
+    ("augment.codec.proba=2", "augment.codec.proba=2 must be a probability, from 0 to 1"),
 ])
 def test_bad_configs_are_refused_before_any_work(override, message, capsys, tmp_path,
                                                  monkeypatch):

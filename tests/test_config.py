@@ -99,6 +99,10 @@ ADDED_DEFAULTS: tp.Dict[str, tp.Any] = {
     "misc.compile": False,  # opt-in torch.compile of the trained model (docs/performance)
     "misc.tensorboard": True,  # TensorBoard events of every XP (excluded from signatures)
     "dset.valid_tracks": None,  # validation songs of a MusDB-layout folder (None: MusDB's 14)
+    "augment.codec.proba": 0,  # opt-in mp3 round trip of the stems
+    "augment.codec.bitrates": [64, 96, 128, 192, 320],
+    "augment.eq.proba": 0,  # opt-in random 3-band equalisation of the stems
+    "augment.eq.max_db": 6,
 }
 # Keys whose values a signature never depends on (dora.exclude), checked for presence only.
 UNHASHED_SECTIONS = {"slurm": {"time", "constraint", "setup"}, "hydra": {"job_logging"}}

@@ -5,7 +5,7 @@ Hydra config, so repitch is included with its configured probability) on the toy
 (generated at `data/toy_musdb` when missing), then times `--batches` batches through a DataLoader
 and the configured augmentations, once per `--workers` value:
 
-    python3 -m tools.bench_data [--workers 0 2] [--batch-size 4] [--segment 4]
+    python3 -m tools.bench_data [--workers 0 2] [--batch-size 4] [--segment 4] [OVERRIDE ...]
 """
 import argparse
 import logging
@@ -73,6 +73,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repitch", type=float, default=None,
                         help="augment.repitch.proba (default: the config's)")
     parser.add_argument("--metadata", type=Path, default=Path("metadata"))
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="more Hydra overrides, e.g. augment.codec.proba=0.5")
     return parser
 
 
@@ -85,6 +87,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
                  f"dset.metadata={opts.metadata.resolve()}"]
     if opts.repitch is not None:
         overrides.append(f"augment.repitch.proba={opts.repitch}")
+    overrides += opts.overrides
     args = load_config(overrides)
     from demucs.train import get_datasets
     train_set, _ = get_datasets(args)

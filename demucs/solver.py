@@ -19,7 +19,7 @@ import time
 import typing as tp
 
 from dora import get_xp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
@@ -79,6 +79,7 @@ class TrainingSettings:
     pretrained_repo: tp.Optional[str] = None  # [pretrained_repo]
     log_params_without_grad: bool = False  # [flag=uns]
     tensorboard: bool = False  # TensorBoard events in the XP folder [misc.tensorboard]
+    wandb_project: tp.Optional[str] = None  # W&B project, None: off [misc.wandb(_project)]
 
 
 @dataclass
@@ -148,7 +149,7 @@ class Solver:
     All state lives in the XP folder given by Dora (`checkpoint.th`, `best.th`, `history.json`);
     creating a Solver on a folder with a checkpoint resumes training exactly where it stopped.
     `args` is the full config: it is only stored (in checkpoints, in `best.th` as
-    `training_args`) and read by `evaluate` and `tools.export`.
+    `training_args`, as the W&B run's config) and read by `evaluate` and `tools.export`.
     """
 
     def __init__(self, loaders: tp.Optional[dict], parts: TrainingParts,
@@ -173,7 +174,11 @@ class Solver:
         self.history = self.link.history
         self.best_state: tp.Optional[dict] = None
         self.best_changed = False
-        self.tracker = EpochTracker(self.folder, settings.tensorboard and distrib.rank == 0)
+        main_worker = distrib.rank == 0
+        self.tracker = EpochTracker(
+            self.folder, settings.tensorboard and main_worker,
+            wandb_project=settings.wandb_project if main_worker else None,
+            config=OmegaConf.to_container(args, resolve=True) if settings.wandb_project else None)
         self._reset()
 
     # ---------------------------------------------------------------- state

@@ -1,10 +1,15 @@
-"""Experiment tracking: each epoch's metrics as TensorBoard events in the XP folder.
+"""Experiment tracking: each epoch's metrics as TensorBoard events in the XP folder, and
+optionally in Weights & Biases.
 
 `tensorboard --logdir outputs/xps` then shows every XP side by side (one run per signature). The
 events hold every number of `history.json` (`train/loss`, `valid/nsdr_vocals`, `test/si_sdr`, ...),
 the learning rate (`optim/lr`) and the epoch's duration in seconds (`time/epoch`). Tracking is on
 by default (`misc.tensorboard`, outside the signature) and needs the `tensorboard` package
 (`pip install ".[train]"`); without it the run says so once and goes on.
+
+With `misc.wandb=true` (off by default; needs `pip install wandb`) the same numbers go to a W&B
+run named after the signature, in project `misc.wandb_project`, its files in the XP folder.
+`WANDB_MODE=offline` keeps everything local (`wandb sync` uploads it later).
 """
 import logging
 from pathlib import Path
@@ -15,12 +20,30 @@ logger = logging.getLogger(__name__)
 EVENTS_FOLDER = "tensorboard"
 
 
-class EpochTracker:
-    """Writes the metrics of each finished epoch to `folder / EVENTS_FOLDER`; a no-op when
-    disabled or when tensorboard is not installed."""
+def _wandb_run(folder: Path, project: str, config: tp.Any) -> tp.Any:
+    """A W&B run for the XP in `folder` (named after its signature, resumed if it exists), or
+    None when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        logger.warning("misc.wandb=true but wandb is not installed (pip install wandb): the "
+                       "metrics go to TensorBoard and history.json only.")
+        return None
+    return wandb.init(project=project, name=folder.name, id=folder.name, resume="allow",
+                      dir=str(folder), config=config)
 
-    def __init__(self, folder: Path, enabled: bool):
+
+class EpochTracker:
+    """Writes the metrics of each finished epoch to `folder / EVENTS_FOLDER` and, when
+    `wandb_project` is given, to Weights & Biases; a no-op when disabled or when the packages
+    are not installed."""
+
+    def __init__(self, folder: Path, enabled: bool, wandb_project: tp.Optional[str] = None,
+                 config: tp.Any = None):
         self._writer: tp.Any = None
+        self._wandb: tp.Any = None
+        if wandb_project:
+            self._wandb = _wandb_run(Path(folder), wandb_project, config)
         if not enabled:
             return
         try:
@@ -34,18 +57,22 @@ class EpochTracker:
     def log_epoch(self, epoch: int, metrics: tp.Dict[str, tp.Dict[str, tp.Any]], lr: float,
                   seconds: float) -> None:
         """Record epoch `epoch` (0-based; logged as step epoch + 1): `{stage: {name: value}}`."""
-        if self._writer is None:
-            return
+        scalars = {f"{stage}/{name}": value for stage, values in metrics.items()
+                   for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        scalars.update({"optim/lr": lr, "time/epoch": seconds})
         step = epoch + 1
-        for stage, values in metrics.items():
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"{stage}/{name}", value, step)
-        self._writer.add_scalar("optim/lr", lr, step)
-        self._writer.add_scalar("time/epoch", seconds, step)
-        self._writer.flush()
+        if self._writer is not None:
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, value, step)
+            self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

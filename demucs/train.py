@@ -301,7 +301,8 @@ def training_settings(args: DictConfig) -> "TrainingSettings":
         continue_from=args.continue_from, continue_best=bool(args.continue_best),
         continue_opt=bool(args.continue_opt), continue_pretrained=args.continue_pretrained,
         pretrained_repo=args.pretrained_repo, log_params_without_grad=args.flag == "uns",
-        tensorboard=bool(args.misc.get("tensorboard", False)))
+        tensorboard=bool(args.misc.get("tensorboard", False)),
+        wandb_project=args.misc.get("wandb_project") if args.misc.get("wandb") else None)
 
 
 def _check_shift_fits_segment(args: DictConfig) -> None:

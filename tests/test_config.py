@@ -98,6 +98,8 @@ ADDED_DEFAULTS: tp.Dict[str, tp.Any] = {
     "optim.amp": None,  # opt-in bf16 training forward (docs/performance)
     "misc.compile": False,  # opt-in torch.compile of the trained model (docs/performance)
     "misc.tensorboard": True,  # TensorBoard events of every XP (excluded from signatures)
+    "misc.wandb": False,  # opt-in Weights & Biases logging
+    "misc.wandb_project": "demucs",
     "dset.valid_tracks": None,  # validation songs of a MusDB-layout folder (None: MusDB's 14)
     "augment.codec.proba": 0,  # opt-in mp3 round trip of the stems
     "augment.codec.bitrates": [64, 96, 128, 192, 320],

@@ -50,9 +50,11 @@ def test_without_tensorboard_the_run_goes_on(tmp_path, monkeypatch, caplog):
     assert not (tmp_path / EVENTS_FOLDER).exists()
 
 
-def test_a_training_run_leaves_the_history_in_its_events(tiny_musdb, dora_dir):
+def test_a_training_run_leaves_the_history_in_its_events(tiny_musdb, dora_dir, monkeypatch):
     from demucs.train import get_solver, main
-    xp = main.get_xp(base_argv(tiny_musdb, epochs=2) + ["test.every=1"])
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    xp = main.get_xp(base_argv(tiny_musdb, epochs=2) + ["test.every=1", "misc.wandb=true"])
     Path(xp.folder).mkdir(parents=True, exist_ok=True)
     with xp.enter():
         get_solver(xp.cfg).train()
@@ -63,3 +65,48 @@ def test_a_training_run_leaves_the_history_in_its_events(tiny_musdb, dora_dir):
             if isinstance(value, (int, float)):
                 assert scalars[f"{stage}/{name}"][-1] == (2, pytest.approx(value, rel=1e-6))
     assert {"valid/nsdr_vocals", "test/si_sdr", "optim/lr", "time/epoch"} <= set(scalars)
+    logged = [call for call in fake.calls if call[0] == "log"]
+    assert [call[2] for call in logged] == [1, 2]
+    assert logged[-1][1]["valid/loss"] == pytest.approx(history[-1]["valid"]["loss"])
+    assert fake.calls[0][1]["name"] == xp.sig and fake.calls[-1] == ("finish",)
+
+
+class _FakeWandb:
+    """A stand-in for the `wandb` module that records what the tracker asks of it (the real
+    package is not a dependency; its API used here is init / log / finish)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self
+
+    def log(self, values, step):
+        self.calls.append(("log", dict(values), step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_wandb_gets_the_same_numbers(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    folder = tmp_path / "abcd1234"
+    tracker = EpochTracker(folder, enabled=False, wandb_project="demucs", config={"epochs": 2})
+    tracker.log_epoch(0, {"train": {"loss": 0.5}, "valid": {"nsdr": 3.0}}, lr=1e-3, seconds=2.)
+    tracker.close()
+    assert fake.calls[0] == ("init", {"project": "demucs", "name": "abcd1234", "id": "abcd1234",
+                                      "resume": "allow", "dir": str(folder),
+                                      "config": {"epochs": 2}})
+    assert fake.calls[1] == ("log", {"train/loss": 0.5, "valid/nsdr": 3.0, "optim/lr": 1e-3,
+                                     "time/epoch": 2.}, 1)
+    assert fake.calls[2] == ("finish",)
+
+
+def test_wandb_missing_is_said_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    tracker = EpochTracker(tmp_path, enabled=False, wandb_project="demucs")
+    tracker.log_epoch(0, {"train": {"loss": 0.5}}, lr=1., seconds=1.)
+    tracker.close()
+    assert caplog.text.count("wandb is not installed") == 1

@@ -327,6 +327,8 @@ TIMBRES = {
                   sustain=0.0, release=0.05),
     "square": dict(harmonics=(1.0, 0, 0.33, 0, 0.2, 0, 0.14, 0, 0.11), attack=0.005, decay=0.12,
                    sustain=0.3, release=0.04),
+    "piano": dict(harmonics=(1.0, 0.45, 0.3, 0.18, 0.12, 0.08, 0.05), attack=0.004, decay=0.6,
+                  sustain=0.15, release=0.2),
 }
 
 
@@ -455,8 +457,21 @@ def render_vocals(song: Song, rng: np.random.Generator) -> np.ndarray:
     return voice * env + 0.25 * consonant / (np.abs(consonant).max() + 1e-9)
 
 
+def render_guitar(song: Song, rng: np.random.Generator) -> np.ndarray:
+    """A plucked arpeggio (for sets with a `guitar` stem)."""
+    return render_part(song, chord_voices(song, rng, "arpeggio"), TIMBRES["pluck"],
+                       rng.uniform(0, 4))
+
+
+def render_piano(song: Song, rng: np.random.Generator) -> np.ndarray:
+    """Struck chords, held or off-beat (for sets with a `piano` stem)."""
+    pattern = str(rng.choice(["held", "stabs"]))
+    return render_part(song, chord_voices(song, rng, pattern), TIMBRES["piano"], 0.0)
+
+
 RENDERERS: tp.Dict[str, tp.Callable[[Song, np.random.Generator], np.ndarray]] = {
-    "drums": render_drums, "bass": render_bass, "other": render_other, "vocals": render_vocals}
+    "drums": render_drums, "bass": render_bass, "other": render_other, "vocals": render_vocals,
+    "guitar": render_guitar, "piano": render_piano}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,14 +511,16 @@ def silences(song: Song, rng: np.random.Generator) -> np.ndarray:
     return one_pole_lowpass(gain, 1 / 0.01, song.samplerate)
 
 
-STEREO = {"drums": (0.15, 0.25), "bass": (0.1, 0.05), "other": (0.6, 0.6), "vocals": (0.2, 0.3)}
+STEREO = {"drums": (0.15, 0.25), "bass": (0.1, 0.05), "other": (0.6, 0.6), "vocals": (0.2, 0.3),
+          "guitar": (0.7, 0.3), "piano": (0.3, 0.6)}
 
 
-def render_stems(song: Song, rng: np.random.Generator) -> tp.Dict[str, np.ndarray]:
-    """Float stereo stems `[2, length]`: equal loudness (RMS), then random gains, silences,
-    panning and width."""
+def render_stems(song: Song, rng: np.random.Generator,
+                 sources: tp.Sequence[str] = SOURCES) -> tp.Dict[str, np.ndarray]:
+    """Float stereo stems `[2, length]` of `sources`: equal loudness (RMS), then random gains,
+    silences, panning and width."""
     stems = {}
-    for name in SOURCES:
+    for name in sources:
         mono = RENDERERS[name](song, rng)
         loudness = np.sqrt(np.mean(mono ** 2)) + 1e-9
         mono = mono / loudness * 10 ** (rng.uniform(-8, 0) / 20)
@@ -559,16 +576,19 @@ def write_track(folder: Path, pcm: tp.Dict[str, np.ndarray], samplerate: int) ->
         soundfile.write(str(folder / f"{name}.wav"), wav.T, samplerate, subtype="PCM_16")
 
 
-def make_track(seed: int, number: int, seconds: float, samplerate: int) -> tp.Dict[str, np.ndarray]:
-    """The int16 `[2, length]` stems and mixture of track `number` (deterministic)."""
+def make_track(seed: int, number: int, seconds: float, samplerate: int,
+               sources: tp.Sequence[str] = SOURCES) -> tp.Dict[str, np.ndarray]:
+    """The int16 `[2, length]` stems of `sources` and mixture of track `number`
+    (deterministic)."""
     rng = np.random.default_rng([seed, 1, number])
     song = draw_song(rng, seconds, samplerate)
-    return quantize(render_stems(song, rng), peak=float(rng.uniform(0.5, 0.9)))
+    return quantize(render_stems(song, rng, sources), peak=float(rng.uniform(0.5, 0.9)))
 
 
 def generate(out: tp.Union[str, Path], tracks: int = 8, seconds: float = 10.0, seed: int = 42,
              samplerate: int = 44100, test_tracks: int = 2,
-             valid_tracks: tp.Optional[int] = None, overwrite: bool = False) -> Path:
+             valid_tracks: tp.Optional[int] = None, overwrite: bool = False,
+             sources: tp.Sequence[str] = SOURCES) -> Path:
     """Write a toy MusDB-HQ to `out` and return its path.
 
     Args:
@@ -579,6 +599,8 @@ def generate(out: tp.Union[str, Path], tracks: int = 8, seconds: float = 10.0, s
         samplerate: sample rate of the files.
         test_tracks: songs in `test/`.
         overwrite: replace an existing toy set at `out` (other folders are never deleted).
+        sources: the stems of every song, among `RENDERERS` (e.g. drums, bass, guitar, piano,
+            other, vocals for a six-stem set).
 
     The set is built in a temporary sibling folder and renamed into place, so `out` never holds
     a half-written set, even when the process is killed.
@@ -586,9 +608,16 @@ def generate(out: tp.Union[str, Path], tracks: int = 8, seconds: float = 10.0, s
     out = Path(out)
     if valid_tracks is None:
         valid_tracks = math.ceil(tracks / 4) if tracks > 1 else 0
+    unknown = [name for name in sources if name not in RENDERERS]
+    if unknown or not sources or len(set(sources)) != len(sources):
+        raise ValueError(f"sources {list(sources)}: give distinct stems among "
+                         f"{', '.join(RENDERERS)}")
     plan = track_plan(seed, tracks, valid_tracks, test_tracks)
-    settings = dict(seed=seed, tracks=tracks, valid_tracks=valid_tracks,
-                    test_tracks=test_tracks, seconds=seconds, samplerate=samplerate)
+    settings: tp.Dict[str, tp.Any] = dict(seed=seed, tracks=tracks, valid_tracks=valid_tracks,
+                                          test_tracks=test_tracks, seconds=seconds,
+                                          samplerate=samplerate)
+    if tuple(sources) != SOURCES:  # sets made before other stems existed have no such key
+        settings["sources"] = list(sources)
     if not overwrite and _generated_settings(out) == settings:
         logger.info("%s already holds the toy MusDB of these settings: nothing to do.", out)
         return out
@@ -598,8 +627,8 @@ def generate(out: tp.Union[str, Path], tracks: int = 8, seconds: float = 10.0, s
     begin = time.time()
     try:
         for number, (split, name) in enumerate(plan):
-            write_track(staging / split / name, make_track(seed, number, seconds, samplerate),
-                        samplerate)
+            write_track(staging / split / name,
+                        make_track(seed, number, seconds, samplerate, sources), samplerate)
         manifest = dict(settings, train=[n for s, n in plan if s == "train"],
                         test=[n for s, n in plan if s == "test"])
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -695,6 +724,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=10.0, help="track duration (default 10)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     parser.add_argument("--samplerate", type=int, default=44100)
+    parser.add_argument("--sources", default=",".join(SOURCES),
+                        help="comma-separated stems of every song, among "
+                             f"{','.join(RENDERERS)} (default: {','.join(SOURCES)})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a toy set previously generated at OUT")
     return parser
@@ -707,7 +739,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> int:
     try:
         generate(args.out, tracks=args.tracks, seconds=args.seconds, seed=args.seed,
                  samplerate=args.samplerate, test_tracks=args.test_tracks,
-                 valid_tracks=args.valid_tracks, overwrite=args.overwrite)
+                 valid_tracks=args.valid_tracks, overwrite=args.overwrite,
+                 sources=[name.strip() for name in args.sources.split(",") if name.strip()])
     except (ValueError, FileExistsError) as exc:
         logger.error("Error: %s", exc)
         return 1

@@ -33,6 +33,13 @@ SLURM = ("submits Slurm jobs: tests/test_slurm.py runs the toy grid on a local c
          "(make test-slurm)")
 LOCAL_SLURM = "needs root and the Debian Slurm packages: tests/test_slurm.py (make test-slurm)"
 
+# The training runs whose signature the docs call SIG and SIX.
+TOY_RUN = "dora run dset=toy model=htdemucs htdemucs.channels=8 epochs=2"
+SIX_STEMS_RUN = ("dora run dset=toy dset.musdb=data/toy6 "
+                 "dset.sources=[drums,bass,guitar,piano,other,vocals] weights=[1,1,1,1,1,1] "
+                 "model=htdemucs htdemucs.channels=8 epochs=1")
+PLACEHOLDERS = {TOY_RUN: "SIG", SIX_STEMS_RUN: "SIX"}
+
 COMMANDS: tp.Dict[str, str] = {
     # README.md
     "make demo": MAKE,
@@ -45,7 +52,7 @@ COMMANDS: tp.Dict[str, str] = {
     "dora run -d -f SIG": "needs GPUs (Dora: DDP is only available on GPU); `dora run -f SIG` "
                           "runs in the story",
     "dora run -f SIG": RUN,
-    "dora run dset=toy model=htdemucs htdemucs.channels=8 epochs=2": RUN,
+    TOY_RUN: RUN,
     "dora grid NAME": SLURM,
     "python3 -m tools.export SIG": RUN,
     "python3 -m tools.test_pretrained -n SIG --repo ./release_models dset.musdb=/path/to/musdbhq":
@@ -59,6 +66,12 @@ COMMANDS: tp.Dict[str, str] = {
     "dora run dset.musdb=/path/to/my_songs dset.valid_tracks=2": CONFIG,
     "dora run dset.musdb=/path/to/my_songs dset.valid_tracks=2 "
     "dset.sources=[drums,bass,guitar,piano,other,vocals] weights=[1,1,1,1,1,1]": CONFIG,
+    "python3 -m tools.toy_musdb data/toy6 --sources drums,bass,guitar,piano,other,vocals": RUN,
+    SIX_STEMS_RUN: RUN,
+    "python3 -m tools.export SIX": RUN,
+    "demucs --repo ./release_models -n SIX track.mp3": RUN,
+    "python3 -m tools.test_pretrained -n SIX --repo ./release_models dset.musdb=data/toy6 "
+    "test.sdr=false": RUN,
     "NUMBA_NUM_THREADS=1 python3 -m tools.automix --musdb /path/to/musdbhq "
     "--out /path/to/automix_musdb": PARSE,
     "dora run model=hdemucs hdemucs.channels=32 optim.lr=1e-4 batch_size=16": CONFIG,
@@ -120,6 +133,12 @@ STORY = [
     "python3 -m tools.export_onnx htdemucs -o onnx/htdemucs_int8 --quantize int8",
     "dora grid mmi --dry_run --init",
     "dora info -f 955717e8",
+    "python3 -m tools.toy_musdb data/toy6 --sources drums,bass,guitar,piano,other,vocals",
+    SIX_STEMS_RUN,
+    "python3 -m tools.export SIX",
+    "demucs --repo ./release_models -n SIX track.mp3",
+    "python3 -m tools.test_pretrained -n SIX --repo ./release_models dset.musdb=data/toy6 "
+    "test.sdr=false",
 ]
 STORY_TIMEOUT = 900  # seconds, for one command
 
@@ -234,17 +253,16 @@ def _story_environment(home: Path, repo: Path) -> tp.Dict[str, str]:
     return env
 
 
-def _substitute(command: str, sig: tp.Optional[str], repo: Path) -> str:
+def _substitute(command: str, sigs: tp.Dict[str, str], repo: Path) -> str:
     command = command.replace("/path/to/musdbhq", str(repo / "data" / "toy_musdb"))
-    if sig is not None:
-        command = re.sub(r"\bSIG\b", sig, command)
+    for placeholder, sig in sigs.items():
+        command = re.sub(rf"\b{placeholder}\b", sig, command)
     return command
 
 
-def _toy_sig(repo: Path) -> str:
-    folders = sorted((repo / "outputs" / "xps").iterdir())
-    assert len(folders) == 1, folders
-    return folders[0].name
+def _xps(repo: Path) -> tp.Set[str]:
+    folder = repo / "outputs" / "xps"
+    return {path.name for path in folder.iterdir()} if folder.is_dir() else set()
 
 
 @pytest.mark.slow
@@ -258,22 +276,28 @@ def test_the_documented_story_runs_as_written(tmp_path: Path):
     write_track(tmp_path / "track.wav")
     encode_mp3(read_audio(tmp_path / "track.wav", 44100, 2), repo / "track.mp3", 44100)
     env = _story_environment(home, repo)
-    sig = None
+    sigs: tp.Dict[str, str] = {}
     for command in STORY:
-        concrete = _substitute(command, sig, repo)
+        concrete = _substitute(command, sigs, repo)
+        before = _xps(repo)
         proc = subprocess.run(concrete, shell=True, cwd=repo, env=env, capture_output=True,
                               text=True, timeout=STORY_TIMEOUT)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{concrete}\n{output[-3000:]}"
         assert "Traceback" not in output, f"{concrete}\n{output[-3000:]}"
         assert "Warning" not in output, f"{concrete}\n{output[-3000:]}"
-        if command.startswith("dora run dset=toy"):
-            sig = _toy_sig(repo)
+        if command in PLACEHOLDERS:
+            (sigs[PLACEHOLDERS[command]],) = _xps(repo) - before
+    sig = sigs["SIG"]
     assert sorted(path.name for path in (repo / "separated" / sig / "track").iterdir()) == \
         ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
     assert (repo / "separated" / "htdemucs" / "track" / "no_vocals.mp3").is_file()
     # `tools.export --sign` replaced the unsigned export of the same XP
-    assert [path.name[:9] for path in (repo / "release_models").iterdir()] == [f"{sig}-"]
+    exports = sorted(path.name for path in (repo / "release_models").iterdir())
+    assert [name[:9] for name in exports if name.startswith(sig)] == [f"{sig}-"]
     assert (repo / "onnx" / sig).is_dir() and (repo / "onnx" / "htdemucs_int8").is_dir()
     assert (repo / "outputs" / "plots" / f"{sig}.png").stat().st_size > 10_000
     assert list((repo / "outputs" / "xps" / sig / "tensorboard").iterdir())
+    six = sorted(path.name for path in (repo / "separated" / sigs["SIX"] / "track").iterdir())
+    assert six == sorted(f"{stem}.wav" for stem in
+                         ["drums", "bass", "guitar", "piano", "other", "vocals"])

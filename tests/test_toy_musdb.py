@@ -1,5 +1,6 @@
 """Toy MusDB generator: layout, formats, mixture consistency, content, determinism, CLI."""
 import inspect
+import json
 from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
@@ -175,3 +176,22 @@ def test_toy_dset_config_matches_the_generator():
     assert (conf.dset.samplerate, conf.dset.channels) == (SR, 2)
     assert conf.dset.segment < conf.dset.toy.seconds
     inspect.signature(generate).bind("out", **conf.dset.toy)
+
+
+def test_six_stem_set(tmp_path):
+    six = ["drums", "bass", "guitar", "piano", "other", "vocals"]
+    out = generate(tmp_path / "six", tracks=2, test_tracks=1, seconds=3, sources=six)
+    heard = set()
+    for song in (out / "train").iterdir():
+        stems = {name: soundfile.read(str(song / f"{name}.wav"), dtype="int16")[0]
+                 for name in six + ["mixture"]}
+        heard |= {name for name in six if np.abs(stems[name]).max() > 0}
+        total = sum(stems[name].astype(np.int32) for name in six)
+        assert np.array_equal(total, stems["mixture"])  # the mixture is the exact sum
+    assert heard == set(six)  # every new voice sounds somewhere
+    # the default set is unchanged by the new voices, and its manifest has no sources key
+    four = generate(tmp_path / "four", tracks=2, test_tracks=1, seconds=0.5)
+    assert "sources" not in json.loads((four / "toy_musdb.json").read_text())
+    assert generate(tmp_path / "six", tracks=2, test_tracks=1, seconds=3, sources=six) == out
+    with pytest.raises(ValueError, match="distinct stems among drums, bass"):
+        generate(tmp_path / "bad", sources=["drums", "flute"])

@@ -1,9 +1,11 @@
 """Augmentations of training batches of stems `[batch, sources, channels, time]`, on any device.
 
 Each module is active only in training mode (except `Shift`, which also trims in eval mode so that
-lengths match) and draws its randomness from torch's global generator.
+lengths match) and draws its randomness from torch's global generator, except whether `Scale` and
+`Remix` apply to a batch: that is drawn from Python's `random`, as the official trainer does.
 """
 import math
+import random
 import typing as tp
 
 import torch
@@ -11,8 +13,15 @@ from torch import nn
 
 
 def _chance(proba: float) -> bool:
-    """True with probability `proba`."""
+    """True with probability `proba` (from torch's generator; no draw when `proba` is 0)."""
     return proba > 0 and torch.rand(()).item() < proba
+
+
+def _official_chance(proba: float) -> bool:
+    """True with probability `proba`, drawn from Python's `random`, even when `proba` is 0: the
+    official trainer decides so for Scale and Remix, and a seeded run only matches it (batch for
+    batch) when every generator is drawn from in the same order."""
+    return random.random() < proba
 
 
 class Shift(nn.Module):
@@ -83,7 +92,7 @@ class Remix(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         batch, sources, channels, time = wav.shape
-        if not self.training or not _chance(self.proba):
+        if not self.training or not _official_chance(self.proba):
             return wav
         group_size = self.group_size or batch
         if batch % group_size != 0:
@@ -114,7 +123,7 @@ class Scale(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         batch, sources = wav.shape[:2]
-        if not self.training or not _chance(self.proba):
+        if not self.training or not _official_chance(self.proba):
             return wav
         scales = torch.empty(batch, sources, 1, 1, device=wav.device, dtype=wav.dtype)
         scales.uniform_(self.min, self.max)

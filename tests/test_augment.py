@@ -200,3 +200,21 @@ def test_example_augmentations_from_the_config():
     assert len(dataset) == 1 and dataset[0].shape == _tones(0.2).shape
     del args.augment["codec"], args.augment["eq"]  # configs made before these keys
     assert augment.example_augmentations(args) == []
+
+
+@pytest.mark.parametrize("module", [augment.Scale(proba=0.), augment.Remix(proba=0., group_size=2),
+                                    augment.Scale(proba=1.), augment.Remix(proba=1., group_size=2)])
+def test_scale_and_remix_decide_with_python_random_as_the_official_trainer(module):
+    """The random-draw contract (issue 16): one `random.random()` per batch, even at proba 0,
+    and torch's generator only for the gains or the permutation themselves."""
+    import random
+    wav = torch.randn(4, 4, 2, 16)
+    module.train()
+    random.seed(7)
+    expected_next = (random.random(), random.random())[1]
+    random.seed(7)
+    torch.manual_seed(0)
+    torch_state = torch.get_rng_state()
+    module(wav)
+    assert random.random() == expected_next  # exactly one Python draw was used
+    assert torch.equal(torch.get_rng_state(), torch_state) == (module.proba == 0)

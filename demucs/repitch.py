@@ -33,21 +33,33 @@ def check_soundstretch() -> None:
             "or disable the augmentation with `augment.repitch.proba=0`.")
 
 
+# The official trainer hands soundstretch the example clamped to [-0.99, 0.99] in 16-bit PCM.
+OFFICIAL_CLAMP = 0.99
+
+
 def repitch(wav: torch.Tensor, pitch: float, tempo: float, voice: bool = False,
-            quick: bool = False, samplerate: int = 44100) -> torch.Tensor:
+            quick: bool = False, samplerate: int = 44100, keep_level: bool = False
+            ) -> torch.Tensor:
     """Shift `wav` (`[channels, time]`) by `pitch` semitones and speed it up by `tempo` percent.
 
     The output length is about `time / (1 + tempo / 100)`. `voice` tunes the algorithm for speech,
     `quick` trades quality for speed.
+
+    By default the audio goes to soundstretch as the official trainer sends it: clamped to
+    [-0.99, 0.99] and in 16-bit PCM, so that seeded training matches it; normalised training
+    examples often exceed 1, and are then clipped. `keep_level` scales the audio under full range
+    in 24-bit PCM instead and restores its level afterwards: no clipping.
     """
-    peak = wav.detach().abs().max().item()
-    gain = 1 / (1.01 * peak) if peak > 0 else 1.
+    if keep_level:
+        peak = wav.detach().abs().max().item()
+        gain = 1 / (1.01 * peak) if peak > 0 else 1.
+        audio, subtype = gain * wav.detach().cpu(), "PCM_24"  # soundstretch misreads float wavs
+    else:
+        gain = 1.
+        audio, subtype = wav.detach().cpu().clamp(-OFFICIAL_CLAMP, OFFICIAL_CLAMP), "PCM_16"
     with tempfile.TemporaryDirectory(prefix="repitch_") as folder:
         infile, outfile = Path(folder) / "in.wav", Path(folder) / "out.wav"
-        # soundstretch misreads float wavs, so use 24-bit PCM, scaled to avoid clipping
-        # (normalized training examples often exceed 1).
-        soundfile.write(str(infile), (gain * wav.detach().cpu()).t().numpy(), samplerate,
-                        subtype="PCM_24")
+        soundfile.write(str(infile), audio.t().numpy(), samplerate, subtype=subtype)
         command = [SOUNDSTRETCH, str(infile), str(outfile),
                    f"-pitch={pitch}", f"-tempo={tempo:.6f}"]
         if voice:
@@ -80,10 +92,12 @@ class RepitchedWrapper:
         tempo_std: standard deviation of the (Gaussian, clipped) tempo change, in percent.
         vocals: indexes of the sources processed in `soundstretch`'s speech mode.
         same: use one draw for all the stems (keeps them aligned); otherwise one per stem.
+        keep_level: see `repitch` (default: clamped as the official trainer does).
     """
 
     def __init__(self, dataset, proba: float = 0.2, max_pitch: int = 2, max_tempo: float = 12,
-                 tempo_std: float = 5, vocals: tp.Sequence[int] = (3,), same: bool = True):
+                 tempo_std: float = 5, vocals: tp.Sequence[int] = (3,), same: bool = True,
+                 keep_level: bool = False):
         if proba > 0:
             check_soundstretch()
         self.dataset = dataset
@@ -93,6 +107,7 @@ class RepitchedWrapper:
         self.tempo_std = tempo_std
         self.vocals = list(vocals)
         self.same = same
+        self.keep_level = keep_level
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -112,6 +127,7 @@ class RepitchedWrapper:
             if idx == 0 or not self.same:
                 pitch, tempo = self._draw()
             out = repitch(stream, pitch, tempo, voice=idx in self.vocals,
-                          samplerate=getattr(self.dataset, "samplerate", 44100))
+                          samplerate=getattr(self.dataset, "samplerate", 44100),
+                          keep_level=self.keep_level)
             outs.append(out[:, :out_length])
         return torch.stack(outs)

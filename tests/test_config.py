@@ -101,6 +101,7 @@ ADDED_DEFAULTS: tp.Dict[str, tp.Any] = {
     "misc.wandb": False,  # opt-in Weights & Biases logging
     "misc.wandb_project": "demucs",
     "dset.valid_tracks": None,  # validation songs of a MusDB-layout folder (None: MusDB's 14)
+    "augment.repitch.keep_level": False,  # opt-in: repitch without clipping loud examples
     "augment.codec.proba": 0,  # opt-in mp3 round trip of the stems
     "augment.codec.bitrates": [64, 96, 128, 192, 320],
     "augment.eq.proba": 0,  # opt-in random 3-band equalisation of the stems

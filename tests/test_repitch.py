@@ -79,9 +79,20 @@ def test_missing_soundstretch_fails_early(monkeypatch):
 
 
 @needs_soundstretch
-def test_repitch_keeps_loud_signals_intact():
-    """Normalized examples exceed 1: no clipping, no garbage (soundstretch misreads float wavs)."""
+def test_repitch_keep_level_keeps_loud_signals_intact():
+    """Normalized examples exceed 1: with keep_level, no clipping, no garbage (soundstretch
+    misreads float wavs)."""
     wav = 5 * torch.randn(2, SR, generator=torch.Generator().manual_seed(0))
-    out = rp.repitch(wav, 0, 0, samplerate=SR)
+    out = rp.repitch(wav, 0, 0, samplerate=SR, keep_level=True)
     assert out.shape == wav.shape
     assert ((out - wav).norm() / wav.norm()).item() < 0.01
+
+
+def test_repitch_clamps_like_the_official_trainer_by_default():
+    """The default hands soundstretch what the official trainer does (clamped to 0.99, 16-bit):
+    a quiet signal comes back as it went (to 16-bit precision), a loud one clipped."""
+    quiet = 0.3 * torch.randn(2, SR, generator=torch.Generator().manual_seed(0))
+    quiet = quiet.clamp(-0.9, 0.9)
+    assert (rp.repitch(quiet, 0, 0, samplerate=SR) - quiet).abs().max() < 2e-3
+    loud = rp.repitch(5 * quiet, 0, 0, samplerate=SR)
+    assert loud.abs().max() <= rp.OFFICIAL_CLAMP + 1e-3

@@ -53,13 +53,16 @@ def repitch(wav: torch.Tensor, pitch: float, tempo: float, voice: bool = False,
     if keep_level:
         peak = wav.detach().abs().max().item()
         gain = 1 / (1.01 * peak) if peak > 0 else 1.
-        audio, subtype = gain * wav.detach().cpu(), "PCM_24"  # soundstretch misreads float wavs
+        # soundstretch misreads float wavs: 24-bit PCM
+        audio, subtype = (gain * wav.detach().cpu()).t().numpy(), "PCM_24"
     else:
         gain = 1.
-        audio, subtype = wav.detach().cpu().clamp(-OFFICIAL_CLAMP, OFFICIAL_CLAMP), "PCM_16"
+        clamped = wav.detach().cpu().clamp(-OFFICIAL_CLAMP, OFFICIAL_CLAMP)
+        # the official encoder's integers: scaled by 2**15 - 1 and truncated
+        audio, subtype = (clamped * (2 ** 15 - 1)).t().numpy().astype("<i2"), "PCM_16"
     with tempfile.TemporaryDirectory(prefix="repitch_") as folder:
         infile, outfile = Path(folder) / "in.wav", Path(folder) / "out.wav"
-        soundfile.write(str(infile), audio.t().numpy(), samplerate, subtype=subtype)
+        soundfile.write(str(infile), audio, samplerate, subtype=subtype)
         command = [SOUNDSTRETCH, str(infile), str(outfile),
                    f"-pitch={pitch}", f"-tempo={tempo:.6f}"]
         if voice:

@@ -9,11 +9,9 @@ track's duration: the decoded track is kept in a temporary file (`demucs.audio.D
 and separated block by block. `python -m demucs.api` is the `demucs` command.
 """
 from concurrent.futures import ThreadPoolExecutor
-import errno
 import logging
 from pathlib import Path
 import runpy
-import tempfile
 import typing as tp
 
 import torch
@@ -23,7 +21,7 @@ from .allocator import tune_malloc
 from .apply import BagOfModels, apply_model, apply_model_streaming
 from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
     convert_audio_channels, save_audio
-from .files import describe_write_error
+from .files import describe_spool_error
 from .htdemucs import HTDemucs
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
@@ -81,16 +79,6 @@ def check_device(device: tp.Any) -> torch.device:
     elif parsed.type != "cpu":
         raise ValueError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps.")
     return parsed
-
-
-def _describe_spool_error(error: OSError) -> str:
-    """A failed read of a track or write of its temporary decoded copy, with the path and cause,
-    and where to find space when the temporary folder is full."""
-    where = error.filename or tempfile.gettempdir()
-    message = describe_write_error(error, where)
-    if error.errno == errno.ENOSPC:
-        message += "; set TMPDIR to a folder with more free space"
-    return message
 
 
 def max_allowed_segment(model) -> float:
@@ -232,7 +220,7 @@ class Separator:
         except AudioReadError as error:
             raise LoadAudioError(str(error)) from error
         except OSError as error:
-            raise LoadAudioError(f"could not decode {track}: {_describe_spool_error(error)}") \
+            raise LoadAudioError(f"could not decode {track}: {describe_spool_error(error)}") \
                 from error
 
     def _apply_kwargs(self) -> dict:

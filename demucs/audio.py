@@ -669,6 +669,10 @@ def as_dtype_pcm(wav: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # MPEG-1 Layer III constants, for the gapless "Info"/LAME tag written by `encode_mp3`.
 _MP3_BITRATES_KBPS = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 _MP3_SAMPLERATE_INDEX = {44100: 0, 48000: 1, 32000: 2}
+# What an MPEG-1 Layer III stream can hold: sample rates (Hz) and constant bitrates (kbps); lame
+# silently picks another bitrate for any other value.
+MP3_SAMPLERATES = tuple(sorted(_MP3_SAMPLERATE_INDEX))
+MP3_BITRATES = _MP3_BITRATES_KBPS[1:]
 _MP3_FRAME_SAMPLES = 1152
 _LAME_ENCODER_DELAY = 576
 _XING_FLAGS = 0x0F  # frame count, byte count, table of contents and quality fields present.
@@ -810,7 +814,7 @@ def mp3_round_trip(wav: torch.Tensor, samplerate: int, bitrate: int, preset: int
     The level is scaled to full range for the 16-bit encoder and back. Needs a sample rate of
     MPEG-1 Layer III (32, 44.1 or 48 kHz), whose gapless tag makes the decoded length exact.
     """
-    if samplerate not in _MP3_SAMPLERATE_INDEX:
+    if samplerate not in MP3_SAMPLERATES:
         raise ValueError(f"mp3 round trips need a sample rate of 32000, 44100 or 48000 Hz, got "
                          f"{samplerate}")
     peak = float(wav.abs().max())

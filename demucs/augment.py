@@ -8,8 +8,11 @@ import math
 import random
 import typing as tp
 
+import numpy as np
 import torch
 from torch import nn
+
+from .audio import MP3_SAMPLERATES, mp3_round_trip
 
 
 def _chance(proba: float) -> bool:
@@ -169,12 +172,11 @@ class LossyCodec:
     """
 
     def __init__(self, samplerate: int, proba: float = 0., bitrates: tp.Sequence[int] = (128,)):
-        from .audio import mp3_round_trip  # noqa: F401  (fails early without lameenc)
         low = [rate for rate in bitrates if rate < MIN_CODEC_BITRATE]
         if not bitrates or low:
             raise ValueError(f"augment.codec.bitrates={list(bitrates)}: give bitrates of at "
                              f"least {MIN_CODEC_BITRATE} kbps")
-        if samplerate not in (32000, 44100, 48000):
+        if samplerate not in MP3_SAMPLERATES:
             raise ValueError(f"augment.codec needs dset.samplerate of 32000, 44100 or 48000 Hz "
                              f"(mp3), got {samplerate}")
         self.samplerate = samplerate
@@ -182,7 +184,6 @@ class LossyCodec:
         self.bitrates = list(bitrates)
 
     def __call__(self, example: torch.Tensor) -> torch.Tensor:
-        from .audio import mp3_round_trip
         out = example
         for index in range(example.shape[0]):
             if _chance(self.proba):
@@ -215,20 +216,15 @@ class RandomEQ:
         self.proba = proba
         self.max_db = max_db
         low, high = math.log2(cutoffs[0]), math.log2(cutoffs[1])
-        self._knees = torch.tensor([low - 0.5, low + 0.5, high - 0.5, high + 0.5])
+        self._knees = [low - 0.5, low + 0.5, high - 0.5, high + 0.5]
 
     def _gain_curve(self, length: int, decibels: torch.Tensor) -> torch.Tensor:
-        """Linear gains at the rfft frequencies of `length` samples for band gains `decibels`."""
-        freqs = torch.fft.rfftfreq(length, 1 / self.samplerate).clamp(min=1.).log2()
-        levels = torch.stack([decibels[0], decibels[1], decibels[1], decibels[2]])
-        curve = torch.full_like(freqs, float(decibels[0]))
-        for index in range(3):  # linear in log-frequency between consecutive knees
-            left, right = self._knees[index], self._knees[index + 1]
-            inside = (freqs >= left) & (freqs < right)
-            weight = (freqs[inside] - left) / (right - left)
-            curve[inside] = levels[index] + weight * (levels[index + 1] - levels[index])
-        curve[freqs >= self._knees[-1]] = float(decibels[2])
-        return 10 ** (curve / 20)
+        """Linear gains at the rfft frequencies of `length` samples for band gains `decibels`:
+        piecewise linear in log-frequency between the knees, flat beyond them."""
+        freqs = np.log2(np.maximum(np.fft.rfftfreq(length, 1 / self.samplerate), 1.))
+        low, mid, high = decibels.tolist()
+        curve = np.interp(freqs, self._knees, [low, mid, mid, high])
+        return torch.from_numpy(10 ** (curve / 20)).float()
 
     def __call__(self, example: torch.Tensor) -> torch.Tensor:
         out = example

@@ -22,7 +22,7 @@ import warnings
 
 from dora.hydra import HydraMain
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # Exit status of a call refused for its config (as argparse for a usage error).
@@ -64,15 +64,6 @@ def quiet_hydra() -> tp.Iterator[None]:
         yield
 
 
-def _lookup(cfg: DictConfig, key: str) -> tp.Tuple[bool, tp.Any]:
-    node: tp.Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def _is_number(value: tp.Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -103,20 +94,20 @@ def _type_problems(cfg: tp.Any, base: tp.Any, path: str) -> tp.List[str]:
 def _range_problems(cfg: DictConfig) -> tp.List[str]:
     problems = []
     for key, minimum in INTEGER_KEYS:
-        found, value = _lookup(cfg, key)
-        if not found or value is None or not _is_number(value):
+        value = OmegaConf.select(cfg, key)
+        if not _is_number(value):  # absent, null, or a type problem reported apart
             continue
         if isinstance(value, float) and not value.is_integer():
             problems.append(f"{key}={value} must be a whole number")
         elif value < minimum:
             problems.append(f"{key}={value} must be at least {minimum}")
     for key in PROBABILITY_KEYS:
-        found, value = _lookup(cfg, key)
-        if found and _is_number(value) and not 0 <= value <= 1:
+        value = OmegaConf.select(cfg, key)
+        if _is_number(value) and not 0 <= value <= 1:
             problems.append(f"{key}={value} must be a probability, from 0 to 1")
     for key, bound, strict in NUMBER_KEYS:
-        found, value = _lookup(cfg, key)
-        if not found or value is None or not _is_number(value):
+        value = OmegaConf.select(cfg, key)
+        if not _is_number(value):
             continue
         if not math.isfinite(value) or (value <= bound if strict else value < bound):
             relation = "greater than" if strict else "at least"
@@ -156,19 +147,18 @@ class CheckedHydraMain(HydraMain):
     (`check_config`) and Hydra's warnings about its future defaults silenced."""
 
     model_names: tp.Sequence[str] = ()
+    _last_base: tp.Optional[DictConfig] = None  # the base config the last `get_xp` composed
 
     def get_xp(self, argv: tp.Sequence[str]):
         try:
-            with quiet_hydra():
-                xp = super().get_xp(argv)
+            xp = super().get_xp(argv)
         except (HydraException, OmegaConfBaseException) as error:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             _refuse(_composition_message(error))
-        with quiet_hydra():
-            base, _ = self._get_base_config(list(argv))
+        assert self._last_base is not None
         try:
-            check_config(xp.cfg, base, self.model_names)
+            check_config(xp.cfg, self._last_base, self.model_names)
         except ConfigError as error:
             _refuse(str(error))
         return xp
@@ -183,7 +173,9 @@ class CheckedHydraMain(HydraMain):
 
     def _get_base_config(self, overrides: tp.List[str] = []):
         with quiet_hydra():
-            return super()._get_base_config(overrides)
+            base, delta = super()._get_base_config(overrides)
+        self._last_base = base
+        return base, delta
 
     def _main(self):
         with quiet_hydra():

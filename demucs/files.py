@@ -136,6 +136,15 @@ def describe_write_error(error: BaseException, path: PathLike) -> str:
     return f"{path}: {error}"
 
 
+def describe_spool_error(error: OSError) -> str:
+    """`describe_write_error` for a temporary file (a decoded track or a stem being gathered),
+    saying where to find space when the temporary folder is full."""
+    message = describe_write_error(error, error.filename or tempfile.gettempdir())
+    if error.errno == errno.ENOSPC:
+        message += "; set TMPDIR to a folder with more free space"
+    return message
+
+
 def unwritable_reason(folder: PathLike) -> tp.Optional[str]:
     """Why files cannot be created in `folder` (which may not exist yet), or None when they
     can. Nothing is left behind: the check creates and removes a temporary folder in the closest
@@ -155,11 +164,9 @@ def created_folders(folder: PathLike) -> tp.Iterator[Path]:
     """Create `folder` and its missing parents; if the block raises, remove again those of them
     that this call created and that are still empty (a failed write leaves no empty folders)."""
     folder = Path(folder)
-    missing = []
-    current = folder.absolute()
-    while not current.exists() and current != current.parent:
-        missing.append(current)
-        current = current.parent
+    target = folder.absolute()
+    depth = len(nearest_existing(target).parts)
+    missing = [path for path in [target, *target.parents] if len(path.parts) > depth]
     folder.mkdir(parents=True, exist_ok=True)
     try:
         yield folder

@@ -11,7 +11,6 @@ from contextlib import ExitStack
 import logging
 from pathlib import Path
 import sys
-import tempfile
 import typing as tp
 
 import torch
@@ -19,9 +18,9 @@ import torch
 from .allocator import tune_malloc
 from .api import LoadAudioError, LoadModelError, Separator, _default_device, check_device, \
     list_models, max_allowed_segment
-from .audio import AudioFormat, AudioWriter
-from .files import atomic_write, created_folders, describe_write_error, remove_stale_partials, \
-    unwritable_reason
+from .audio import MP3_BITRATES, AudioFormat, AudioWriter
+from .files import atomic_write, created_folders, describe_spool_error, describe_write_error, \
+    remove_stale_partials, unwritable_reason
 from .pretrained import DEFAULT_MODEL, add_model_flags
 from .utils import exit_on_interrupt
 # Names Demucs 4.1's separate module makes importable from it.
@@ -42,9 +41,6 @@ class UsageError(ValueError):
     """The call cannot do what it asks (bad option value, clashing outputs): nothing is done."""
 
 
-# Bitrates (kbps) an MPEG-1 Layer III stream at 32-48 kHz can have; LAME would silently pick
-# another one for any other value.
-MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 FILENAME_FIELDS = dict(track="track", trackext="wav", stem="stem", ext="wav")
 
 
@@ -181,21 +177,23 @@ def plan_outputs(tracks: tp.Sequence[Path], out: Path, pattern: str, stems: tp.S
     input track. The same track given twice is separated once."""
     plan: tp.Dict[Path, tp.Dict[str, Path]] = {}
     owners: tp.Dict[Path, str] = {}
-    inputs = {track.resolve(): track for track in tracks}
+    inputs: tp.Dict[Path, Path] = {}
     for track in tracks:
-        if track.resolve() in {known.resolve() for known in plan}:
+        if track.resolve() in inputs:
             logger.warning("%s is given more than once: it is separated once.", track)
-            continue
+        else:
+            inputs[track.resolve()] = track
+    for track in inputs.values():
         plan[track] = {}
         for stem in stems:
             path = _output_path(out, pattern, track, stem, ext)
-            owner = f"stem {stem} of {track}"
-            if path.resolve() in owners:
-                raise UsageError(_clash_message(path, owners[path.resolve()], owner, pattern))
-            if path.resolve() in inputs:
+            resolved, owner = path.resolve(), f"stem {stem} of {track}"
+            if resolved in owners:
+                raise UsageError(_clash_message(path, owners[resolved], owner, pattern))
+            if resolved in inputs:
                 raise UsageError(f"{owner} would be written to {path}, replacing the input track "
-                                 f"{inputs[path.resolve()]}; choose another --out or --filename.")
-            owners[path.resolve()] = owner
+                                 f"{inputs[resolved]}; choose another --out or --filename.")
+            owners[resolved] = owner
             plan[track][stem] = path
     return plan
 
@@ -257,10 +255,8 @@ def separate_track(separator: Separator, track: Path, paths: tp.Dict[str, Path],
                 for name, block in stems.items():
                     writers[name].append(block)
         except OSError as error:  # the spools of the decoded track and of the stems
-            raise SeparationError(
-                "could not write temporary audio: "
-                + describe_write_error(error, Path(tempfile.gettempdir()))
-                + "; set TMPDIR to a folder with more free space.") from error
+            raise SeparationError("could not write temporary audio: "
+                                  + describe_spool_error(error)) from error
         _encode_all_or_none(writers, paths, fmt)
     return list(paths.values())
 

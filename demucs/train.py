@@ -5,9 +5,9 @@ This is the only module that reads the training config to build things: the Solv
 objects (`TrainingParts`) and the scalar settings (`TrainingSettings`) it needs.
 
 The Hydra configuration lives in `conf/config.yaml`; every experiment (XP) is identified by the
-signature Dora computes from its config delta. The model, dataset and solver modules are imported
-inside the functions that need them, so that `import demucs.train` (done by every grid file just to
-compute signatures) stays fast.
+signature Dora computes from its config delta. The solver (and through it the evaluation, musdb and
+museval) is imported inside the functions that need it, so that `import demucs.train` (done by
+every grid file just to compute signatures) stays fast.
 """
 import logging
 import os
@@ -34,7 +34,7 @@ from .demucs import Demucs
 from .ema import ModelEMA
 from .hdemucs import HDemucs
 from .htdemucs import HTDemucs
-from .repitch import RepitchedWrapper
+from .repitch import RepitchedWrapper, RepitchError, SoundstretchMissingError
 from .states import capture_init, get_quantizer
 from .utils import check_amp, random_subset
 from .wav import DatasetError, MIXTURE, check_tracks, get_musdb_wav_datasets, get_wav_datasets
@@ -453,7 +453,6 @@ _BOOKKEEPING_FILES = frozenset({"train.lock", "train.log", ".argv.json", ".hydra
 def _reported_errors() -> tp.Tuple[tp.Type[BaseException], ...]:
     """Errors whose message says what went wrong and what to do: `main` shows them as one line
     (set HYDRA_FULL_ERROR=1 for the traceback)."""
-    from .repitch import RepitchError, SoundstretchMissingError
     from .solver import NonFiniteLossError
     return (DatasetError, CheckpointError, OSError, NonFiniteLossError, RepitchError,
             SoundstretchMissingError, ValueError)

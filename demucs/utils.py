@@ -114,7 +114,7 @@ def exit_on_interrupt(command: str, what_is_kept: str, immediate: bool) -> tp.It
         yield
     except (KeyboardInterrupt, Terminated) as interrupt:
         status = INTERRUPT_STATUS[type(interrupt)]
-        name = "interrupted" if status == INTERRUPT_STATUS[KeyboardInterrupt] else "terminated"
+        name = "interrupted" if isinstance(interrupt, KeyboardInterrupt) else "terminated"
         print(f"\n{command}: {name}; {what_is_kept}.", file=sys.stderr)
         if immediate:
             sys.stdout.flush()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from demucs.evaluate import MUSDB_STEMS, musdb_setup
-from tests.training_helpers import RATE, base_argv, write_tiny_musdb
+from tests.training_helpers import RATE, base_argv, registered_xp, write_tiny_musdb
 
 STEM_SETS = {
     "2 stems": ["vocals", "accompaniment"],
@@ -25,16 +25,13 @@ def test_musdb_setup_of_other_stems():
 @pytest.mark.parametrize("name", list(STEM_SETS))
 def test_any_stems_train_test_export_and_separate(name, tmp_path, dora_dir):
     from demucs.separate import main as separate
-    from demucs.train import get_solver, main
+    from demucs.train import get_solver
     from tools.export import export
     from tools.test_pretrained import run
     sources = STEM_SETS[name]
     musdb = write_tiny_musdb(tmp_path / "songs", sources)
     stems = [f"dset.sources=[{','.join(sources)}]", f"weights=[{','.join(['1'] * len(sources))}]"]
-    argv = base_argv(musdb, epochs=1) + stems
-    xp = main.get_xp(argv)
-    Path(xp.folder).mkdir(parents=True)
-    (Path(xp.folder) / ".argv.json").write_text(json.dumps(argv))  # as `dora run` leaves it
+    xp = registered_xp(base_argv(musdb, epochs=1) + stems)
     with xp.enter():
         get_solver(xp.cfg).train()
     test = json.loads((Path(xp.folder) / "history.json").read_text())[-1]["test"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.training_helpers import registered_xp
 from tools import plot_xp
 
 pytest.importorskip("matplotlib")
@@ -13,11 +14,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _fake_xp(argv, epochs: int) -> str:
     """An XP folder as `dora run` leaves it after `epochs` epochs, with made-up metrics."""
-    from demucs.train import main
-    xp = main.get_xp(argv)
+    xp = registered_xp(argv)
     folder = Path(xp.folder)
-    folder.mkdir(parents=True)
-    (folder / ".argv.json").write_text(json.dumps(list(argv)))
     history = [{"train": {"loss": 1 / (epoch + 1)},
                 "valid": {"loss": 1.2 / (epoch + 1), "nsdr": float(epoch)}}
                for epoch in range(epochs)]

@@ -87,6 +87,17 @@ def dora_run(dora_dir: Path, argv: tp.List[str], *flags: str, check: bool = True
     return proc
 
 
+def registered_xp(argv: tp.List[str]):
+    """The Dora XP of `argv`, its folder made and its argv recorded as `dora run` leaves them (so
+    that the tools find it by signature), for tests that train or fake it in this process."""
+    from demucs.train import main
+    xp = main.get_xp(argv)
+    folder = Path(xp.folder)
+    folder.mkdir(parents=True)
+    (folder / ".argv.json").write_text(json.dumps(list(argv)))
+    return xp
+
+
 def xp_folder(dora_dir: Path, argv: tp.List[str]) -> Path:
     """Folder of the XP that `argv` describes."""
     from demucs.train import main

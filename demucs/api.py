@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from .allocator import tune_malloc
-from .apply import BagOfModels, apply_model, apply_model_streaming
+from .apply import BagOfModels, apply_model, apply_model_streaming, leaf_max_segment
 from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
     convert_audio_channels, save_audio
 from .files import describe_spool_error
-from .htdemucs import HTDemucs
+from .htdemucs import HTDemucs  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
 from .states import ModelPackageError
@@ -81,13 +81,95 @@ def check_device(device: tp.Any) -> torch.device:
     return parsed
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+def check_backend(backend: str, device: tp.Any, amp: tp.Optional[str] = None,
+                  compile_model: bool = False) -> None:
+    """Raises `ValueError` when `backend` is unknown or cannot run with these options, and
+    `ImportError` (saying what to install) when onnxruntime is asked for but missing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return
+    for option, value in [("amp", amp), ("compile_model", compile_model)]:
+        if value:
+            raise ValueError(f"{option} is an option of the torch backend; the onnxruntime "
+                             f"backend runs the exported float32 (or int8) graphs as they are")
+    from .onnx_runtime import providers_for_device
+    providers_for_device(device)
+
+
+def load_model(name: str, repo: tp.Optional[Path] = None) -> nn.Module:
+    """`demucs.pretrained.get_model`, with its errors as `LoadModelError`."""
+    try:
+        return get_model(name=name, repo=repo)
+    except (ModelLoadingError, ModelPackageError) as error:
+        raise LoadModelError(str(error)) from error
+
+
+def find_or_export_onnx(name: str, repo: tp.Optional[Path] = None,
+                        onnx_dir: tp.Optional[Path] = None
+                        ) -> tp.Tuple[Path, tp.Optional[nn.Module]]:
+    """The ONNX export of model `name` (from `repo`) for the onnxruntime backend, and the
+    PyTorch model behind it (see `demucs.onnx_runtime.OnnxRuntimeModel`'s `fallback`).
+
+    `onnx_dir` holding an export of this model is used as it is (its PyTorch model is None when
+    it cannot be loaded, with a warning); otherwise the PyTorch model is exported now, into
+    `onnx_dir`, or, when None, into the cache of `demucs.onnx_export.cached_export`. Raises
+    `LoadModelError` for a model that cannot be loaded or exported, or an export of another
+    model."""
+    from . import onnx_export
+    if onnx_dir is not None and (Path(onnx_dir) / onnx_export.MANIFEST).exists():
+        _check_export_is_of_model(Path(onnx_dir), name)
+        try:
+            return Path(onnx_dir), load_model(name, repo)
+        except LoadModelError as error:
+            logger.warning("%s: %s. Segments shorter than the exported ones will be zero "
+                           "padded, which slightly changes their estimate.", onnx_dir, error)
+            return Path(onnx_dir), None
+    model = load_model(name, repo)
+    try:
+        if onnx_dir is None:
+            return onnx_export.cached_export(model, name), model
+        onnx_export.export_bag(model, onnx_dir, name=onnx_export.file_stem(name))
+    except onnx_export.OnnxExportError as error:
+        raise LoadModelError(f"{name} cannot run with the onnxruntime backend: {error}") \
+            from error
+    return Path(onnx_dir), model
+
+
+def _check_export_is_of_model(folder: Path, name: str) -> None:
+    from .onnx_export import file_stem
+    from .onnx_runtime import OnnxManifestError, read_manifest
+    try:
+        exported = read_manifest(folder).get("name")
+    except OnnxManifestError as error:
+        raise LoadModelError(str(error)) from error
+    if exported is not None and exported != file_stem(name):
+        raise LoadModelError(
+            f"{folder} holds an ONNX export of {exported!r}, not of {name!r}: ask for model "
+            f"{exported!r}, or give another onnx_dir (--onnx-dir)")
+
+
+def load_onnx_model(folder: Path, device: tp.Any = "cpu",
+                    pytorch_model: tp.Optional[nn.Module] = None) -> BagOfModels:
+    """The export in `folder` as a bag of ONNX Runtime models running on `device` (cpu or
+    cuda), `pytorch_model` serving the input lengths without a graph. `LoadModelError` for an
+    unreadable export."""
+    from .onnx_runtime import OnnxManifestError, load_onnx_bag, providers_for_device
+    try:
+        return load_onnx_bag(folder, providers=providers_for_device(device),
+                             pytorch_model=pytorch_model)
+    except (OnnxManifestError, KeyError) as error:
+        raise LoadModelError(f"could not load the ONNX export {folder}: {error}") from error
+
+
 def max_allowed_segment(model) -> float:
     """Longest segment in seconds a model (or bag) can be applied with."""
     if isinstance(model, BagOfModels):
         return model.max_allowed_segment
-    if isinstance(model, HTDemucs):
-        return float(model.segment)
-    return float("inf")
+    return leaf_max_segment(model)
 
 
 class Normalisation(tp.NamedTuple):
@@ -148,6 +230,12 @@ class Separator:
         compile_model: compile the model(s) with `torch.compile` (opt-in): the first segments
             are slow while it compiles, the next ones faster; the numbers are float32's up to
             rounding.
+        backend: "torch" (default), or "onnxruntime" to run each segment with ONNX Runtime
+            (`pip install 'demucs[onnx]'`; docs/onnx.md). Splitting, shifts and bag weights
+            stay the same; `amp` and `compile_model` are torch options.
+        onnx_dir: with the onnxruntime backend, a folder written by `tools.export_onnx` (or
+            where to export `model` the first time); None exports `model` once into a cache
+            under `torch.hub.get_dir()` and reuses it.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[Path] = None,
@@ -155,11 +243,16 @@ class Separator:
                  split: bool = True, segment: tp.Optional[float] = None, jobs: int = 0,
                  progress: bool = False, callback: tp.Optional[tp.Callable[[dict], None]] = None,
                  callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
-                 compile_model: bool = False):
+                 compile_model: bool = False, backend: str = "torch",
+                 onnx_dir: tp.Optional[Path] = None):
         tune_malloc()
         check_device(device)  # before the model is loaded (maybe downloaded)
+        check_backend(backend, device, amp, compile_model)
         self._name = model
         self._repo = repo
+        self._backend = backend
+        self._onnx_dir = None if onnx_dir is None else Path(onnx_dir)
+        self._device = device
         self._load_model()
         if compile_model:
             compile_leaves(self._model)
@@ -194,16 +287,24 @@ class Separator:
             check_amp(given["amp"])
         if "device" in given:
             check_device(given["device"])
+        if self._backend == "onnxruntime":
+            check_backend(self._backend, given.get("device", self._device), given.get("amp"))
+        moves_sessions = (self._backend == "onnxruntime" and "device" in given
+                          and torch.device(given["device"]) != torch.device(self._device))
         for key, value in given.items():
             setattr(self, f"_{key}", value)
+        if moves_sessions:
+            self._model = load_onnx_model(self._onnx_folder, self._device, self._pytorch_model)
         if "jobs" in given:
             self._pool = ThreadPoolExecutor(self._jobs) if self._jobs > 0 else DummyPoolExecutor()
 
     def _load_model(self) -> None:
-        try:
-            self._model = get_model(name=self._name, repo=self._repo)
-        except (ModelLoadingError, ModelPackageError) as error:
-            raise LoadModelError(str(error)) from error
+        if self._backend == "onnxruntime":
+            self._onnx_folder, self._pytorch_model = find_or_export_onnx(
+                self._name, self._repo, self._onnx_dir)
+            self._model = load_onnx_model(self._onnx_folder, self._device, self._pytorch_model)
+        else:
+            self._model = load_model(self._name, self._repo)
         self._audio_channels = self._model.audio_channels
         self._samplerate = self._model.samplerate
 
@@ -224,8 +325,10 @@ class Separator:
                 from error
 
     def _apply_kwargs(self) -> dict:
+        # ONNX Runtime sessions take CPU arrays and move them to their own device themselves.
+        device = "cpu" if self._backend == "onnxruntime" else self._device
         return dict(segment=self._segment, shifts=self._shifts, overlap=self._overlap,
-                    device=self._device, progress=self._progress, amp=self._amp)
+                    device=device, progress=self._progress, amp=self._amp)
 
     def _callback_arg_for(self, length: int) -> dict:
         """The dict each callback call starts from: the user's `callback_arg` and the length."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import functools
 import heapq
 import itertools
+import math
 import random
 from threading import Lock
 import typing as tp
@@ -55,8 +56,17 @@ MAX_SHIFT_SECONDS = 0.5
 
 
 def _is_htdemucs(model: nn.Module) -> bool:
-    """True for the transformer model, whose input length is fixed by its training segment."""
-    return isinstance(model, HTDemucs)
+    """True for the transformer model, whose input length is fixed by its training segment
+    (and for its ONNX Runtime stand-in, `demucs.onnx_runtime.OnnxRuntimeModel`)."""
+    return isinstance(model, HTDemucs) or getattr(model, "processes_training_segment", False)
+
+
+def leaf_max_segment(model: nn.Module) -> float:
+    """Longest segment (seconds) a single model can be applied with: a transformer's training
+    segment, an ONNX Runtime model's longest graph, otherwise unlimited."""
+    if isinstance(model, HTDemucs):
+        return float(model.segment)
+    return float(getattr(model, "max_segment", math.inf))
 
 
 class BagOfModels(nn.Module):
@@ -108,11 +118,7 @@ class BagOfModels(nn.Module):
     @property
     def max_allowed_segment(self) -> float:
         """Longest segment (seconds) usable with every member: the shortest transformer segment."""
-        limit = float("inf")
-        for model in self.models:
-            if _is_htdemucs(model):
-                limit = min(limit, float(model.segment))
-        return limit
+        return min(map(leaf_max_segment, self.models))
 
     def forward(self, x):
         raise NotImplementedError("a BagOfModels is applied with demucs.apply.apply_model")

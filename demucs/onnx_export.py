@@ -19,10 +19,15 @@ Four things of the PyTorch forward do not translate to ONNX as they are, and are
 """
 from copy import deepcopy
 from fractions import Fraction
+import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
+import random
+import re
+import shutil
 import typing as tp
 import warnings
 
@@ -283,6 +288,9 @@ def _segment_to_json(segment: tp.Union[int, float, Fraction]) -> tp.Union[int, f
 def _trace(model: nn.Module, path: Path, input_length: int, opset: int) -> None:
     """Traces `model` (an `exportable_copy`) for one [1, C, input_length] input into `path`."""
     example = torch.zeros(1, model.audio_channels, input_length)
+    # The trace runs the forward, which may draw from `random` (HTDemucs): an export made in
+    # the middle of a separation must leave the caller's random stream (shift offsets) as is.
+    random_state = random.getstate()
     # Traced with gradients enabled on purpose: the models then run their plain modules
     # (convolutions, GroupNorm, ConvTranspose), not the CPU inference rewrites of
     # `demucs.demucs.DConv` and `HDecLayer`, which ONNX Runtime fuses and runs better as they are.
@@ -294,9 +302,15 @@ def _trace(model: nn.Module, path: Path, input_length: int, opset: int) -> None:
         # Strided slices (the spectrogram framing) are kept as Slice nodes, which is fine.
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1",
                                 category=UserWarning)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["mix"], output_names=["sources"],
-                          do_constant_folding=True)
+        # The traced batch is 1, which is what this warning of LSTM exports asks for.
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size",
+                                category=UserWarning)
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["mix"], output_names=["sources"],
+                              do_constant_folding=True)
+        finally:
+            random.setstate(random_state)
 
 
 def _add_metadata(path: Path, metadata: tp.Dict[str, tp.Any]) -> None:
@@ -409,12 +423,12 @@ def export_bag(model: nn.Module, out: tp.Union[str, Path], name: str = "model",
                                                        "bag_index": index})
             graphs.append({"file": info.pop("file"), "input_length": info.pop("input_length")})
         entries.append(dict(info, weights=member_weights, graphs=graphs))
-    return _write_manifest(out, members[0], weights, entries, opset)
+    return _write_manifest(out, name, members[0], weights, entries, opset)
 
 
-def _write_manifest(out: Path, first: nn.Module, weights: tp.List[tp.List[float]],
+def _write_manifest(out: Path, name: str, first: nn.Module, weights: tp.List[tp.List[float]],
                     entries: tp.List[dict], opset: int) -> Path:
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset,
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "opset": opset,
                 "torch": torch.__version__, "sources": list(first.sources),
                 "samplerate": first.samplerate, "audio_channels": first.audio_channels,
                 "weights": weights, "models": entries}
@@ -423,3 +437,58 @@ def _write_manifest(out: Path, first: nn.Module, weights: tp.List[tp.List[float]
         json.dump(manifest, file, indent=2)
         file.write("\n")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Exports made on demand (`demucs --backend onnxruntime` without --onnx-dir), kept in a cache.
+
+
+def file_stem(name: str) -> str:
+    """`name` made safe as the start of a file name (e.g. `hf://org/model` → `hf_org_model`)."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
+
+
+def model_digest(model: nn.Module, segment: tp.Optional[float] = None) -> str:
+    """A hex digest of what an export of `model` (a model or bag) depends on: each member's
+    class, segment and weights, the bag's weights, the export `segment` and format. Two models
+    with the same digest give the same graphs."""
+    members, weights = _bag_members(model)
+    digest = hashlib.sha256(json.dumps(
+        [FORMAT, FORMAT_VERSION, OPSET, segment, weights]).encode())
+    for member in members:
+        digest.update(f"{type(member).__qualname__}:{member.segment}".encode())
+        for key, tensor in member.state_dict().items():
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_cache_root() -> Path:
+    """Where on-demand exports are kept: `$TORCH_HOME/hub/demucs_onnx` (beside the downloaded
+    checkpoints)."""
+    return Path(torch.hub.get_dir()) / "demucs_onnx"
+
+
+def cached_export(model: nn.Module, name: str, cache_root: tp.Optional[Path] = None,
+                  segment: tp.Optional[float] = None) -> Path:
+    """The export folder of `model` under `cache_root` (default `default_cache_root()`),
+    exported first if no earlier call made it. The folder is named after `name` and the
+    model's digest, so retrained weights get a new export; it appears whole or not at all, and
+    concurrent calls keep whichever export finished first."""
+    digest = model_digest(model, segment)[:16]
+    folder = (cache_root or default_cache_root()) / f"{file_stem(name)}-{digest}"
+    if (folder / MANIFEST).is_file():
+        return folder
+    logger.info("Exporting %s to ONNX in %s (once; later runs reuse it)", name, folder)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        export_bag(model, partial, name=file_stem(name), segment=segment)
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            if not (folder / MANIFEST).is_file():  # not another process's finished export
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder

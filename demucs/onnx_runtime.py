@@ -52,13 +52,31 @@ def default_providers() -> tp.List[str]:
     return [name for name in PREFERRED_PROVIDERS if name in available]
 
 
+def providers_for_device(device: tp.Union[str, torch.device]) -> tp.List[tp.Any]:
+    """The execution providers that run a model on the torch `device`: the CPU provider for
+    "cpu", the CUDA provider (on that GPU) then the CPU one for "cuda[:N]". Raises `ValueError`
+    for other devices, or CUDA when this onnxruntime build has no CUDA provider."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in import_onnxruntime().get_available_providers():
+            raise ValueError("the installed onnxruntime has no CUDAExecutionProvider: install "
+                             "onnxruntime-gpu to separate on a GPU with ONNX Runtime, or use "
+                             "-d cpu")
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}),
+                "CPUExecutionProvider"]
+    raise ValueError(f"the ONNX Runtime backend runs on cpu or cuda, not {device.type}; use "
+                     f"-d cpu, or the torch backend")
+
+
 def _segment_from_json(value: tp.Union[int, float, str]) -> tp.Union[int, float, Fraction]:
     """Inverse of the export's encoding: "num/den" strings are `Fraction`s."""
     return Fraction(value) if isinstance(value, str) else value
 
 
 def make_session(path: Path, threads: tp.Optional[int] = None,
-                 providers: tp.Optional[tp.Sequence[str]] = None) -> tp.Any:
+                 providers: tp.Optional[tp.Sequence[tp.Any]] = None) -> tp.Any:
     """An ONNX Runtime inference session for the graph `path`, using `threads` threads for each
     operator (default: as many as torch uses) and all graph optimisations."""
     ort = import_onnxruntime()
@@ -74,26 +92,34 @@ class OnnxRuntimeModel(nn.Module):
     """One exported model, run by ONNX Runtime, usable wherever `apply_model` takes a model.
 
     Each graph processes one input length (see the manifest's `graphs`). An input of a length
-    that has its own graph is processed exactly as PyTorch does; a shorter one is zero padded to
-    the next graph's length (at its end for HTDemucs, as HTDemucs does; on both sides for the
-    others, as `apply_model` pads segments) and the output cropped back. Longer ones are refused.
+    that has its own graph is processed exactly as PyTorch does. Other lengths (the shorter last
+    segment of a track) are run by `fallback`, the PyTorch model, when one is given, so that the
+    result stays PyTorch's; without it, a shorter input is zero padded to the next graph's
+    length (at its end for HTDemucs, as HTDemucs does, which is exact; on both sides for the
+    others, as `apply_model` pads segments, which is not) and the output cropped back. Longer
+    inputs are refused.
 
     Args:
         folder: the export folder.
         entry: the model's entry of the manifest.
         threads: ONNX Runtime threads per operator (default: torch's thread count).
         providers: ONNX Runtime execution providers (default: `default_providers()`).
+        fallback: the PyTorch model that was exported, for input lengths without a graph.
     """
 
     def __init__(self, folder: Path, entry: dict, threads: tp.Optional[int] = None,
-                 providers: tp.Optional[tp.Sequence[str]] = None):
+                 providers: tp.Optional[tp.Sequence[tp.Any]] = None,
+                 fallback: tp.Optional[nn.Module] = None):
         super().__init__()
+        self.fallback = fallback
         self.exported_class: str = entry["class"]
         self.sources: tp.List[str] = list(entry["sources"])
         self.samplerate: int = entry["samplerate"]
         self.audio_channels: int = entry["audio_channels"]
         self.segment = _segment_from_json(entry["segment"])
         self.pads_at_end = entry["pad"] == "end"
+        # HTDemucs pads every input to its training segment; apply_model treats it apart.
+        self.processes_training_segment = self.pads_at_end
         self.random_draws = int(entry.get("random_draws", 0))
         graphs = sorted(entry["graphs"], key=lambda graph: graph["input_length"])
         self.sessions = {
@@ -107,8 +133,16 @@ class OnnxRuntimeModel(nn.Module):
         """Input lengths that have a graph, shortest first."""
         return list(self.sessions)
 
+    @property
+    def max_segment(self) -> float:
+        """Longest segment (seconds) a graph of this model can process."""
+        return self.input_lengths[-1] / self.samplerate
+
     def valid_length(self, length: int) -> int:
         """The input length a `length`-sample input is processed at (see the class doc)."""
+        if self.fallback is not None:  # as apply_model pads for the PyTorch model
+            own_length = getattr(self.fallback, "valid_length", None)
+            return length if own_length is None else own_length(length)
         for candidate in self.sessions:
             if candidate >= length:
                 return candidate
@@ -125,6 +159,9 @@ class OnnxRuntimeModel(nn.Module):
         if channels != self.audio_channels:
             raise ValueError(f"{self.exported_class} takes {self.audio_channels} audio "
                              f"channels, got {channels}")
+        if self.fallback is not None and length not in self.sessions:
+            with torch.no_grad():
+                return self.fallback(mix)
         target = self.valid_length(length)
         for _ in range(self.random_draws):  # as the PyTorch model does (see the manifest)
             random.randrange(1)
@@ -158,15 +195,36 @@ def read_manifest(folder: tp.Union[str, Path]) -> dict:
 
 
 def load_onnx_bag(folder: tp.Union[str, Path], threads: tp.Optional[int] = None,
-                  providers: tp.Optional[tp.Sequence[str]] = None,
-                  segment: tp.Optional[float] = None) -> BagOfModels:
+                  providers: tp.Optional[tp.Sequence[tp.Any]] = None,
+                  segment: tp.Optional[float] = None,
+                  pytorch_model: tp.Optional[nn.Module] = None) -> BagOfModels:
     """The exported models of `folder` as a `BagOfModels` of `OnnxRuntimeModel`s, with the
     bag's weights (a single exported model gives a bag of one, as `demucs.pretrained` does).
 
     `threads` and `providers` are given to every ONNX Runtime session; `segment` is the
-    `BagOfModels` option (it cannot exceed the exported lengths)."""
+    `BagOfModels` option (it cannot exceed the exported lengths). `pytorch_model`, the model or
+    bag that was exported, serves the input lengths that have no graph (see
+    `OnnxRuntimeModel`), which keeps the output PyTorch's for any track length."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    models = [OnnxRuntimeModel(folder, entry, threads, providers)
-              for entry in manifest["models"]]
+    entries = manifest["models"]
+    fallbacks = _fallbacks(pytorch_model, entries, folder)
+    models = [OnnxRuntimeModel(folder, entry, threads, providers, fallback)
+              for entry, fallback in zip(entries, fallbacks)]
     return BagOfModels(models, manifest["weights"], segment)
+
+
+def _fallbacks(pytorch_model: tp.Optional[nn.Module], entries: tp.List[dict],
+               folder: Path) -> tp.List[tp.Optional[nn.Module]]:
+    """The PyTorch member standing behind each exported one (None where none is needed: the
+    transformer models process every input at their one exported length)."""
+    if pytorch_model is None:
+        return [None] * len(entries)
+    members = list(pytorch_model.models) if isinstance(pytorch_model, BagOfModels) \
+        else [pytorch_model]
+    classes = [f"{type(member).__module__}.{type(member).__qualname__}" for member in members]
+    if classes != [entry["class"] for entry in entries]:
+        raise OnnxManifestError(f"{folder} holds exports of {[e['class'] for e in entries]}, "
+                                f"but the PyTorch model given is {classes}")
+    return [None if entry["pad"] == "end" else member.eval()
+            for member, entry in zip(members, entries)]

@@ -16,11 +16,12 @@ import typing as tp
 import torch
 
 from .allocator import tune_malloc
-from .api import LoadAudioError, LoadModelError, Separator, _default_device, check_device, \
-    list_models, max_allowed_segment
+from .api import BACKENDS, LoadAudioError, LoadModelError, Separator, _default_device, \
+    check_backend, check_device, list_models, max_allowed_segment
 from .audio import MP3_BITRATES, AudioFormat, AudioWriter
 from .files import atomic_write, created_folders, describe_spool_error, describe_write_error, \
     remove_stale_partials, unwritable_reason
+from .onnx_runtime import OnnxManifestError, read_manifest
 from .pretrained import DEFAULT_MODEL, add_model_flags
 from .utils import exit_on_interrupt
 # Names Demucs 4.1's separate module makes importable from it.
@@ -123,6 +124,14 @@ def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-j", "--jobs", default=0, type=int,
                         help="Number of jobs. This can increase memory usage but will be much "
                              "faster when multiple cores are available.")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="Run each segment with PyTorch (default) or with ONNX Runtime "
+                             "(pip install 'demucs[onnx]'; see docs/onnx.md).")
+    parser.add_argument("--onnx-dir", type=Path, default=None,
+                        help="With --backend onnxruntime: a folder written by "
+                             "`python3 -m tools.export_onnx` (the model name is then read from "
+                             "it), or where to export the model the first time. Default: an "
+                             "export made once and cached beside the downloaded models.")
 
 
 def _output_format(args: argparse.Namespace, samplerate: int) -> AudioFormat:
@@ -225,12 +234,44 @@ def _check_options(args: argparse.Namespace) -> None:
         check_device(args.device)
     except ValueError as error:
         raise UsageError(f"-d/--device: {error}") from None
+    _check_backend_options(args)
     _check_filename_pattern(args.filename)
     missing = [str(track) for track in args.tracks if not track.is_file()]
     if missing:
         raise UsageError(f"no such file: {', '.join(missing)}. If a path contains spaces, "
                          "surround it with quotes.")
     _check_writable([args.out])
+
+
+def _check_backend_options(args: argparse.Namespace) -> None:
+    if args.onnx_dir is not None and args.backend != "onnxruntime":
+        raise UsageError("--onnx-dir is used by the ONNX Runtime backend: add --backend "
+                         "onnxruntime.")
+    if args.backend == "onnxruntime":
+        for flag, value in [("--amp", args.amp), ("--compile", args.compile)]:
+            if value:
+                raise UsageError(f"{flag} is an option of the torch backend, not of --backend "
+                                 "onnxruntime; leave it out.")
+    try:
+        check_backend(args.backend, args.device)
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    except ValueError as error:
+        raise UsageError(f"--backend {args.backend}: {error}") from None
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """-n, else --sig, else the model an --onnx-dir export was made from, else the default."""
+    if args.name is not None:
+        return args.name
+    if args.sig is not None:
+        return args.sig
+    if args.onnx_dir is not None:
+        try:
+            return read_manifest(args.onnx_dir).get("name") or DEFAULT_MODEL
+        except (OnnxManifestError, OSError):
+            pass  # not an export yet: the default model is exported there
+    return DEFAULT_MODEL
 
 
 def _blocks(separator: Separator, track: Path, split: bool):
@@ -297,8 +338,9 @@ def _make_separator(args: argparse.Namespace) -> Separator:
         separator = Separator(model=args.name, repo=args.repo, device=args.device,
                               shifts=args.shifts, overlap=args.overlap, split=args.split,
                               segment=None, jobs=args.jobs, progress=True, amp=args.amp,
-                              compile_model=args.compile)
-    except (LoadModelError, ValueError) as error:
+                              compile_model=args.compile, backend=args.backend,
+                              onnx_dir=args.onnx_dir)
+    except (LoadModelError, ValueError, ImportError) as error:
         _fatal(str(error))
     limit = max_allowed_segment(separator.model)
     if args.segment is not None and args.segment > limit:
@@ -347,10 +389,9 @@ def main(opts: tp.Optional[tp.List[str]] = None) -> None:
 def _separate_all(args: argparse.Namespace) -> None:
     if not args.tracks:
         _fatal("error: no tracks given; pass the audio files to separate.")
-    if args.name is None:
-        args.name = args.sig or DEFAULT_MODEL
     try:
         _check_options(args)
+        args.name = _model_name(args)
     except UsageError as error:
         _fatal(f"error: {error}")
     separator = _make_separator(args)

@@ -169,6 +169,16 @@ def test_cuda_on_a_cpu_build_says_so(repo, track, tmp_path, caplog):
     assert "CUDA is not available" in _error_text(caplog) and "use -d cpu" in _error_text(caplog)
 
 
+def test_onnxruntime_backend_without_the_package_says_how_to_install(
+        repo, track, tmp_path, caplog, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert _separate(repo, tmp_path / "out", "--backend", "onnxruntime", track) == 1
+    assert "pip install 'demucs[onnx]'" in _error_text(caplog)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ImportError, match=r"pip install 'demucs\[onnx\]'"):
+        Separator("tiny", repo=repo, device="cpu", backend="onnxruntime")
+
+
 def test_random_bytes_as_a_model_are_named(repo, track, tmp_path, caplog):
     status = _separate(repo, tmp_path / "out", "-n", "random", track)
     assert status == 1

@@ -61,6 +61,9 @@ COMMANDS: tp.Dict[str, str] = {
     "python3 -m tools.export_onnx htdemucs -o onnx/htdemucs": RUN,
     "python3 -m tools.export_onnx SIG --repo ./release_models -o onnx/SIG": RUN,
     "python3 -m tools.export_onnx htdemucs -o onnx/htdemucs_int8 --quantize int8": RUN,
+    "demucs --backend onnxruntime track.mp3": RUN,
+    "demucs --backend onnxruntime --repo ./release_models -n SIG track.mp3": RUN,
+    "demucs --backend onnxruntime --onnx-dir onnx/htdemucs_int8 track.mp3": RUN,
     # docs/training.md
     "dora run dset.musdb=/path/to/musdbhq": CONFIG,
     "dora run dset.musdb=/path/to/my_songs dset.valid_tracks=2": CONFIG,
@@ -131,6 +134,9 @@ STORY = [
     "python3 -m tools.export_onnx SIG --repo ./release_models -o onnx/SIG",
     "python3 -m tools.export_onnx htdemucs -o onnx/htdemucs",
     "python3 -m tools.export_onnx htdemucs -o onnx/htdemucs_int8 --quantize int8",
+    "demucs --backend onnxruntime track.mp3",
+    "demucs --backend onnxruntime --repo ./release_models -n SIG track.mp3",
+    "demucs --backend onnxruntime --onnx-dir onnx/htdemucs_int8 track.mp3",
     "dora grid mmi --dry_run --init",
     "dora info -f 955717e8",
     "python3 -m tools.toy_musdb data/toy6 --sources drums,bass,guitar,piano,other,vocals",
@@ -267,6 +273,7 @@ def _xps(repo: Path) -> tp.Set[str]:
 
 @pytest.mark.slow
 @pytest.mark.docs
+@pytest.mark.timeout(len(STORY) * 120)  # two trainings, three exports, ten separations
 def test_the_documented_story_runs_as_written(tmp_path: Path):
     from tools.test_clients import place_model, write_track
     from demucs.audio import encode_mp3, read_audio
@@ -296,6 +303,10 @@ def test_the_documented_story_runs_as_written(tmp_path: Path):
     exports = sorted(path.name for path in (repo / "release_models").iterdir())
     assert [name[:9] for name in exports if name.startswith(sig)] == [f"{sig}-"]
     assert (repo / "onnx" / sig).is_dir() and (repo / "onnx" / "htdemucs_int8").is_dir()
+    # `demucs --backend onnxruntime` exported htdemucs and the toy model into the cache
+    cached = sorted(path.name.split("-")[0]
+                    for path in (home / ".cache" / "torch" / "hub" / "demucs_onnx").iterdir())
+    assert cached == sorted(["htdemucs", sig])
     assert (repo / "outputs" / "plots" / f"{sig}.png").stat().st_size > 10_000
     assert list((repo / "outputs" / "xps" / sig / "tensorboard").iterdir())
     six = sorted(path.name for path in (repo / "separated" / sigs["SIX"] / "track").iterdir())

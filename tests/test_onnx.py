@@ -252,3 +252,158 @@ def test_command_line_exports_and_refuses(golden_dir, tmp_path, capsys):
     assert "wiener_iters=1" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
     assert export_onnx.file_stem("hf://org/htdemucs") == "hf_org_htdemucs"
+
+
+# ----------------------------------------------------------------------------------------------
+# The onnxruntime backend of `Separator` and of the `demucs` command.
+
+BACKEND_CASES = ["hdemucs_cac", "htdemucs_small"]
+
+
+@pytest.fixture(scope="module")
+def backend_repo(golden_dir, tmp_path_factory) -> Path:
+    """A local model repository with two golden models, named after their case."""
+    repo = tmp_path_factory.mktemp("backend_repo")
+    for case in BACKEND_CASES:
+        (repo / f"{case}.th").write_bytes((golden_dir / case / "model.th").read_bytes())
+    return repo
+
+
+@pytest.fixture
+def onnx_cache(tmp_path, monkeypatch) -> Path:
+    """Where on-demand exports go: torch's hub folder, moved into the test's folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home" / "hub" / "demucs_onnx"
+
+
+def separate_with(backend: str, repo: Path, case: str, wav: torch.Tensor, **kwargs):
+    from demucs.api import Separator
+    separator = Separator(case, repo=repo, device="cpu", backend=backend, **kwargs)
+    random.seed(1)  # the same shift offsets for both backends
+    return separator.separate_tensor(wav)[1], separator
+
+
+def noise(seconds: float) -> torch.Tensor:
+    return 0.3 * torch.randn(2, int(44100 * seconds), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_separator_backends_agree(backend_repo, onnx_cache, case):
+    """A 2.5 s track in 1 s segments: full segments run in ONNX Runtime, and for HDemucs the
+    shorter last one in PyTorch, so the whole output is PyTorch's."""
+    wav = noise(2.5)
+    expected, _ = separate_with("torch", backend_repo, case, wav)
+    ours, separator = separate_with("onnxruntime", backend_repo, case, wav)
+    assert list(ours) == list(expected)
+    for name in expected:
+        assert relative_error(ours[name], expected[name]) <= TOLERANCE, name
+    assert separator.samplerate == 44100
+    assert (onnx_cache.glob(f"{case}-*/manifest.json")), "the export went into the cache"
+
+
+def test_on_demand_export_is_made_once(backend_repo, onnx_cache, monkeypatch):
+    from demucs import onnx_export
+    separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5))
+    folders = list(onnx_cache.iterdir())
+    assert len(folders) == 1 and read_manifest(folders[0])["name"] == "htdemucs_small"
+
+    def no_second_export(*args, **kwargs):
+        raise AssertionError("exported again")
+    monkeypatch.setattr(onnx_export, "export_bag", no_second_export)
+    separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5))
+    assert list(onnx_cache.iterdir()) == folders
+
+
+def test_onnx_dir_is_written_then_reused_and_checked(backend_repo, onnx_cache, tmp_path):
+    from demucs.api import LoadModelError
+    folder = tmp_path / "exported"
+    separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5), onnx_dir=folder)
+    assert read_manifest(folder)["name"] == "htdemucs_small"
+    assert not onnx_cache.exists()
+    separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5), onnx_dir=folder)
+    with pytest.raises(LoadModelError, match="holds an ONNX export of 'htdemucs_small', not "
+                                             "of 'hdemucs_cac'"):
+        separate_with("onnxruntime", backend_repo, "hdemucs_cac", noise(0.5), onnx_dir=folder)
+
+
+def test_separator_refuses_torch_only_options(backend_repo):
+    from demucs.api import Separator
+    with pytest.raises(ValueError, match="amp is an option of the torch backend"):
+        Separator("htdemucs_small", repo=backend_repo, device="cpu", backend="onnxruntime",
+                  amp="bf16")
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        Separator("htdemucs_small", repo=backend_repo, device="cpu", backend="tensorrt")
+
+
+def test_onnx_leaves_keep_the_segment_rules(exports):
+    """An exported transformer keeps its training segment in a bag and limits the segment."""
+    from demucs.api import max_allowed_segment
+    folder = exports.bag("htdemucs_small", 3 * 44100, {"overlap": 0.25})
+    bag = load_onnx_bag(folder, threads=2, segment=0.5)
+    assert bag.models[0].segment == 1 and bag.max_allowed_segment == 1.0
+    assert max_allowed_segment(bag.models[0]) == 1.0
+
+
+def test_command_line_backend(backend_repo, onnx_cache, tmp_path):
+    """`demucs --backend onnxruntime` writes the torch backend's stems; with --onnx-dir alone
+    the model name comes from the export."""
+    import soundfile
+    from demucs.separate import main
+    track = tmp_path / "song.wav"
+    soundfile.write(str(track), noise(1.5).T.numpy(), 44100, subtype="FLOAT")
+    common = ["--repo", str(backend_repo), "-d", "cpu", "--float32", str(track)]
+    for backend in ["torch", "onnxruntime"]:
+        random.seed(0)
+        main(["-n", "htdemucs_small", "-o", str(tmp_path / backend), "--backend", backend,
+              *common])
+    random.seed(0)
+    main(["-o", str(tmp_path / "dir"), "--backend", "onnxruntime", "--onnx-dir",
+          str(next(onnx_cache.iterdir())), *common])
+    for source in ["drums", "bass", "other", "vocals"]:
+        stems = [soundfile.read(str(tmp_path / backend / "htdemucs_small" / "song" /
+                                    f"{source}.wav"))[0]
+                 for backend in ["torch", "onnxruntime", "dir"]]
+        for other in stems[1:]:
+            assert relative_error(torch.from_numpy(other), torch.from_numpy(stems[0])) \
+                <= TOLERANCE, source
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--onnx-dir", "x"], "--onnx-dir is used by the ONNX Runtime backend: add --backend "
+                          "onnxruntime"),
+    (["--backend", "onnxruntime", "--amp", "bf16"], "--amp is an option of the torch backend"),
+    (["--backend", "onnxruntime", "--compile"], "--compile is an option of the torch backend"),
+])
+def test_command_line_backend_usage_errors(backend_repo, tmp_path, caplog, flags, message):
+    from demucs.separate import main
+    track = tmp_path / "song.wav"
+    track.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-n", "hdemucs_cac", "--repo", str(backend_repo), "-d", "cpu",
+              "-o", str(tmp_path / "out"), *flags, str(track)])
+    assert exit_info.value.code == 1
+    assert message in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_devices_the_backend_cannot_use():
+    from demucs.onnx_runtime import providers_for_device
+    assert providers_for_device("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="runs on cpu or cuda, not mps"):
+        providers_for_device("mps")
+    import onnxruntime
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ValueError, match="install onnxruntime-gpu"):
+            providers_for_device("cuda:0")
+
+
+def test_test_pretrained_scores_the_onnx_backend(backend_repo, onnx_cache, tiny_musdb):
+    """tools.test_pretrained --backend onnxruntime gives the torch backend's nSDR."""
+    from tools import test_pretrained
+    overrides = ["dset=toy", f"dset.musdb={tiny_musdb}", "test.sdr=false", "test.shifts=0"]
+    scores = {backend: test_pretrained.run("htdemucs_small", backend_repo, overrides,
+                                           backend=backend)
+              for backend in ["torch", "onnxruntime"]}
+    assert set(scores["torch"]) == set(scores["onnxruntime"])
+    for key, value in scores["torch"].items():
+        assert abs(scores["onnxruntime"][key] - value) < 1e-3, key

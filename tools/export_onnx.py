@@ -10,11 +10,10 @@ when the model cannot be exported (e.g. a Wiener-filtered HDemucs).
 import argparse
 import logging
 from pathlib import Path
-import re
 import sys
 import typing as tp
 
-from demucs.onnx_export import OPSET, QUANTIZE_CHOICES, OnnxExportError, export_bag
+from demucs.onnx_export import OPSET, QUANTIZE_CHOICES, OnnxExportError, export_bag, file_stem
 from demucs.pretrained import get_model
 
 logger = logging.getLogger("tools.export_onnx")
@@ -38,11 +37,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=OPSET,
                         help=f"ONNX opset (default {OPSET}, the first with STFT and DFT)")
     return parser
-
-
-def file_stem(name: str) -> str:
-    """`name` made safe as the start of a file name (e.g. `hf://org/model` → `hf_org_model`)."""
-    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
 
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> int:

@@ -1,22 +1,25 @@
 """Evaluate a pre-trained model or bag on the test set configured in `conf/`.
 
     python -m tools.test_pretrained -n NAME [--repo DIR] [--amp bf16|fp16] [--compile]
+                                    [--backend onnxruntime [--onnx-dir DIR]]
                                     [hydra overrides, e.g. dset=toy test.sdr=true]
 
 Reports the nSDR (always) and the museval SDR (when `test.sdr` is true), per source and averaged.
-`--amp` and `--compile` score the speed options of the `demucs` command, to compare with the
-default float32 scores.
+`--amp`, `--compile` and `--backend onnxruntime` (e.g. with an int8 export as `--onnx-dir`) score
+the speed options of the `demucs` command, to compare with the default float32 scores.
 """
 import argparse
 import json
 import logging
+from pathlib import Path
 import sys
 import typing as tp
 
 import torch
 
 from demucs import evaluate, pretrained, train
-from demucs.api import compile_leaves
+from demucs.api import BACKENDS, LoadModelError, check_backend, compile_leaves, \
+    find_or_export_onnx, load_onnx_model
 
 logger = logging.getLogger("tools.test_pretrained")
 
@@ -28,16 +31,28 @@ def get_parser() -> argparse.ArgumentParser:
                         help="Separate in mixed precision, like `demucs --amp`.")
     parser.add_argument("--compile", action="store_true",
                         help="Compile the model(s) with torch.compile, like `demucs --compile`.")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="Separate with PyTorch or ONNX Runtime, like `demucs --backend`.")
+    parser.add_argument("--onnx-dir", type=Path, default=None,
+                        help="The ONNX export to score, like `demucs --onnx-dir`.")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="Hydra overrides of conf/config.yaml (dataset, test options).")
     return parser
 
 
 def run(name: tp.Optional[str], repo, overrides: tp.List[str], amp: tp.Optional[str] = None,
-        compile_model: bool = False) -> tp.Dict[str, float]:
+        compile_model: bool = False, backend: str = "torch",
+        onnx_dir: tp.Optional[Path] = None) -> tp.Dict[str, float]:
     """Scores of model `name` (from `repo`) on the test set of the configuration `overrides`,
-    separated in the precision `amp` selects and compiled when `compile_model`."""
-    model = pretrained.get_model_from_args(argparse.Namespace(name=name, repo=repo))
+    separated in the precision `amp` selects and compiled when `compile_model`, or with ONNX
+    Runtime (`backend`, the export in `onnx_dir` or one made as `demucs --backend` does)."""
+    check_backend(backend, "cpu", amp, compile_model)
+    if backend == "onnxruntime":
+        folder, pytorch_model = find_or_export_onnx(name or pretrained.DEFAULT_MODEL, repo,
+                                                    onnx_dir)
+        model = load_onnx_model(folder, "cpu", pytorch_model)
+    else:
+        model = pretrained.get_model_from_args(argparse.Namespace(name=name, repo=repo))
     if compile_model:
         compile_leaves(model)
     xp = train.main.get_xp(overrides)
@@ -54,8 +69,9 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         scores = run(args.name or args.sig, args.repo, args.overrides, amp=args.amp,
-                     compile_model=args.compile)
-    except (pretrained.ModelLoadingError, FileNotFoundError) as error:
+                     compile_model=args.compile, backend=args.backend, onnx_dir=args.onnx_dir)
+    except (pretrained.ModelLoadingError, FileNotFoundError, LoadModelError, ImportError,
+            ValueError) as error:
         logger.error("%s", error)
         sys.exit(1)
     logger.info("Test scores of %s: %s", args.name, json.dumps(scores, indent=2))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .rounding import fast_cpu_inference
 from .states import capture_init
 from .transformer import LayerScale
 from .utils import center_trim, unfold
@@ -220,17 +221,18 @@ class DConv(nn.Module):
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inference = not torch.is_grad_enabled() and x.device.type == "cpu"
+        inference = fast_cpu_inference(x)
         for branch in self.layers:
             *body, layer_scale = branch
             if inference:
-                y = _inference_branch(body, x)
+                # the residual add and the LayerScale in one pass: x + scale * y
+                x = torch.addcmul(x, layer_scale.scale[:, None], _inference_branch(body, x))
             else:
                 y = x
                 for module in body:
                     y = module(y)
-            # the residual add and the LayerScale in one pass: x + scale * y
-            x = torch.addcmul(x, layer_scale.scale[:, None], y)
+                # upstream's two roundings (scale * y, then the add), not addcmul's fused one
+                x = x + layer_scale(y)
         return x
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .demucs import DConv, conv_transpose_polyphase, polyphase_applies, rescale_module
+from .rounding import fast_cpu_inference
 from .spec import ispectro, spectro
 from .states import capture_init
 from .wiener import wiener
@@ -228,8 +229,7 @@ class HDecLayer(nn.Module):
 
     def _transposed_conv(self, y: torch.Tensor) -> torch.Tensor:
         """`self.conv_tr(y)`, through `conv_transpose_polyphase` for inference on CPU."""
-        if (not torch.is_grad_enabled() and y.device.type == "cpu"
-                and polyphase_applies(self.conv_tr)):
+        if fast_cpu_inference(y) and polyphase_applies(self.conv_tr):
             return conv_transpose_polyphase(self.conv_tr, y)
         return self.conv_tr(y)
 
@@ -698,16 +698,21 @@ class HybridUNetMixin:
                     skips.time.append(xt)
             x = encode(x, inject)
             if index == 0 and self.freq_emb is not None:
-                x = x + self._freq_embedding(x.shape[-2], x.device)
+                x = x + self._freq_embedding(x)
             skips.freq.append(x)
         return x, xt, skips
 
-    def _freq_embedding(self, freqs: int, device: torch.device) -> torch.Tensor:
-        """Weighted frequency embedding [1, C, freqs, 1]: added after the first layer so that
-        convolutions can tell frequencies apart. Weighted before broadcasting over frames, which
-        spares a full-size multiplication (same values)."""
-        bins = torch.arange(freqs, device=device)
-        return (self.freq_emb_scale * self.freq_emb(bins).t())[None, :, :, None]
+    def _freq_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """Weighted frequency embedding added to `x` [B, C, freqs, T] after the first layer, so
+        that convolutions can tell frequencies apart. Without autograd it is weighted before
+        broadcasting over frames ([1, C, freqs, 1]), which spares a full-size multiplication
+        (same values); with autograd it is weighted after, like upstream, whose backward weights
+        each frame's gradient before summing them (other roundings otherwise)."""
+        bins = torch.arange(x.shape[-2], device=x.device)
+        emb = self.freq_emb(bins).t()[None, :, :, None]
+        if torch.is_grad_enabled():
+            return self.freq_emb_scale * emb.expand_as(x)
+        return self.freq_emb_scale * emb
 
     def _decode(self, x: torch.Tensor, xt: torch.Tensor,
                 skips: _Skips) -> tp.Tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ import time
 import typing as tp
 
 from dora import get_xp
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 import torch
 from torch.nn import functional as F
@@ -33,6 +34,7 @@ from .checkpoint import (CheckpointError, CheckpointWriteError, checkpoint_packa
                          save_atomic, XPLockedError)
 from .ema import ModelEMA
 from .evaluate import evaluate, new_sdr
+from .rounding import upstream_rounding
 from .svd import svd_penalty
 from .tracking import EpochTracker
 from .utils import autocast, EMA, pull_metric
@@ -117,6 +119,19 @@ def _log_summary(stage: str, epoch: int, metrics: tp.Dict[str, tp.Any]) -> None:
     text = " | ".join(f"{key.capitalize()}={value}"
                       for key, value in _format(metrics, FORMATS[stage]).items())
     logger.info("%s Summary | Epoch %d | %s", stage, epoch + 1, text)
+
+
+def _grad_norm(grads: tp.List[torch.Tensor]) -> float:
+    """The global norm of `grads`, rounded like upstream's metric: each tensor's norm squared in
+    its dtype, the squares added one after the other in that dtype (NumPy's `add.accumulate` is
+    sequential, unlike a reduction kernel), then the square root. One transfer to the host."""
+    if not grads:
+        return 0.
+    squares = torch.stack([g.norm() for g in grads]) ** 2
+    if squares.dtype == torch.bfloat16:  # NumPy has no bfloat16
+        squares = squares.float()
+    squares = squares.cpu().numpy()
+    return float(np.sqrt(np.add.accumulate(squares)[-1]))
 
 
 def _detached(losses: Losses) -> Losses:
@@ -332,10 +347,12 @@ class Solver:
         return candidate < reference
 
     def _validate(self, epoch: int) -> tp.Tuple[dict, dict]:
-        """Validate the raw model and every EMA; returns the metrics and the best model state."""
+        """Validate the raw model and every EMA; returns the metrics and the best model state.
+        The models compute in upstream's order (`upstream_rounding`), so that the valid metrics
+        are the official trainer's for the same weights."""
         key = self.settings.metric
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), upstream_rounding():
             valid: tp.Dict[str, tp.Any] = {"main": self._valid_epoch(epoch)}
             best_name = "main"
             best_state = states.copy_state(self.model.state_dict())
@@ -364,7 +381,7 @@ class Solver:
         else:
             state = states.copy_state(self.model.state_dict())
         self.model.eval()
-        with states.swap_state(self.model, state), torch.no_grad():
+        with states.swap_state(self.model, state), torch.no_grad(), upstream_rounding():
             return evaluate(self, compute_sdr=compute_sdr)
 
     # ---------------------------------------------------------------- batches
@@ -448,7 +465,7 @@ class Solver:
             return self._non_finite(f"the loss is {value}", where)
         loss.backward()
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.stack([g.norm() for g in grads]).norm()) if grads else 0.
+        grad_norm = _grad_norm(grads)
         if not self._finite_everywhere(grad_norm):
             return self._non_finite(f"the gradient norm is {grad_norm}", where)
         if self.settings.clip_grad:

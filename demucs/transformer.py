@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .rounding import exact, fast_cpu_inference
+
 MASK_TYPES = ("diag", "jmask", "random", "global")
 Activation = tp.Union[str, tp.Callable[[torch.Tensor], torch.Tensor]]
 
@@ -221,12 +223,14 @@ class MyGroupNorm(nn.GroupNorm):
     """GroupNorm over token sequences shaped (B, T, C): with one group, each item is normalised
     over all its tokens and channels together.
 
-    One group is computed in the token layout itself (a layer norm over (T, C), then the
-    per-channel affine), because GroupNorm on the transposed tokens returns channel-major
-    memory that makes every following residual add and norm stride through memory."""
+    For inference on CPU, one group is computed in the token layout itself (a layer norm over
+    (T, C), then the per-channel affine), because GroupNorm on the transposed tokens returns
+    channel-major memory that makes every following residual add and norm stride through memory.
+    Training and `upstream_rounding()` take upstream's GroupNorm of the transposed tokens (the
+    same values, other roundings)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.num_groups == 1 and x.dim() == 3:
+        if self.num_groups == 1 and x.dim() == 3 and fast_cpu_inference(x):
             normalized = F.layer_norm(x, x.shape[1:], eps=self.eps)
             if not self.affine:
                 return normalized
@@ -373,11 +377,21 @@ def attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor,
            key_padding_mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
     """Output of the attention module `attn` for `query` attending to `key` (= value).
 
-    Unmasked standard attention runs through `_packed_attention` (fast on CPU); masks, the
-    sparse `MultiheadAttention` and unusual projections go through the module itself.
+    Unmasked standard attention runs through `_packed_attention` for inference (fast on CPU) and
+    for training with dropout on CPU (`dropout_attention`, lean in memory). Training without it
+    goes through the module like upstream: its projections run on time-first tokens, so the
+    weight gradients add the tokens in upstream's order (batch-first tokens round differently
+    once there are several items). Masks, the sparse `MultiheadAttention`, unusual projections
+    and `upstream_rounding()` (whose evaluation then takes torch's own fast path, as upstream's
+    does) go through the module too.
     """
-    plain = isinstance(attn, nn.MultiheadAttention) and _has_plain_projections(attn)
-    if plain and attn_mask is None and key_padding_mask is None:
+    plain = (isinstance(attn, nn.MultiheadAttention) and _has_plain_projections(attn)
+             and attn_mask is None and key_padding_mask is None)
+    if plain and torch.is_grad_enabled():
+        packed = attn.training and attn.dropout > 0 and query.device.type == "cpu"
+    else:
+        packed = plain and not exact()
+    if packed:
         if attn.batch_first:
             return _packed_attention(attn, query, key)
         query_bf = query.transpose(0, 1)

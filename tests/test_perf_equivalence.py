@@ -73,8 +73,8 @@ def test_attend_gradients_match_torch_multihead_attention():
         fn(attn, query, key).square().sum().backward()
         grads.append([query.grad.clone(), attn.in_proj_weight.grad.clone(),
                       attn.out_proj.weight.grad.clone()])
-    for ref, out in zip(*grads):
-        assert rel_err(out, ref) < TOL
+    for ref, out in zip(*grads):  # training goes through the module: upstream's roundings
+        assert torch.equal(out, ref)
 
 
 def test_attend_keeps_masked_calls_on_the_module():

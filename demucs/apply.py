@@ -24,7 +24,8 @@ The executors differ in their overlap-add arithmetic only: the in-memory one add
 `weight * segment` with a fused in-place `addcmul_` (`_add_fused`), the streaming one computes
 the product and adds it (`_add_product`). The two round differently in the last bit, so each
 keeps its own formula and both stay bit-identical to what they gave before; with the same formula
-they agree bitwise, which tests/test_apply.py checks.
+they agree bitwise, which tests/test_apply.py checks. Under `rounding.upstream_rounding()` both
+round the product first, as upstream's `apply_model` does.
 """
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ from . import allocator
 from .demucs import Demucs  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .hdemucs import HDemucs  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .htdemucs import HTDemucs
+from .rounding import exact
 from .utils import autocast, center_trim, check_amp, DummyPoolExecutor
 
 Model = nn.Module
@@ -451,8 +453,13 @@ class _Evaluator:
 
 
 def _add_fused(region: torch.Tensor, weight: torch.Tensor, chunk: torch.Tensor) -> None:
-    """`region += weight * chunk` in one fused, in-place step (the in-memory overlap-add)."""
-    region.addcmul_(weight, chunk)
+    """`region += weight * chunk` in one fused, in-place step (the in-memory overlap-add); under
+    `upstream_rounding()` (the solver's validation and tests) the product is rounded before the
+    sum, as upstream does."""
+    if exact():
+        _add_product(region, weight, chunk)
+    else:
+        region.addcmul_(weight, chunk)
 
 
 def _add_product(region: torch.Tensor, weight: torch.Tensor, chunk: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from demucs import apply as apply_module
 from demucs.apply import (ApplyOptions, BagOfModels, BagPlan, LeafPlan, TensorChunk, apply_model,
                           apply_model_streaming, make_plan, segment_weight, tensor_chunk)
+from demucs.rounding import upstream_rounding
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 torch.set_num_threads(1)  # tiny models: extra threads only add contention
@@ -426,6 +427,19 @@ def test_streaming_is_bitwise_in_memory_without_overlap(shifts):
     random.seed(shifts)
     assert torch.equal(_streamed(bag, mix, shifts=shifts, overlap=0., block_seconds=0.5),
                        expected)
+
+
+def test_upstream_rounding_overlap_adds_the_rounded_product():
+    """The solver validates and tests inside `upstream_rounding()`: the in-memory overlap-add then
+    rounds `weight * segment` before adding it, as upstream's apply_model (and the streaming
+    executor) do, instead of one fused multiply-add."""
+    bag = _nested_bag()
+    mix = _mix(500, 2)
+    random.seed(1)
+    streamed = _streamed(bag, mix, shifts=1, overlap=0.25, block_seconds=100.)
+    random.seed(1)
+    with upstream_rounding():
+        assert torch.equal(apply_model(bag, mix, shifts=1, overlap=0.25), streamed)
 
 
 def test_nested_bags_report_the_outer_index_and_the_inner_size():

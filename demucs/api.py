@@ -21,7 +21,7 @@ from .allocator import tune_malloc
 from .apply import BagOfModels, apply_model, apply_model_streaming, leaf_max_segment
 from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
     convert_audio_channels, save_audio
-from .files import describe_spool_error
+from .files import describe_spool_error, describe_write_error
 from .htdemucs import HTDemucs  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
@@ -129,6 +129,7 @@ def find_or_export_onnx(name: str, repo: tp.Optional[Path] = None,
                            "padded, which slightly changes their estimate.", onnx_dir, error)
             return Path(onnx_dir), None
     model = load_model(name, repo)
+    target = onnx_export.default_cache_root() if onnx_dir is None else Path(onnx_dir)
     try:
         if onnx_dir is None:
             return onnx_export.cached_export(model, name), model
@@ -136,6 +137,10 @@ def find_or_export_onnx(name: str, repo: tp.Optional[Path] = None,
     except onnx_export.OnnxExportError as error:
         raise LoadModelError(f"{name} cannot run with the onnxruntime backend: {error}") \
             from error
+    except OSError as error:
+        raise LoadModelError(f"could not write the ONNX export of {name}: "
+                             f"{describe_write_error(error, target)}; give a writable folder "
+                             f"with onnx_dir (--onnx-dir)") from error
     return Path(onnx_dir), model
 
 

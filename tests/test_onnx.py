@@ -407,3 +407,13 @@ def test_test_pretrained_scores_the_onnx_backend(backend_repo, onnx_cache, tiny_
     assert set(scores["torch"]) == set(scores["onnxruntime"])
     for key, value in scores["torch"].items():
         assert abs(scores["onnxruntime"][key] - value) < 1e-3, key
+
+
+def test_an_unwritable_export_folder_is_named(backend_repo, tmp_path):
+    from demucs.api import LoadModelError
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(LoadModelError, match=r"could not write the ONNX export of "
+                                             r"htdemucs_small: .*file.*--onnx-dir"):
+        separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5),
+                      onnx_dir=not_a_folder / "sub")

@@ -122,7 +122,8 @@ def _separate_track(model: torch.nn.Module, track, args, device: torch.device,
     mix = mix.to(device)
     mono = mix.mean(dim=0)
     mean, std = mono.mean(), mono.std()
-    mix = (mix - mean) / (std + 1e-8)
+    # upstream divides by the std itself; the floor only keeps a silent track finite
+    mix = (mix - mean) / std.clamp_min(1e-8)
     mix = convert_audio(mix, src_rate, model.samplerate, model.audio_channels)
     estimates = apply_model(model, mix[None], shifts=args.test.shifts, split=args.test.split,
                             overlap=args.test.overlap, amp=amp)[0]
@@ -176,8 +177,10 @@ def summarize(tracks: tp.Dict[str, TrackScores], sources: tp.Sequence[str]) -> t
             medians.append(float(np.median(per_track)))
             result[f"{name}_{source}"] = means[-1]
             result[f"{name}_med_{source}"] = medians[-1]
-        result[name] = float(np.mean(means))
-        result[f"{name}_med"] = float(np.mean(medians))
+        # averaged over sources as upstream does (each divided, then added in order), so that
+        # the rounding of the overall figures is the official one
+        result[name] = sum(value / len(sources) for value in means)
+        result[f"{name}_med"] = sum(value / len(sources) for value in medians)
     return result
 
 

@@ -149,6 +149,18 @@ def test_evaluate_tiny_musdb_against_hand_nsdr(tmp_path):
     assert (tmp_path / "xp" / "wav" / "A - a" / "vocals.mp3").exists()
 
 
+def test_evaluate_scores_a_silent_track(tmp_path):
+    """The mixture is divided by its std like upstream, floored so that silence stays finite."""
+    for name in ["A - a", "B - b"]:
+        folder = tmp_path / "musdb" / "test" / name
+        folder.mkdir(parents=True)
+        for stem in SOURCES + ["mixture"]:
+            sf.write(folder / f"{stem}.wav", np.zeros((RATE, 2), np.float32), RATE,
+                     subtype="FLOAT")
+    result = evaluate(_quarter_mix_solver(tmp_path, workers=0, save=False))
+    assert all(result[f"nsdr_{src}"] == 0 for src in SOURCES)
+
+
 def test_evaluate_reports_missing_test_set(tmp_path):
     (tmp_path / "test").mkdir()
     args = OmegaConf.create({"dset": {"musdb": str(tmp_path), "musdb_samplerate": RATE},

@@ -212,7 +212,12 @@ MIN_MODEL_INPUT = 1024
 
 def run_model(model: nn.Module, mix: torch.Tensor, amp: tp.Optional[str] = None) -> torch.Tensor:
     """`model(mix)` without gradients, in the precision `amp` selects (see `apply_model`);
-    the output is always float32."""
+    the output is always float32. Under `upstream_rounding()` the input is made contiguous: a
+    window read from a channel-last track (e.g. `torch.from_numpy(audio).t()`) keeps that layout,
+    with which the models round differently in the last bit than upstream, whose windows are
+    fresh copies (separation keeps the layout, and its recorded outputs)."""
+    if exact():
+        mix = mix.contiguous()
     length = mix.shape[-1]
     if length < MIN_MODEL_INPUT:
         mix = F.pad(mix, (0, MIN_MODEL_INPUT - length))

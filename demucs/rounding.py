@@ -4,8 +4,8 @@ Without autograd on the CPU, the models compute some layers another way than ups
 (the DConv branches as one matrix product with the GroupNorm folded into the 1x1 convolution, the
 transposed convolutions as phase convolutions, the attention through
 `scaled_dot_product_attention`, the token GroupNorm as a layer norm, the overlap-add of
-`apply_model` as one fused multiply-add). They give the same values up to float rounding, and are
-what separation uses.
+`apply_model` as one fused multiply-add, windows of a channel-last track fed in that layout). They
+give the same values up to float rounding, and are what separation uses.
 
 Inside `upstream_rounding()` every model and `apply_model` compute in upstream's order of
 operations instead, so that the same weights give bit-for-bit upstream's numbers on CPU: the

@@ -704,13 +704,13 @@ class HybridUNetMixin:
 
     def _freq_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Weighted frequency embedding added to `x` [B, C, freqs, T] after the first layer, so
-        that convolutions can tell frequencies apart. Without autograd it is weighted before
+        that convolutions can tell frequencies apart. Out of training it is weighted before
         broadcasting over frames ([1, C, freqs, 1]), which spares a full-size multiplication
-        (same values); with autograd it is weighted after, like upstream, whose backward weights
+        (same values); in training it is weighted after, like upstream, whose backward weights
         each frame's gradient before summing them (other roundings otherwise)."""
         bins = torch.arange(x.shape[-2], device=x.device)
         emb = self.freq_emb(bins).t()[None, :, :, None]
-        if torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled():
             return self.freq_emb_scale * emb.expand_as(x)
         return self.freq_emb_scale * emb
 

@@ -377,8 +377,9 @@ def attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor,
            key_padding_mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
     """Output of the attention module `attn` for `query` attending to `key` (= value).
 
-    Unmasked standard attention runs through `_packed_attention` for inference (fast on CPU) and
-    for training with dropout on CPU (`dropout_attention`, lean in memory). Training without it
+    Unmasked standard attention runs through `_packed_attention` for inference and evaluation
+    (fast on CPU; also what the ONNX export traces) and for training with dropout on CPU
+    (`dropout_attention`, lean in memory). Training without it
     goes through the module like upstream: its projections run on time-first tokens, so the
     weight gradients add the tokens in upstream's order (batch-first tokens round differently
     once there are several items). Masks, the sparse `MultiheadAttention`, unusual projections
@@ -387,8 +388,8 @@ def attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor,
     """
     plain = (isinstance(attn, nn.MultiheadAttention) and _has_plain_projections(attn)
              and attn_mask is None and key_padding_mask is None)
-    if plain and torch.is_grad_enabled():
-        packed = attn.training and attn.dropout > 0 and query.device.type == "cpu"
+    if plain and attn.training and torch.is_grad_enabled():
+        packed = attn.dropout > 0 and query.device.type == "cpu"
     else:
         packed = plain and not exact()
     if packed:

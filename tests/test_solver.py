@@ -181,3 +181,16 @@ def test_misc_compile_compiles_the_trained_model_in_place(make_solver, monkeypat
     solver = make_solver("misc.compile=true")
     assert compiled == [solver.model]
     assert not make_solver().args.misc.compile
+
+
+def test_grad_norm_rounds_like_upstream():
+    """The logged gradient norm: squared norms added one after the other in float32, as the
+    official trainer does (a stacked norm rounds differently; train_parity compares it)."""
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(size, generator=generator) * scale
+             for size, scale in [(3, 1e-3), (1000, 1.), (7, 30.), (50, 1e-5)] * 25]
+    expected = 0
+    for grad in grads:
+        expected += grad.norm() ** 2
+    assert solver_module._grad_norm(grads) == float(expected ** 0.5)
+    assert solver_module._grad_norm([]) == 0.

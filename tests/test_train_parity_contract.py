@@ -4,8 +4,8 @@ A seeded toy XP (tiny Demucs on the 8 kHz toy MusDB of training_helpers, default
 but repitch, which needs soundstretch) trains for 2 epochs of 2 batches in one process (loading
 workers would only move repitch's draws, which is off, out of the main process; torch's loader
 draws its seed from the main generator either way). What it must give was recorded from this
-project once `../shared/bench/train_parity.py` had shown it drawing exactly like the official trainer
-(BIT-IDENTICAL batches, losses, valid losses and weights, demucs/hdemucs/htdemucs):
+project once `../shared/bench/train_parity.py` had shown it drawing exactly like the official
+trainer (BIT-IDENTICAL batches, losses, valid losses and weights, demucs/hdemucs/htdemucs):
 
 * the SHA-1 of every training batch as the loader gives it (the shuffle order and the random
   shift of each example) and after augmentation (flips, sign flips, gains, the remix

@@ -118,8 +118,6 @@ class OnnxRuntimeModel(nn.Module):
         self.audio_channels: int = entry["audio_channels"]
         self.segment = _segment_from_json(entry["segment"])
         self.pads_at_end = entry["pad"] == "end"
-        # HTDemucs pads every input to its training segment; apply_model treats it apart.
-        self.processes_training_segment = self.pads_at_end
         self.random_draws = int(entry.get("random_draws", 0))
         graphs = sorted(entry["graphs"], key=lambda graph: graph["input_length"])
         self.sessions = {
@@ -132,6 +130,12 @@ class OnnxRuntimeModel(nn.Module):
     def input_lengths(self) -> tp.List[int]:
         """Input lengths that have a graph, shortest first."""
         return list(self.sessions)
+
+    @property
+    def processes_training_segment(self) -> bool:
+        """Whether this is an HTDemucs, which pads every input to its training segment (at its
+        end): `apply_model` and `BagOfModels` then treat it as they treat HTDemucs."""
+        return self.pads_at_end
 
     @property
     def max_segment(self) -> float:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .allocator import tune_malloc
-from .apply import BagOfModels, apply_model, apply_model_streaming, leaf_max_segment
+from .apply import ApplyOptions, BagOfModels, apply_model, apply_model_streaming, \
+    leaf_max_segment
 from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
     convert_audio_channels, save_audio
 from .files import describe_spool_error, describe_write_error
@@ -241,6 +242,8 @@ class Separator:
         onnx_dir: with the onnxruntime backend, a folder written by `tools.export_onnx` (or
             where to export `model` the first time); None exports `model` once into a cache
             under `torch.hub.get_dir()` and reuses it.
+        segment_batch: segments of a track run in one forward (opt-in, for GPUs: see
+            `demucs.apply.apply_model`); the output is the same up to float rounding.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[Path] = None,
@@ -249,7 +252,7 @@ class Separator:
                  progress: bool = False, callback: tp.Optional[tp.Callable[[dict], None]] = None,
                  callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
                  compile_model: bool = False, backend: str = "torch",
-                 onnx_dir: tp.Optional[Path] = None):
+                 onnx_dir: tp.Optional[Path] = None, segment_batch: int = 1):
         tune_malloc()
         check_device(device)  # before the model is loaded (maybe downloaded)
         check_backend(backend, device, amp, compile_model)
@@ -265,13 +268,14 @@ class Separator:
         self._jobs = 0
         self.update_parameter(device=device, shifts=shifts, overlap=overlap, split=split,
                               segment=segment, jobs=jobs, progress=progress, callback=callback,
-                              callback_arg=callback_arg, amp=amp)
+                              callback_arg=callback_arg, amp=amp, segment_batch=segment_batch)
 
     def update_parameter(self, device: tp.Any = NotProvided, shifts: tp.Any = NotProvided,
                          overlap: tp.Any = NotProvided, split: tp.Any = NotProvided,
                          segment: tp.Any = NotProvided, jobs: tp.Any = NotProvided,
                          progress: tp.Any = NotProvided, callback: tp.Any = NotProvided,
-                         callback_arg: tp.Any = NotProvided, amp: tp.Any = NotProvided) -> None:
+                         callback_arg: tp.Any = NotProvided, amp: tp.Any = NotProvided,
+                         segment_batch: tp.Any = NotProvided) -> None:
         """Change some separation parameters; those not given keep their value."""
         given = {key: value for key, value in locals().items()
                  if key != "self" and value is not NotProvided}
@@ -290,6 +294,8 @@ class Separator:
                 raise ValueError(f"{key} must be 0 or more, got {given[key]}")
         if "amp" in given:
             check_amp(given["amp"])
+        if "segment_batch" in given:
+            ApplyOptions(segment_batch=given["segment_batch"])  # refuses bad values
         if "device" in given:
             check_device(given["device"])
         if self._backend == "onnxruntime":
@@ -333,7 +339,8 @@ class Separator:
         # ONNX Runtime sessions take CPU arrays and move them to their own device themselves.
         device = "cpu" if self._backend == "onnxruntime" else self._device
         return dict(segment=self._segment, shifts=self._shifts, overlap=self._overlap,
-                    device=device, progress=self._progress, amp=self._amp)
+                    device=device, progress=self._progress, amp=self._amp,
+                    segment_batch=self._segment_batch)
 
     def _callback_arg_for(self, length: int) -> dict:
         """The dict each callback call starts from: the user's `callback_arg` and the length."""

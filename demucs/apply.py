@@ -11,9 +11,10 @@ and bags of models weighted per source. Each rule lives in one place, in three l
    order, each one's shifts in order: the order of upstream's recursion, so a seed gives the same
    output), and one `ShiftedPass` per shift: the model evaluated over the track delayed by that
    shift, cut into segments.
-3. Two executors of a plan, sharing the segment reads (`ShiftedPass.read_input`), the model
-   evaluations and callback reports (`_Evaluator`), the shift average (`_average_shifts`) and
-   the bag weighting (`_weigh_members`):
+3. Two executors of a plan, sharing the segment reads (`ShiftedPass.read_input`), the groups of
+   segments run in one forward (`ShiftedPass.segment_groups`, one segment each unless
+   `segment_batch` asks for more), the model evaluations and callback reports (`_Evaluator`),
+   the shift average (`_average_shifts`) and the bag weighting (`_weigh_members`):
    - `apply_model` (`_InMemoryExecutor`) runs pass after pass over whole-pass tensors kept on the
      mix's device;
    - `apply_model_streaming` (`_StreamingExecutor`) runs the segments of every pass in track
@@ -242,9 +243,14 @@ class ApplyOptions:
     transition_power: float = 1.
     segment: tp.Optional[float] = None
     amp: tp.Optional[str] = None
+    segment_batch: int = 1
 
     def __post_init__(self) -> None:
         check_amp(self.amp)
+        if isinstance(self.segment_batch, bool) or not isinstance(self.segment_batch, int) \
+                or self.segment_batch < 1:
+            raise ValueError(f"segment_batch must be a whole number >= 1 (the segments run in "
+                             f"one forward), got {self.segment_batch!r}")
         if not self.shifts >= 0:
             raise ValueError(f"shifts must be 0 or more (0 disables the shift trick), "
                              f"got {self.shifts}")
@@ -283,15 +289,32 @@ class ShiftedPass:
             return remaining
         return min(self.leaf.segment_length, remaining)
 
+    def input_length(self, start: int, segment: tp.Optional[float]) -> int:
+        """Samples the model is given for the segment at track position `start`."""
+        return leaf_input_length(self.leaf.model, self.chunk_length(start), segment)
+
     def read_input(self, source, origin: int, start: int,
                    segment: tp.Optional[float]) -> torch.Tensor:
         """The model input for the segment at track position `start`: the segment centred in the
         context the model asks for (zeros off `source`). Track position 0 is `origin` in
         `source`."""
         chunk_length = self.chunk_length(start)
-        input_length = leaf_input_length(self.leaf.model, chunk_length, segment)
+        input_length = self.input_length(start, segment)
         return read_padded(source, origin + start - (input_length - chunk_length) // 2,
                            input_length)
+
+    def segment_groups(self, size: int, segment: tp.Optional[float]
+                       ) -> tp.List[tp.Tuple[int, ...]]:
+        """The segment starts in order, cut into groups of at most `size` consecutive segments
+        whose model inputs have the same length: each group is evaluated in one forward."""
+        groups: tp.List[tp.List[int]] = []
+        for start in self.segment_starts():
+            if (groups and len(groups[-1]) < size and self.input_length(groups[-1][0], segment)
+                    == self.input_length(start, segment)):
+                groups[-1].append(start)
+            else:
+                groups.append([start])
+        return [tuple(group) for group in groups]
 
 
 @dataclass(frozen=True, eq=False)
@@ -442,14 +465,19 @@ class _Evaluator:
         self.callback_arg = callback_arg
         self.lock = lock
 
-    def __call__(self, pass_: ShiftedPass, start: int, mix: torch.Tensor) -> torch.Tensor:
-        """Output `[B, S, C, n]` for the segment of `pass_` at track position `start`, on the
-        evaluation device."""
-        segment_offset = start - pass_.start
-        self._report(pass_, segment_offset, "start")
+    def __call__(self, pass_: ShiftedPass, starts: tp.Sequence[int],
+                 mixes: tp.Sequence[torch.Tensor]) -> tp.List[torch.Tensor]:
+        """Outputs `[B, S, C, n]` for the segments of `pass_` at track positions `starts`
+        (inputs `mixes`, of one length), on the evaluation device. Several segments are stacked
+        on the batch dimension and run in one forward: the models treat batch items apart."""
+        for start in starts:
+            self._report(pass_, start - pass_.start, "start")
+        mix = mixes[0] if len(mixes) == 1 else torch.cat(list(mixes))
         out = run_model(pass_.leaf.model, mix.to(self.device), self.amp)
-        self._report(pass_, segment_offset, "end")
-        return center_trim(out, pass_.chunk_length(start))
+        for start in starts:
+            self._report(pass_, start - pass_.start, "end")
+        return [center_trim(item, pass_.chunk_length(start))
+                for start, item in zip(starts, out.split(len(mixes[0])))]
 
     def _report(self, pass_: ShiftedPass, segment_offset: int, state: str) -> None:
         if self.callback is not None:
@@ -509,8 +537,8 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
                 overlap: float = 0.25, transition_power: float = 1., progress: bool = False,
                 device=None, num_workers: int = 0, segment: tp.Optional[float] = None,
                 pool=None, lock=None, callback: tp.Optional[Callback] = None,
-                callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None
-                ) -> torch.Tensor:
+                callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
+                segment_batch: int = 1) -> torch.Tensor:
     """Separate `mix` `[B, C, T]` into `[B, S, C, T]` with `model` (a model or a BagOfModels).
 
     Args:
@@ -533,10 +561,14 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
         amp: run the models in mixed precision, "bf16" or "fp16" (opt-in: faster on GPUs and
             on CPUs with bf16 units, but the output differs slightly from float32's); None
             keeps float32.
+        segment_batch: run up to this many consecutive segments of a track in one forward
+            (opt-in: fewer, larger model calls keep a GPU busy; memory grows with it). The
+            output equals the default's up to float rounding, and random shifts are drawn in
+            the same order.
 
     Raises `ValueError` for invalid settings (see `ApplyOptions`) before any model runs.
     """
-    options = ApplyOptions(shifts, split, overlap, transition_power, segment, amp)
+    options = ApplyOptions(shifts, split, overlap, transition_power, segment, amp, segment_batch)
     device = mix.device if device is None else torch.device(device)
     _prepare_device(device)
     chunk = tensor_chunk(mix)
@@ -544,7 +576,7 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
     evaluator = _Evaluator(device, amp, callback, dict(callback_arg or {}),
                            Lock() if lock is None else lock)
     with _segment_pool(pool, num_workers, device) as segment_pool:
-        executor = _InMemoryExecutor(chunk, options.segment, evaluator, segment_pool, progress)
+        executor = _InMemoryExecutor(chunk, options, evaluator, segment_pool, progress)
         return executor.run(plan)
 
 
@@ -573,10 +605,11 @@ class _InMemoryExecutor:
     """Runs a plan pass after pass: each pass's output is built over the whole (shifted) track
     on the mix's device, then shifts are averaged and bag members weighted."""
 
-    def __init__(self, mix: TensorChunk, segment: tp.Optional[float], evaluate: _Evaluator,
+    def __init__(self, mix: TensorChunk, options: ApplyOptions, evaluate: _Evaluator,
                  pool, progress: bool):
         self.mix = mix
-        self.segment = segment
+        self.segment = options.segment
+        self.segment_batch = options.segment_batch
         self.evaluate = evaluate
         self.pool = pool
         self.progress = progress
@@ -604,12 +637,14 @@ class _InMemoryExecutor:
 
     def _run_pass(self, pass_: ShiftedPass) -> torch.Tensor:
         if pass_.leaf.segment_length is None:  # not split: the whole view at once
-            return self._evaluate_segment(pass_, pass_.start)
+            return self._evaluate_group(pass_, (pass_.start,))[0]
         return self._overlap_add(pass_)
 
-    def _evaluate_segment(self, pass_: ShiftedPass, start: int) -> torch.Tensor:
-        mix = pass_.read_input(self.mix.tensor, self.mix.offset, start, self.segment)
-        return self.evaluate(pass_, start, mix)
+    def _evaluate_group(self, pass_: ShiftedPass, starts: tp.Sequence[int]
+                        ) -> tp.List[torch.Tensor]:
+        mixes = [pass_.read_input(self.mix.tensor, self.mix.offset, start, self.segment)
+                 for start in starts]
+        return self.evaluate(pass_, starts, mixes)
 
     def _overlap_add(self, pass_: ShiftedPass) -> torch.Tensor:
         """The pass's segments, evaluated in the pool, blended with the cross-fade weight."""
@@ -619,28 +654,34 @@ class _InMemoryExecutor:
         out = torch.zeros(batch, len(leaf.model.sources), channels, pass_.length,
                           device=self.mix.device)
         sum_weight = torch.zeros(pass_.length, device=self.mix.device)
-        futures = [(start, self.pool.submit(self._evaluate_segment, pass_, start))
-                   for start in pass_.segment_starts()]
+        futures = [(starts, self.pool.submit(self._evaluate_group, pass_, starts))
+                   for starts in pass_.segment_groups(self.segment_batch, self.segment)]
+        bar = self._progress_bar(len(pass_.segment_starts()), leaf)
         try:
-            for start, future in self._with_progress(futures, leaf):
-                chunk_out = future.result()
-                at, chunk_length = start - pass_.start, chunk_out.shape[-1]
-                weight = leaf.weight[:chunk_length]
-                _add_fused(out[..., at:at + chunk_length], weight, chunk_out.to(self.mix.device))
-                sum_weight[at:at + chunk_length] += weight
+            for starts, future in futures:
+                for start, chunk_out in zip(starts, future.result()):
+                    at, chunk_length = start - pass_.start, chunk_out.shape[-1]
+                    weight = leaf.weight[:chunk_length]
+                    _add_fused(out[..., at:at + chunk_length], weight,
+                               chunk_out.to(self.mix.device))
+                    sum_weight[at:at + chunk_length] += weight
+                bar.update(len(starts))
         except BaseException:  # a failed segment or Ctrl-C: the others are not needed any more
             for _, future in futures:
                 future.cancel()
             raise
+        finally:
+            bar.close()
         out /= sum_weight
         return out
 
-    def _with_progress(self, futures: list, leaf: LeafPlan) -> tp.Iterable:
-        if not self.progress:
-            return futures
+    def _progress_bar(self, segments: int, leaf: LeafPlan) -> tqdm.tqdm:
+        """A bar over the segments of a pass, counted in seconds of stride (hidden unless
+        `progress`)."""
         assert leaf.stride is not None
         scale = float(format(leaf.stride / leaf.model.samplerate, ".2f"))
-        return tqdm.tqdm(futures, unit_scale=scale, ncols=120, unit="seconds")
+        return tqdm.tqdm(total=segments, unit_scale=scale, ncols=120, unit="seconds",
+                         disable=not self.progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -699,38 +740,45 @@ class _StreamingExecutor:
     """Runs every segment of every pass of a plan in track order, keeping at most `num_workers`
     evaluations in flight, and yields the estimates block by block."""
 
-    def __init__(self, plan: Plan, source, segment: tp.Optional[float], evaluate: _Evaluator,
+    def __init__(self, plan: Plan, source, options: ApplyOptions, evaluate: _Evaluator,
                  num_workers: int, block_length: int):
         self.plan = plan
         self.source = source
-        self.segment = segment
+        self.segment = options.segment
+        self.segment_batch = options.segment_batch
         self.evaluate = evaluate
         self.num_workers = num_workers
         self.block_length = block_length
         self.passes = [pass_ for leaf in plan.leaves() for pass_ in leaf.passes]
         self.windows = {pass_: _SlidingWindow(pass_) for pass_ in self.passes}
-        self.pending: tp.Deque[tp.Tuple[int, ShiftedPass, tp.Any]] = deque()
+        self.pending: tp.Deque[tp.Tuple[tp.Tuple[int, ...], ShiftedPass, tp.Any]] = deque()
 
-    def _schedule(self, length: int) -> tp.Iterator[tp.Tuple[int, int]]:
-        """`(start, pass index)` of every segment by start, then `(length, -1)` for the end.
-        Adding segments in this order means that all samples before the next start are final."""
-        segments = heapq.merge(*[zip(pass_.segment_starts(), itertools.repeat(index))
-                                 for index, pass_ in enumerate(self.passes)])
-        return itertools.chain(segments, [(length, -1)])
+    def _schedule(self, length: int) -> tp.Iterator[tp.Tuple[int, int, tp.Tuple[int, ...]]]:
+        """`(first start, pass index, starts)` of every group of segments (see
+        `ShiftedPass.segment_groups`) by first start, then `(length, -1, ())` for the end.
+        Adding groups in this order means that all samples before the next start are final."""
+        groups = heapq.merge(*[self._pass_groups(index) for index in range(len(self.passes))])
+        return itertools.chain(groups, [(length, -1, ())])
+
+    def _pass_groups(self, index: int) -> tp.List[tp.Tuple[int, int, tp.Tuple[int, ...]]]:
+        """`(first start, index, starts)` of each group of segments of pass `index`."""
+        groups = self.passes[index].segment_groups(self.segment_batch, self.segment)
+        return [(starts[0], index, starts) for starts in groups]
 
     def blocks(self, pool) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
         """`(start, estimates [B, S, C, n])` for consecutive ranges of the whole track."""
         length = self.source.shape[-1]
         emitted = 0
-        for start, index in self._schedule(length):
+        for start, index, starts in self._schedule(length):
             if index >= 0:
                 pass_ = self.passes[index]
-                mix = pass_.read_input(self.source, 0, start, self.segment)
-                self.pending.append((start, pass_, pool.submit(self.evaluate, pass_, start, mix)))
-            # at the end mark, every pending segment is added
+                mixes = [pass_.read_input(self.source, 0, at, self.segment) for at in starts]
+                self.pending.append((starts, pass_,
+                                     pool.submit(self.evaluate, pass_, starts, mixes)))
+            # at the end mark, every pending group is added
             self._add_finished(self.num_workers if index >= 0 else 0)
             # samples before the next segment still to add are final
-            frontier = max(emitted, min(length, self.pending[0][0] if self.pending else start))
+            frontier = max(emitted, min(length, self.pending[0][0][0] if self.pending else start))
             if frontier - emitted >= self.block_length or (frontier == length > emitted):
                 yield emitted, self._combine(self.plan, frontier)
                 emitted = frontier
@@ -738,8 +786,9 @@ class _StreamingExecutor:
     def _add_finished(self, keep: int) -> None:
         """Waits for the oldest evaluations until at most `keep` are in flight, and adds them."""
         while len(self.pending) > keep:
-            start, pass_, future = self.pending.popleft()
-            self.windows[pass_].add(future.result().cpu(), start)
+            starts, pass_, future = self.pending.popleft()
+            for start, chunk_out in zip(starts, future.result()):
+                self.windows[pass_].add(chunk_out.cpu(), start)
 
     def _combine(self, node: Plan, end: int) -> torch.Tensor:
         """Estimates of `node` up to track position `end`, from where the last block ended."""
@@ -757,19 +806,19 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
                           segment: tp.Optional[float] = None, progress: bool = False,
                           num_workers: int = 0, block_seconds: float = 30.,
                           callback: tp.Optional[Callback] = None,
-                          callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None
-                          ) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
+                          callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
+                          segment_batch: int = 1) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
     """Yield `(start, estimates [1, S, C, n])` blocks of `apply_model(model, mix, split=True, ...)`.
 
     `source` gives the mixture `[1, C, T]` lazily: it needs `shape` and slicing on the last
     dimension (e.g. `source[..., a:b]`), and is only read from the calling thread. Memory use
-    depends on the segment length, the number of models, shifts and workers, not on the
-    duration. Random shifts are drawn from `random` in the same order as `apply_model`, so both
-    give the same result for the same seed (within the rounding of their overlap-adds).
-    `callback` receives the same dicts as with `apply_model` (in processing order, interleaved
+    depends on the segment length, the number of models, shifts, workers and `segment_batch`
+    (segments run in one forward, as in `apply_model`), not on the duration. Random shifts are
+    drawn from `random` in the same order as `apply_model`, so both give the same result for the
+    same seed (within the rounding of their overlap-adds). `callback` receives the same dicts as with `apply_model` (in processing order, interleaved
     between models); `models` is the size of the bag, 1 for a lone model.
     """
-    options = ApplyOptions(shifts, True, overlap, transition_power, segment, amp)
+    options = ApplyOptions(shifts, True, overlap, transition_power, segment, amp, segment_batch)
     device = torch.device("cpu") if device is None else torch.device(device)
     _prepare_device(device)
     plan = make_plan(model, options, source.shape[-1], torch.device("cpu"))
@@ -777,7 +826,7 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
         leaf.model.to(device)
         leaf.model.eval()
     evaluator = _Evaluator(device, amp, callback, dict(callback_arg or {}, models=1), _STREAM_LOCK)
-    executor = _StreamingExecutor(plan, source, segment, evaluator, num_workers,
+    executor = _StreamingExecutor(plan, source, options, evaluator, num_workers,
                                   max(1, int(block_seconds * model.samplerate)))
     bar = tqdm.tqdm(total=source.shape[-1], unit_scale=1 / model.samplerate, ncols=120,
                     unit="seconds", disable=not progress)

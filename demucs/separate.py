@@ -121,6 +121,10 @@ def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="Compile the model with torch.compile (opt-in): the first segments "
                              "are slow while it compiles, the next ones faster.")
+    parser.add_argument("--batch-segments", default=1, type=int, metavar="N",
+                        help="Run N consecutive segments of a track in one forward (opt-in): "
+                             "keeps a GPU busier, uses more memory; same output up to float "
+                             "rounding. Default 1.")
     parser.add_argument("-j", "--jobs", default=0, type=int,
                         help="Number of jobs. This can increase memory usage but will be much "
                              "faster when multiple cores are available.")
@@ -227,6 +231,9 @@ def _check_writable(folders: tp.Iterable[Path]) -> None:
 def _check_options(args: argparse.Namespace) -> None:
     """Everything that can be checked before the model is loaded: option values, the device,
     the input files and the output folder."""
+    if args.batch_segments < 1:
+        raise UsageError(f"--batch-segments {args.batch_segments}: give 1 or more segments "
+                         "per forward.")
     if args.mp3 and args.mp3_bitrate not in MP3_BITRATES:
         raise UsageError(f"--mp3-bitrate {args.mp3_bitrate} is not an mp3 bitrate; use one of "
                          f"{', '.join(map(str, MP3_BITRATES))} (kbps).")
@@ -317,6 +324,34 @@ def _encode_all_or_none(writers: tp.Dict[str, AudioWriter], paths: tp.Dict[str, 
                     from error
 
 
+_OUT_OF_MEMORY_MARKS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says a device ran out of memory (CUDA's `torch.OutOfMemoryError`, or the
+    RuntimeError of MPS and of the CPU allocator)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        mark in str(error).lower() for mark in _OUT_OF_MEMORY_MARKS)
+
+
+def out_of_memory_advice(error: BaseException, track: Path, args: argparse.Namespace) -> str:
+    """One message for an out-of-memory: where, and the options that use less memory."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    advice = ["a shorter --segment (e.g. --segment 4)"]
+    if args.batch_segments > 1:
+        advice.append(f"fewer --batch-segments than {args.batch_segments}")
+    else:
+        advice.append("--batch-segments 1 (the default)")
+    if args.jobs > 0:
+        advice.append("fewer -j/--jobs")
+    if torch.device(args.device).type != "cpu":
+        advice.append("-d cpu (slower, uses main memory)")
+    return (f"error: out of memory on {args.device} while separating {track} ({cause}). "
+            f"Use less memory: {', '.join(advice)}. The stems of the tracks before it are kept.")
+
+
 def _print_models(repo: tp.Optional[Path]) -> None:
     try:
         models = list_models(repo)
@@ -339,7 +374,7 @@ def _make_separator(args: argparse.Namespace) -> Separator:
                               shifts=args.shifts, overlap=args.overlap, split=args.split,
                               segment=None, jobs=args.jobs, progress=True, amp=args.amp,
                               compile_model=args.compile, backend=args.backend,
-                              onnx_dir=args.onnx_dir)
+                              onnx_dir=args.onnx_dir, segment_batch=args.batch_segments)
     except (LoadModelError, ValueError, ImportError) as error:
         _fatal(str(error))
     limit = max_allowed_segment(separator.model)
@@ -410,6 +445,8 @@ def _separate_all(args: argparse.Namespace) -> None:
         try:
             separate_track(separator, track, paths, args, fmt)
         except (LoadAudioError, SeparationError, ValueError, OSError, RuntimeError) as error:
+            if is_out_of_memory(error):  # the next tracks would run out too: stop here
+                _fatal(out_of_memory_advice(error, track, args))
             logger.error("Could not separate %s: %s", track, error)
             failures += 1
     if failures:

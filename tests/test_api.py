@@ -179,6 +179,36 @@ def test_amp_is_passed_to_every_segment_and_checked(repo: Path, monkeypatch):
         Separator("tiny", repo=repo, device="cpu", amp="float16")
 
 
+def test_segment_batch_runs_segments_together_in_both_modes(
+        repo: Path, track: Path, monkeypatch):
+    batches = []
+    real_run_model = apply_module.run_model
+
+    def spy(model, mix, amp=None):
+        batches.append(mix.shape[0])
+        return real_run_model(model, mix, amp)
+
+    monkeypatch.setattr(apply_module, "run_model", spy)
+    separator = Separator("transformer", repo=repo, device="cpu", shifts=0, segment=0.5)
+    _, expected = separator.separate_audio_file(track)
+    assert set(batches) == {1}
+    batches.clear()
+    separator.update_parameter(segment_batch=3)
+    _, stems = separator.separate_audio_file(track)
+    assert max(batches) == 3
+    batches.clear()
+    blocks = list(separator.separate_audio_file_in_blocks(track))
+    assert max(batches) == 3
+    streamed = torch.cat([block["vocals"] for _, block in blocks], dim=-1)
+    for name in expected:
+        assert torch.allclose(stems[name], expected[name], atol=1e-5)
+    assert torch.allclose(streamed, expected["vocals"], atol=1e-5)
+    with pytest.raises(ValueError, match="segment_batch must be a whole number >= 1"):
+        separator.update_parameter(segment_batch=0)
+    with pytest.raises(ValueError, match="segment_batch must be a whole number >= 1"):
+        Separator("tiny", repo=repo, device="cpu", segment_batch=-1)
+
+
 def test_compile_model_compiles_every_model_of_a_bag_in_place(repo: Path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))

@@ -4,6 +4,7 @@ import dataclasses
 import random
 import subprocess
 import sys
+import typing as tp
 
 from hypothesis import given, settings, strategies as st
 import pytest
@@ -503,6 +504,95 @@ def test_progress_bar_counts_the_segments(capsys):
     out = apply_model(Scaler(2.), _mix(450), shifts=0, overlap=0.5, progress=True)
     assert out.shape == (1, 4, 2, 450)
     assert "4.5/4.5" in capsys.readouterr().err  # 9 segments of 0.5 s stride
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment batching: several segments of a pass in one forward, the same output.
+
+
+class BatchRecorder(ConvSeparator):
+    """A ConvSeparator that records the batch size of each forward."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.batches: list = []
+
+    def forward(self, mix):
+        self.batches.append(mix.shape[0])
+        return super().forward(mix)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(length=st.integers(30, 700), shifts=st.integers(0, 2), batch=st.integers(2, 6),
+       overlap=st.sampled_from([0.1, 0.25, 0.5]), workers=st.sampled_from([0, 2]),
+       seed=st.integers(0, 100))
+def test_segment_batching_gives_the_unbatched_output(length, shifts, batch, overlap, workers,
+                                                     seed):
+    bag = _nested_bag()
+    mix = _mix(length, seed)
+    random.seed(seed)
+    expected = apply_model(bag, mix, shifts=shifts, overlap=overlap)
+    random.seed(seed)
+    batched = apply_model(bag, mix, shifts=shifts, overlap=overlap, segment_batch=batch,
+                          num_workers=workers)
+    assert torch.allclose(batched, expected, atol=1e-6, rtol=0)
+    random.seed(seed)
+    streamed = _streamed(bag, mix, shifts=shifts, overlap=overlap, segment_batch=batch,
+                         num_workers=workers, block_seconds=0.3)
+    assert torch.allclose(streamed, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("run", [apply_model, lambda *a, **k: list(apply_model_streaming(*a, **k))])
+def test_segment_batching_groups_consecutive_segments_of_one_input_length(run):
+    model = BatchRecorder()
+    run(model, _mix(450), shifts=0, overlap=0., segment_batch=2)
+    # 5 segments of 100 samples (the last one 50): 2 + 2, then the short one alone
+    assert model.batches == [2, 2, 1]
+
+
+def test_segment_batching_reports_every_segment_and_draws_the_same_shifts():
+    mix = _mix(500)
+    events, batched_events = [], []
+    random.seed(3)
+    apply_model(_nested_bag(), mix, shifts=2, callback=events.append)
+    after = random.random()
+    random.seed(3)
+    apply_model(_nested_bag(), mix, shifts=2, callback=batched_events.append, segment_batch=3)
+    assert random.random() == after
+
+    def keyed(items):
+        return sorted((e["model_idx_in_bag"], e["shift_idx"], e["segment_offset"], e["state"])
+                      for e in items)
+    assert keyed(batched_events) == keyed(events)
+
+
+def _tiny_models() -> tp.List[nn.Module]:
+    from demucs.demucs import Demucs
+    from demucs.hdemucs import HDemucs
+    from demucs.htdemucs import HTDemucs
+    torch.manual_seed(0)
+    return [Demucs(SOURCES, channels=4, depth=3, samplerate=8000, segment=0.3, lstm_layers=1),
+            HDemucs(SOURCES, channels=4, nfft=256, depth=4, samplerate=8000, segment=0.3),
+            HTDemucs(SOURCES, channels=8, depth=3, t_layers=1, t_heads=2, bottom_channels=16,
+                     samplerate=8000, segment=0.3)]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["demucs", "hdemucs", "htdemucs"])
+def test_segment_batching_matches_for_the_real_models(index):
+    model = _tiny_models()[index].eval()
+    mix = torch.randn(1, 2, 8000, generator=torch.Generator().manual_seed(index))
+    random.seed(0)
+    expected = apply_model(model, mix, shifts=2)
+    random.seed(0)
+    batched = apply_model(model, mix, shifts=2, segment_batch=4)
+    assert torch.allclose(batched, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_segment_batch_must_be_a_positive_whole_number(value):
+    with pytest.raises(ValueError, match=f"segment_batch must be a whole number >= 1 .* got "
+                                         f"{value!r}"):
+        ApplyOptions(segment_batch=value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,6 +169,60 @@ def test_cuda_on_a_cpu_build_says_so(repo, track, tmp_path, caplog):
     assert "CUDA is not available" in _error_text(caplog) and "use -d cpu" in _error_text(caplog)
 
 
+def test_mps_without_mps_says_so(repo, track, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert _separate(repo, tmp_path / "out", "-d", "mps", track) == 1
+    assert "MPS is not available" in _error_text(caplog)
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [
+    (True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_default_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    from demucs.api import _default_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert _default_device() == expected
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)")])
+def test_out_of_memory_stops_with_one_message_saying_what_to_change(
+        repo, track, tmp_path, caplog, monkeypatch, error):
+    from demucs import apply as apply_module
+
+    def run_out_of_memory(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(apply_module, "run_model", run_out_of_memory)
+    second = track.parent / "second.wav"
+    second.write_bytes(track.read_bytes())
+    assert _separate(repo, tmp_path / "out", "--batch-segments", "4", track, second) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1  # stopped at the first track, with no traceback
+    assert f"out of memory on cpu while separating {track}" in errors[0]
+    assert "--segment" in errors[0] and "fewer --batch-segments than 4" in errors[0]
+    assert not _files(tmp_path / "out")
+
+
+def test_batch_segments_gives_the_default_output(repo, tmp_path):
+    track = tmp_path / "long.wav"  # 2 segments of 1 s, batched in one forward
+    save_audio(0.3 * torch.randn(2, 3 * SAMPLERATE // 2,
+                                 generator=torch.Generator().manual_seed(2)), track, SAMPLERATE)
+    assert _separate(repo, tmp_path / "one", "--float32", "--segment", "1", track) == 0
+    assert _separate(repo, tmp_path / "four", "--float32", "--segment", "1",
+                     "--batch-segments", "2", track) == 0
+    one, four = _files(tmp_path / "one"), _files(tmp_path / "four")
+    assert [path.name for path in one] == [path.name for path in four] and one
+    for a, b in zip(one, four):
+        np.testing.assert_allclose(soundfile.read(a)[0], soundfile.read(b)[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_batch_segments_below_one_is_refused(repo, track, tmp_path, caplog, value):
+    assert _separate(repo, tmp_path / "out", "--batch-segments", value, track) == 1
+    assert f"--batch-segments {value}: give 1 or more" in _error_text(caplog)
+
+
 def test_onnxruntime_backend_without_the_package_says_how_to_install(
         repo, track, tmp_path, caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)

@@ -86,17 +86,20 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 def check_backend(backend: str, device: tp.Any, amp: tp.Optional[str] = None,
-                  compile_model: bool = False) -> None:
+                  compile_model: bool = False,
+                  option_names: tp.Tuple[str, str] = ("amp", "compile_model")) -> None:
     """Raises `ValueError` when `backend` is unknown or cannot run with these options, and
-    `ImportError` (saying what to install) when onnxruntime is asked for but missing."""
+    `ImportError` (saying what to install) when onnxruntime is asked for but missing. The
+    messages call `amp` and `compile_model` by `option_names` (the command's flags)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return
-    for option, value in [("amp", amp), ("compile_model", compile_model)]:
+    for option, value in zip(option_names, [amp, compile_model]):
         if value:
             raise ValueError(f"{option} is an option of the torch backend; the onnxruntime "
-                             f"backend runs the exported float32 (or int8) graphs as they are")
+                             f"backend runs the exported float32 (or int8) graphs as they "
+                             f"are: leave {option} out")
     from .onnx_runtime import providers_for_device
     providers_for_device(device)
 

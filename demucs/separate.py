@@ -254,13 +254,9 @@ def _check_backend_options(args: argparse.Namespace) -> None:
     if args.onnx_dir is not None and args.backend != "onnxruntime":
         raise UsageError("--onnx-dir is used by the ONNX Runtime backend: add --backend "
                          "onnxruntime.")
-    if args.backend == "onnxruntime":
-        for flag, value in [("--amp", args.amp), ("--compile", args.compile)]:
-            if value:
-                raise UsageError(f"{flag} is an option of the torch backend, not of --backend "
-                                 "onnxruntime; leave it out.")
     try:
-        check_backend(args.backend, args.device)
+        check_backend(args.backend, args.device, args.amp, args.compile,
+                      option_names=("--amp", "--compile"))
     except ImportError as error:
         raise UsageError(str(error)) from None
     except ValueError as error:

@@ -7,8 +7,8 @@ of the XP folder.
   a run killed in the middle of a write.
 - `load_checkpoint` reads one back, with an error that says what to do when it is unusable.
 - `checkpoint_package` / `restore_checkpoint` define what a checkpoint holds, including the
-  states of the random generators (`get_rng_state`), so that a resumed run continues exactly as
-  if it had not stopped.
+  states of the random generators (`get_rng_state`) and, for fp16 training, the loss scaler
+  (`grad_scaler`), so that a resumed run continues exactly as if it had not stopped.
 """
 import errno
 import json
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("state", "optimizer", "history", "best_state")
 LOCK_NAME = "train.lock"
+GRAD_SCALER_KEY = "grad_scaler"  # the loss scaler of `optim.amp=fp16` training
 EMAs = tp.Dict[str, tp.List[ModelEMA]]
 
 
@@ -143,9 +144,10 @@ def _ema_key(kind: str, index: int) -> str:
 
 def checkpoint_package(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        history: list, best_state: tp.Optional[dict], args: DictConfig,
-                       emas: EMAs) -> dict:
+                       emas: EMAs, scaler: tp.Optional[torch.amp.GradScaler] = None) -> dict:
     """What `checkpoint.th` holds: the keys of upstream Demucs (`state`, `optimizer`, `history`,
-    `best_state`, `args`, `ema_<kind>_<k>`) plus the random generators (`rng`)."""
+    `best_state`, `args`, `ema_<kind>_<k>`) plus the random generators (`rng`) and, when training
+    with a loss scaler (`optim.amp=fp16`), its scale and growth counter (`grad_scaler`)."""
     package = {
         "state": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -157,13 +159,29 @@ def checkpoint_package(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for kind, kind_emas in emas.items():
         for index, ema in enumerate(kind_emas):
             package[_ema_key(kind, index)] = ema.state_dict()
+    if scaler is not None:
+        package[GRAD_SCALER_KEY] = scaler.state_dict()
     return package
 
 
+def _restore_grad_scaler(package: dict, scaler: tp.Optional[torch.amp.GradScaler],
+                         path: Path) -> None:
+    """Give `scaler` the state saved in `package`; a checkpoint without one (written by float32
+    or bf16 training, or by upstream Demucs) leaves it at its initial scale."""
+    if scaler is None:
+        return
+    if GRAD_SCALER_KEY in package:
+        scaler.load_state_dict(package[GRAD_SCALER_KEY])
+    else:
+        logger.info("%s has no %s: the fp16 loss scale starts from %g", path, GRAD_SCALER_KEY,
+                    scaler.get_scale())
+
+
 def restore_checkpoint(package: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       emas: EMAs, path: Path) -> None:
-    """Load the model, optimizer, EMAs and random generators of a `checkpoint_package` read from
-    `path` (the history and best state are the caller's)."""
+                       emas: EMAs, path: Path,
+                       scaler: tp.Optional[torch.amp.GradScaler] = None) -> None:
+    """Load the model, optimizer, EMAs, random generators and loss scaler (when given) of a
+    `checkpoint_package` read from `path` (the history and best state are the caller's)."""
     model.load_state_dict(package["state"])
     optimizer.load_state_dict(package["optimizer"])
     for kind, kind_emas in emas.items():
@@ -173,6 +191,7 @@ def restore_checkpoint(package: dict, model: torch.nn.Module, optimizer: torch.o
                 raise CheckpointError(f"{path} has no {key}: it was written with another ema.* "
                                       "configuration.")
             ema.load_state_dict(package[key])
+    _restore_grad_scaler(package, scaler, path)
     if "rng" in package:  # absent from checkpoints of upstream Demucs
         set_rng_state(package["rng"])
 

@@ -9,6 +9,10 @@ Reliability (see docs/reliability.md): a non-finite loss or gradient stops the r
 reaches the weights (or skips the batch with `optim.skip_nonfinite`); checkpoints are written
 atomically and hold the random generators, so a resumed run continues exactly as if it had not
 stopped.
+
+fp16 training (`optim.amp=fp16`, CUDA only) scales the loss with the `GradScaler` of
+`TrainingParts.scaler`: a batch whose scaled gradients overflow is skipped and the scale lowered,
+as loss scaling intends, whatever `optim.skip_nonfinite` says (see `Solver._step`).
 """
 from dataclasses import dataclass, field
 import itertools
@@ -41,6 +45,10 @@ from .utils import autocast, EMA, pull_metric
 
 logger = logging.getLogger(__name__)
 
+# A gradient still non-finite once the loss scale is down to this is not an fp16 overflow: it
+# takes the path of any non-finite gradient (stop, or skip with `optim.skip_nonfinite`).
+MIN_LOSS_SCALE = 1.
+
 # (epoch, batch index) of a batch, for error messages.
 BatchPosition = tp.Tuple[int, int]
 Losses = tp.Dict[str, tp.Any]
@@ -62,7 +70,7 @@ class TrainingSettings:
     weights: tp.Tuple[float, ...]  # per source [weights]
     clip_grad: float  # 0: no clipping [optim.clip_grad]
     skip_nonfinite: bool  # [optim.skip_nonfinite]
-    amp: tp.Optional[str]  # None or "bf16" [optim.amp]
+    amp: tp.Optional[str]  # None, "bf16" or "fp16" (needs TrainingParts.scaler) [optim.amp]
     diffq: float  # weight of the model size in the loss, 0: none [quant.diffq]
     svd_penalty: float  # [svd.penalty]
     svd: tp.Mapping[str, tp.Any]  # keyword arguments of `svd_penalty` [svd.*]
@@ -94,6 +102,7 @@ class TrainingParts:
     emas: tp.Dict[str, tp.List[ModelEMA]] = field(
         default_factory=lambda: {"batch": [], "epoch": []})
     parallel_model: tp.Optional[torch.nn.Module] = None  # `model` wrapped for DDP, if it is
+    scaler: tp.Optional[torch.amp.GradScaler] = None  # loss scaler of fp16 training, else None
 
 
 # ---------------------------------------------------------------- logs
@@ -132,6 +141,18 @@ def _grad_norm(grads: tp.List[torch.Tensor]) -> float:
         squares = squares.float()
     squares = squares.cpu().numpy()
     return float(np.sqrt(np.add.accumulate(squares)[-1]))
+
+
+def _checked_scaler(scaler: tp.Optional[torch.amp.GradScaler],
+                    amp: tp.Optional[str]) -> tp.Optional[torch.amp.GradScaler]:
+    """`scaler`, checked against `amp`: fp16 training needs one, float32 and bf16 take none."""
+    if amp == "fp16" and scaler is None:
+        raise ValueError("TrainingSettings.amp='fp16' needs TrainingParts.scaler, a loss scaler: "
+                         "build it with demucs.train.make_grad_scaler('fp16', device).")
+    if amp != "fp16" and scaler is not None:
+        raise ValueError(f"TrainingSettings.amp={amp!r} trains without loss scaling: leave "
+                         "TrainingParts.scaler as None (it is for amp='fp16' only).")
+    return scaler
 
 
 def _detached(losses: Losses) -> Losses:
@@ -178,6 +199,7 @@ class Solver:
         self.augment = parts.augment
         self.emas = parts.emas
         self.dmodel = parts.parallel_model or parts.model
+        self.scaler = _checked_scaler(parts.scaler, settings.amp)
         self.device = next(iter(self.model.parameters())).device
         self.weights = torch.tensor(list(settings.weights), dtype=torch.float32,
                                     device=self.device)
@@ -200,7 +222,7 @@ class Solver:
     def _serialize(self, epoch: int) -> None:
         """Write checkpoint.th (every epoch), checkpoint_<N>.th (`save_every`) and best.th."""
         package = checkpoint_package(self.model, self.optimizer, self.history, self.best_state,
-                                     self.args, self.emas)
+                                     self.args, self.emas, self.scaler)
         if self.best_changed:
             # best.th first: a crash before checkpoint.th is written replays the epoch, which
             # rewrites best.th if needed.
@@ -229,7 +251,8 @@ class Solver:
     def _resume(self, package: dict) -> None:
         self.link.update_history(package["history"])
         self.best_state = package["best_state"]
-        restore_checkpoint(package, self.model, self.optimizer, self.emas, self.checkpoint_file)
+        restore_checkpoint(package, self.model, self.optimizer, self.emas, self.checkpoint_file,
+                           self.scaler)
 
     def _load_pretrained(self, name: str, repo: tp.Optional[str]) -> None:
         logger.info("Starting from the pretrained model %s", name)
@@ -295,13 +318,14 @@ class Solver:
 
     def _train_epoch(self, epoch: int) -> dict:
         """One pass of `_train_step` over the train loader; the epoch's mean metrics over all
-        workers (with `skipped`, the count of skipped batches, under `optim.skip_nonfinite`)."""
+        workers (with `skipped`, the count of skipped batches, under `optim.skip_nonfinite` or
+        fp16 loss scaling)."""
         self.model.train()
         meter = self._run_batches("train", epoch, self._train_step)
         for ema in self.emas["epoch"]:
             ema.update()
         metrics = distrib.average(meter.averages, meter.count)
-        if self.settings.skip_nonfinite:
+        if self.settings.skip_nonfinite or self.scaler is not None:
             metrics["skipped"] = meter.skipped  # the same on every worker: decided jointly
         return metrics
 
@@ -332,10 +356,13 @@ class Solver:
                 rate = examples / max(progress.format_dict["elapsed"], 1e-9)
                 progress.set_postfix(loss=f"{meter.averages['loss']:.4f}", ex_s=f"{rate:.1f}")
         if meter.count == 0 and meter.skipped:
+            fp16 = (" (with optim.amp=fp16: their scaled gradients overflowed; more batches per "
+                    "epoch let the loss scale settle, or train with optim.amp=bf16)"
+                    if self.scaler is not None else "")
             raise NonFiniteLossError(
                 f"Epoch {epoch + 1}: all {meter.skipped} training batches had a non-finite loss "
-                "or gradient and were skipped; nothing was learnt. Lower optim.lr or check the "
-                "data.")
+                f"or gradient and were skipped{fp16}; nothing was learnt. Lower optim.lr or check "
+                "the data.")
         if meter.count == 0:
             raise RuntimeError(f"The {name} loader gave no batch: the dataset is smaller than "
                                f"batch_size={self.settings.batch_size} (drop_last) or empty.")
@@ -458,8 +485,11 @@ class Solver:
         """Backward, gradient norm (and clipping), optimizer step and batch EMAs.
 
         A non-finite loss or gradient norm stops here, before the step and the EMA updates:
-        `NonFiniteLossError`, or None (batch skipped) with `optim.skip_nonfinite`.
+        `NonFiniteLossError`, or None (batch skipped) with `optim.skip_nonfinite`. With a loss
+        scaler (fp16), see `_scaled_step`.
         """
+        if self.scaler is not None:
+            return self._scaled_step(loss, self.scaler, where)
         value = float(loss.detach())
         if not self._finite_everywhere(value):
             return self._non_finite(f"the loss is {value}", where)
@@ -470,15 +500,65 @@ class Solver:
             return self._non_finite(f"the gradient norm is {grad_norm}", where)
         if self.settings.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip_grad)
-        if self.settings.log_params_without_grad:
-            for name, param in self.model.named_parameters():
-                if param.grad is None:
-                    logger.info("No gradient for %s", name)
+        self._log_params_without_grad()
         self.optimizer.step()
         self.optimizer.zero_grad()
         for ema in self.emas["batch"]:
             ema.update()
         return grad_norm
+
+    def _scaled_step(self, loss: torch.Tensor, scaler: torch.amp.GradScaler,
+                     where: BatchPosition) -> tp.Optional[float]:
+        """`_step` with fp16 loss scaling: backward of the scaled loss, gradients unscaled before
+        their norm and clipping, `scaler.step` and `scaler.update`.
+
+        A non-finite loss is handled as in `_step`. A non-finite gradient while the scale is above
+        `MIN_LOSS_SCALE` is an fp16 overflow: the batch is skipped (None, counted in `skipped`)
+        and the scaler lowers its scale, leaving the weights and EMAs untouched. Below that, it
+        is a real non-finite gradient: `NonFiniteLossError`, or skipped with
+        `optim.skip_nonfinite`.
+        """
+        value = float(loss.detach())
+        if not self._finite_everywhere(value):
+            return self._non_finite(f"the loss is {value}", where)
+        scaler.scale(loss).backward()
+        scaler.unscale_(self.optimizer)
+        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        grad_norm = _grad_norm(grads)
+        if not self._finite_everywhere(grad_norm):
+            return self._scaled_overflow(scaler, grad_norm, where)
+        if self.settings.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip_grad)
+        self._log_params_without_grad()
+        scaler.step(self.optimizer)  # the gradients are finite: the step is taken
+        scaler.update()
+        self.optimizer.zero_grad()
+        for ema in self.emas["batch"]:
+            ema.update()
+        return grad_norm
+
+    def _scaled_overflow(self, scaler: torch.amp.GradScaler, grad_norm: float,
+                         where: BatchPosition) -> None:
+        """Skip a batch whose unscaled gradients are not finite and lower the loss scale; stop (or
+        skip, with `optim.skip_nonfinite`) when the scale was already down to `MIN_LOSS_SCALE`."""
+        scale = scaler.get_scale()
+        scaler.update()  # sees the inf/nan found by unscale_: backs the scale off
+        if scale <= MIN_LOSS_SCALE:
+            return self._non_finite(f"the gradient norm is {grad_norm} at fp16 loss scale "
+                                    f"{scale:g}", where)
+        self.optimizer.zero_grad()
+        epoch, batch = where
+        logger.info("Epoch %d, batch %d: fp16 gradients overflowed at loss scale %g, batch "
+                    "skipped, scale lowered to %g", epoch + 1, batch + 1, scale,
+                    scaler.get_scale())
+        return None
+
+    def _log_params_without_grad(self) -> None:
+        """Log the parameters that got no gradient (`flag=uns`)."""
+        if self.settings.log_params_without_grad:
+            for name, param in self.model.named_parameters():
+                if param.grad is None:
+                    logger.info("No gradient for %s", name)
 
     @staticmethod
     def _finite_everywhere(value: float) -> bool:

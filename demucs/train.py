@@ -260,15 +260,31 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def training_amp(optim: DictConfig) -> tp.Optional[str]:
-    """The `optim.amp` setting, refused unless None or bf16: float16 training needs loss scaling,
-    which the solver does not do."""
+def training_device() -> torch.device:
+    """The device the model trains on: the current CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def training_amp(optim: DictConfig, device: tp.Union[str, torch.device]) -> tp.Optional[str]:
+    """The `optim.amp` setting for training on `device`: None (float32), bf16 anywhere, or fp16
+    on CUDA only, where the solver scales the loss with `torch.amp.GradScaler`."""
     amp = optim.get("amp")
     check_amp(amp)
-    if amp == "fp16":
-        raise ValueError("optim.amp=fp16 is not supported for training (it needs loss scaling); "
-                         "use optim.amp=bf16, or leave optim.amp empty for float32")
+    if amp == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("optim.amp=fp16 trains only on CUDA GPUs (it needs loss scaling with "
+                         "torch.amp.GradScaler); use optim.amp=bf16 on CPU, or leave optim.amp "
+                         "empty")
     return amp
+
+
+def make_grad_scaler(amp: tp.Optional[str],
+                     device: tp.Union[str, torch.device]) -> tp.Optional[torch.amp.GradScaler]:
+    """The loss scaler of float16 training (`amp` "fp16") on `device`, None for float32 / bf16,
+    which train without one. `training_amp` decides which devices may train in fp16."""
+    check_amp(amp)
+    if amp != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def _batch_caps(args: DictConfig) -> tp.Tuple[tp.Optional[int], tp.Optional[int]]:
@@ -280,9 +296,12 @@ def _batch_caps(args: DictConfig) -> tp.Tuple[tp.Optional[int], tp.Optional[int]
     return (1 if one_train else cap), (1 if one_valid else cap)
 
 
-def training_settings(args: DictConfig) -> "TrainingSettings":
-    """The scalar settings of the training loop, checked once (see `TrainingSettings`)."""
+def training_settings(args: DictConfig,
+                      device: tp.Optional[torch.device] = None) -> "TrainingSettings":
+    """The scalar settings of the training loop on `device` (default: `training_device()`),
+    checked once (see `TrainingSettings`)."""
     from .solver import TrainingSettings
+    device = training_device() if device is None else device
     if args.optim.loss not in ("l1", "mse"):
         raise ValueError(f"Unknown optim.loss={args.optim.loss!r}, expected l1 or mse.")
     svd = OmegaConf.to_container(args.svd, resolve=True)
@@ -293,7 +312,7 @@ def training_settings(args: DictConfig) -> "TrainingSettings":
         epochs=args.epochs, batch_size=args.batch_size, max_train_batches=max_train_batches,
         max_valid_batches=max_valid_batches, loss=args.optim.loss, weights=tuple(args.weights),
         clip_grad=args.optim.clip_grad, skip_nonfinite=bool(args.optim.skip_nonfinite),
-        amp=training_amp(args.optim), diffq=args.quant.diffq or 0.,
+        amp=training_amp(args.optim, device), diffq=args.quant.diffq or 0.,
         svd_penalty=args.svd.penalty, svd=svd, valid_apply=bool(args.valid_apply),
         valid_split=args.test.split, test_every=args.test.every, test_sdr=bool(args.test.sdr),
         test_best=bool(args.test.best), metric=args.test.metric,
@@ -367,18 +386,21 @@ def get_loaders(args: DictConfig) -> tp.Dict[str, torch.utils.data.DataLoader]:
 def get_training_parts(model: nn.Module, optimizer: torch.optim.Optimizer,
                        args: DictConfig) -> "TrainingParts":
     """The quantizer (`quant.*`), the compiled (`misc.compile`) and DDP-wrapped model, the EMAs
-    (`ema.batch` on the model's device, `ema.epoch` on CPU) and the augmentation (`augment.*`)."""
+    (`ema.batch` on the model's device, `ema.epoch` on CPU), the augmentation (`augment.*`) and,
+    for `optim.amp=fp16`, the loss scaler (refused off CUDA, see `training_amp`)."""
     from .solver import TrainingParts
     quantizer = get_quantizer(model, args.quant, optimizer)
     if args.misc.get("compile"):
         model.compile()
     parallel_model = distrib.wrap(model)
     device = next(iter(model.parameters())).device
+    scaler = make_grad_scaler(training_amp(args.optim, device), device)
     emas = {kind: [ModelEMA(model, decay, device=device if kind == "batch" else "cpu")
                    for decay in args.ema[kind] or []]
             for kind in ["batch", "epoch"]}
     return TrainingParts(model=model, optimizer=optimizer, augment=augmentation_from_config(args),
-                         quantizer=quantizer, emas=emas, parallel_model=parallel_model)
+                         quantizer=quantizer, emas=emas, parallel_model=parallel_model,
+                         scaler=scaler)
 
 
 def get_solver(args: DictConfig, model_only: bool = False) -> "Solver":
@@ -391,14 +413,15 @@ def get_solver(args: DictConfig, model_only: bool = False) -> "Solver":
     if args.misc.show:
         _show_model(model, args)
         sys.exit(0)
-    if torch.cuda.is_available():
+    device = training_device()
+    if device.type == "cuda":
         model.cuda()
     optimizer = get_optimizer(model, args)
     if args.batch_size % distrib.world_size:
         raise ValueError(f"batch_size={args.batch_size} must be divisible by the number of "
                          f"workers ({distrib.world_size}).")
     args.batch_size //= distrib.world_size
-    settings = training_settings(args)
+    settings = training_settings(args, device)
     loaders = None
     if not model_only:
         _check_shift_fits_segment(args)

@@ -2,6 +2,7 @@
 penalty, resume (the checkpoint machinery itself is tested in test_checkpoint.py)."""
 import dataclasses
 import json
+import math
 import typing as tp
 
 import pytest
@@ -168,9 +169,11 @@ def test_amp_bf16_trains_in_bfloat16_and_validates_in_float32(make_solver):
     assert set(dtypes) == {torch.float32}
 
 
-@pytest.mark.parametrize("amp, message", [("fp16", "optim.amp=fp16 is not supported"),
+@pytest.mark.parametrize("amp, message", [("fp16", "optim.amp=fp16 trains only on CUDA GPUs"),
                                           ("int8", "amp must be bf16, fp16 or None")])
-def test_unsupported_training_amp_is_refused(make_solver, amp, message):
+def test_unsupported_training_amp_is_refused(make_solver, amp, message, monkeypatch):
+    from demucs import train
+    monkeypatch.setattr(train, "training_device", lambda: torch.device("cpu"))
     with pytest.raises(ValueError, match=message):
         make_solver(f"optim.amp={amp}")
 
@@ -194,3 +197,143 @@ def test_grad_norm_rounds_like_upstream():
         expected += grad.norm() ** 2
     assert solver_module._grad_norm(grads) == float(expected ** 0.5)
     assert solver_module._grad_norm([]) == 0.
+
+
+# ---------------------------------------------------------------- fp16 loss scaling
+def _fp16_solver(make_solver, *overrides: str, skip_nonfinite: bool = False):
+    """A Solver training in fp16 with a CPU `GradScaler` (the config path refuses fp16 off
+    CUDA): the parts and settings of `make_solver(*overrides)`, given a scaler and amp=fp16.
+    Like any Solver, it resumes from the XP's checkpoint, scaler included."""
+    from demucs.train import make_grad_scaler
+    base = make_solver(*overrides)
+    parts = solver_module.TrainingParts(
+        model=base.model, optimizer=base.optimizer, augment=base.augment,
+        quantizer=base.quantizer, emas=base.emas, scaler=make_grad_scaler("fp16", "cpu"))
+    settings = dataclasses.replace(base.settings, amp="fp16", skip_nonfinite=skip_nonfinite)
+    with base.xp.enter():
+        solver = solver_module.Solver(base.loaders, parts, settings, base.args)
+    solver.xp = base.xp
+    return solver
+
+
+def _poison_next_gradient(param: torch.Tensor) -> None:
+    """Make the next gradient of `param` non-finite (once), as an fp16 overflow would."""
+    handles = []
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        handles.pop().remove()
+        return grad * float("inf")
+
+    handles.append(param.register_hook(poison))
+
+
+def _params(solver) -> tp.List[torch.Tensor]:
+    return [p.detach().clone() for p in solver.model.parameters()]
+
+
+def test_fp16_step_unscales_before_the_norm_and_clipping(make_solver, monkeypatch):
+    torch.manual_seed(0)
+    solver = _fp16_solver(make_solver, "optim.clip_grad=1e-3", "ema.batch=[0.9]")
+    clipped_norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_",
+        lambda params, max_norm: clipped_norms.append(float(clip(params, max_norm))))
+    before = _params(solver)
+    loss = sum(0.5 * (p ** 2).sum() for p in solver.model.parameters())  # gradient: the weights
+    grad_norm = solver._step(loss, (0, 0))
+    assert grad_norm == solver_module._grad_norm(before)  # scaling by 2 ** 16 is exact
+    assert clipped_norms == [pytest.approx(grad_norm)]
+    assert any(not torch.equal(b, p) for b, p in zip(before, solver.model.parameters()))
+    assert solver.optimizer.state_dict()["state"][0]["step"] == 1
+    assert solver.emas["batch"][0].count == 1
+    assert solver.scaler.get_scale() == 65536.
+    assert all(p.grad is None or not p.grad.any() for p in solver.model.parameters())
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(make_solver, skip_nonfinite):
+    solver = _fp16_solver(make_solver, "ema.batch=[0.9]", skip_nonfinite=skip_nonfinite)
+    params = list(solver.model.parameters())
+    before = _params(solver)
+    _poison_next_gradient(params[0])
+    loss = sum(p.sum() for p in params)
+    assert solver._step(loss, (0, 0)) is None  # an overflow, whatever optim.skip_nonfinite says
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
+    assert solver.optimizer.state_dict()["state"] == {} and solver.emas["batch"][0].count == 0
+    assert solver.scaler.get_scale() == 32768.
+    assert solver._step(sum(p.sum() for p in params), (0, 1)) == pytest.approx(
+        solver_module._grad_norm([torch.ones_like(p) for p in params]))
+    assert solver.emas["batch"][0].count == 1  # the scaler recovered: the next step is taken
+
+    solver.scaler.update(new_scale=1.)  # no overflow left to blame: a real non-finite gradient
+    before = _params(solver)
+    _poison_next_gradient(params[0])
+    if skip_nonfinite:
+        assert solver._step(sum(p.sum() for p in params), (0, 2)) is None
+    else:
+        with pytest.raises(solver_module.NonFiniteLossError,
+                           match="batch 3: the gradient norm is .* at fp16 loss scale 1"):
+            solver._step(sum(p.sum() for p in params), (0, 2))
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
+    assert solver.emas["batch"][0].count == 1
+
+
+def test_fp16_epoch_trains_in_float16_and_counts_overflows(make_solver):
+    torch.manual_seed(0)
+    solver = _fp16_solver(make_solver, "max_batches=3", "valid_apply=false")
+    dtypes = _record_conv_dtypes(solver.model)
+    before = _params(solver)
+    _poison_next_gradient(next(solver.model.parameters()))
+    metrics = solver._train_epoch(0)
+    assert torch.float16 in dtypes
+    assert metrics["skipped"] == 1 and math.isfinite(metrics["loss"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, solver.model.parameters()))
+    assert solver.optimizer.state_dict()["state"][0]["step"] == 2
+    assert solver.scaler.get_scale() == 32768.
+
+
+def test_fp16_scaler_state_is_saved_and_resumed(make_solver):
+    torch.manual_seed(0)
+    overrides = ["epochs=2", "max_batches=2", "test.every=10"]
+    solver = _fp16_solver(make_solver, *overrides)
+    _poison_next_gradient(next(solver.model.parameters()))
+    with solver.xp.enter():
+        solver._run_epoch(0)
+    state = solver.scaler.state_dict()
+    assert state["scale"] == 32768. and state["_growth_tracker"] == 1
+    assert load_checkpoint(solver.folder / "checkpoint.th")["grad_scaler"] == state
+
+    resumed = _fp16_solver(make_solver, *overrides)
+    assert resumed.history == solver.history and resumed.scaler.state_dict() == state
+    with resumed.xp.enter():
+        resumed.train()
+    assert resumed.scaler.get_scale() == 32768.  # 3 clean steps: far from growth_interval
+    assert resumed.scaler.state_dict()["_growth_tracker"] == 3
+
+
+def test_a_checkpoint_without_scaler_resumes_fp16_at_the_initial_scale(make_solver):
+    overrides = ["epochs=2", "max_batches=1", "test.every=10"]
+    solver = make_solver(*overrides)
+    with solver.xp.enter():
+        solver._run_epoch(0)
+    package = load_checkpoint(solver.folder / "checkpoint.th")
+    assert "grad_scaler" not in package  # float32 training has no scaler to save
+    resumed = _fp16_solver(make_solver, *overrides)
+    assert len(resumed.history) == 1 and resumed.scaler.get_scale() == 65536.
+
+
+@pytest.mark.parametrize("amp", ["null", "bf16"])
+def test_float32_and_bf16_train_without_scaler(make_solver, amp):
+    from demucs.train import make_grad_scaler
+    solver = make_solver(f"optim.amp={amp}")
+    assert solver.scaler is None
+    parts = solver_module.TrainingParts(model=solver.model, optimizer=solver.optimizer,
+                                        augment=solver.augment,
+                                        scaler=make_grad_scaler("fp16", "cpu"))
+    with solver.xp.enter(), pytest.raises(ValueError, match="leave TrainingParts.scaler as None"):
+        solver_module.Solver(None, parts, solver.settings, solver.args)
+    parts.scaler = None
+    settings = dataclasses.replace(solver.settings, amp="fp16")
+    with solver.xp.enter(), pytest.raises(ValueError, match="make_grad_scaler"):
+        solver_module.Solver(None, parts, settings, solver.args)

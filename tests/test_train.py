@@ -347,3 +347,53 @@ def test_training_parts_follow_the_config():
     assert [ema.decay for ema in parts.emas["batch"]] == [0.9, 0.99]
     assert [ema.device for ema in parts.emas["epoch"]] == ["cpu"]
     assert [type(module).__name__ for module in parts.augment] == ["Shift", "Remix"]
+
+
+FP16_REFUSAL = ("optim.amp=fp16 trains only on CUDA GPUs (it needs loss scaling with "
+                "torch.amp.GradScaler); use optim.amp=bf16 on CPU, or leave optim.amp empty")
+
+
+def test_training_amp_refuses_fp16_off_cuda():
+    from demucs.train import training_amp, training_settings
+    fp16 = _config("optim.amp=fp16").optim
+    with pytest.raises(ValueError) as refusal:
+        training_amp(fp16, torch.device("cpu"))
+    assert str(refusal.value) == FP16_REFUSAL
+    with pytest.raises(ValueError, match="trains only on CUDA GPUs"):
+        training_settings(_config("optim.amp=fp16"), torch.device("cpu"))
+    assert training_amp(fp16, "cuda") == "fp16"  # no GPU needed to decide
+    assert training_amp(_config("optim.amp=bf16").optim, "cpu") == "bf16"
+    assert training_amp(_config().optim, "cpu") is None
+    with pytest.raises(ValueError, match="amp must be bf16, fp16 or None"):
+        training_amp(_config("optim.amp=int8").optim, "cuda")
+
+
+def test_training_device_follows_cuda_availability(monkeypatch):
+    from demucs.train import training_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device() == torch.device("cuda")
+
+
+def test_only_fp16_gets_a_grad_scaler(monkeypatch):
+    from demucs import train
+    from demucs.train import get_model, get_optimizer, get_training_parts, make_grad_scaler
+    assert make_grad_scaler(None, "cpu") is None and make_grad_scaler("bf16", "cuda") is None
+    scaler = make_grad_scaler("fp16", torch.device("cpu"))
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
+    assert scaler.get_scale() == 65536.
+    with pytest.raises(ValueError, match="amp must be bf16, fp16 or None"):
+        make_grad_scaler("fp32", "cpu")
+    for amp in ["null", "bf16", "fp16"]:
+        args = _config("model=demucs", *TINY_MODELS["demucs"], f"optim.amp={amp}")
+        model = get_model(args)
+        if amp == "fp16":  # the model is on the CPU here
+            with pytest.raises(ValueError, match="trains only on CUDA GPUs"):
+                get_training_parts(model, get_optimizer(model, args), args)
+        else:
+            assert get_training_parts(model, get_optimizer(model, args), args).scaler is None
+    # as on a GPU, where training_amp accepts fp16: the parts carry the scaler to the Solver
+    monkeypatch.setattr(train, "training_amp", lambda optim, device: optim.get("amp"))
+    parts = get_training_parts(model, get_optimizer(model, args), args)
+    assert isinstance(parts.scaler, torch.amp.GradScaler)

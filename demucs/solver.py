@@ -168,6 +168,7 @@ class _EpochMeter:
         self.averages: tp.Dict[str, float] = {}
         self.count = 0
         self.skipped = 0
+        self.overflows = 0  # skipped batches whose fp16 gradients overflowed (loss scaling)
 
     def add(self, losses: tp.Optional[Losses]) -> bool:
         """Fold in one batch's metrics (None: a skipped batch); True when they were kept."""
@@ -211,6 +212,7 @@ class Solver:
         self.history = self.link.history
         self.best_state: tp.Optional[dict] = None
         self.best_changed = False
+        self._meter = _EpochMeter()  # the epoch's, while `_run_batches` runs
         main_worker = distrib.rank == 0
         self.tracker = EpochTracker(
             self.folder, settings.tensorboard and main_worker,
@@ -348,6 +350,7 @@ class Solver:
                         desc=f"{name.capitalize()} | Epoch {epoch + 1}", leave=False,
                         disable=distrib.rank != 0, dynamic_ncols=True)
         meter = _EpochMeter()
+        self._meter = meter
         examples = 0
         for index, batch in enumerate(progress):
             examples += len(batch) * distrib.world_size
@@ -355,13 +358,17 @@ class Solver:
             if added and not progress.disable:  # a disabled bar (workers > 0) has no clock
                 rate = examples / max(progress.format_dict["elapsed"], 1e-9)
                 progress.set_postfix(loss=f"{meter.averages['loss']:.4f}", ex_s=f"{rate:.1f}")
+        if meter.count == 0 and meter.skipped == meter.overflows > 0:
+            assert self.scaler is not None
+            logger.warning("Epoch %d: the fp16 gradients of all %d training batches overflowed "
+                           "while the loss scale settles (now %g); nothing was learnt in this "
+                           "epoch, training goes on.", epoch + 1, meter.skipped,
+                           self.scaler.get_scale())
+            return meter
         if meter.count == 0 and meter.skipped:
-            fp16 = (" (with optim.amp=fp16: their scaled gradients overflowed; more batches per "
-                    "epoch let the loss scale settle, or train with optim.amp=bf16)"
-                    if self.scaler is not None else "")
             raise NonFiniteLossError(
                 f"Epoch {epoch + 1}: all {meter.skipped} training batches had a non-finite loss "
-                f"or gradient and were skipped{fp16}; nothing was learnt. Lower optim.lr or check "
+                f"or gradient and were skipped; nothing was learnt. Lower optim.lr or check "
                 "the data.")
         if meter.count == 0:
             raise RuntimeError(f"The {name} loader gave no batch: the dataset is smaller than "
@@ -547,6 +554,7 @@ class Solver:
             return self._non_finite(f"the gradient norm is {grad_norm} at fp16 loss scale "
                                     f"{scale:g}", where)
         self.optimizer.zero_grad()
+        self._meter.overflows += 1
         epoch, batch = where
         logger.info("Epoch %d, batch %d: fp16 gradients overflowed at loss scale %g, batch "
                     "skipped, scale lowered to %g", epoch + 1, batch + 1, scale,

@@ -293,6 +293,24 @@ def test_fp16_epoch_trains_in_float16_and_counts_overflows(make_solver):
     assert solver.scaler.get_scale() == 32768.
 
 
+def test_fp16_epoch_whose_batches_all_overflow_goes_on(make_solver, caplog):
+    """At the start of fp16 training the loss scale may be too high for every batch of a short
+    epoch: that is the scaler settling, not a failure, so the epoch ends with a warning."""
+    torch.manual_seed(0)
+    solver = _fp16_solver(make_solver, "max_batches=2", "valid_apply=false")
+    before = _params(solver)
+    handle = next(solver.model.parameters()).register_hook(lambda grad: grad * float("inf"))
+    with solver.xp.enter():
+        solver._run_epoch(0)  # validated, logged and saved like any epoch
+    handle.remove()
+    metrics = solver.history[0]["train"]
+    assert metrics["skipped"] == 2 and "loss" not in metrics
+    assert all(torch.equal(b, p) for b, p in zip(before, solver.model.parameters()))
+    assert solver.scaler.get_scale() == 16384.
+    assert "all 2 training batches overflowed while the loss scale settles" in caplog.text
+    assert math.isfinite(solver._train_epoch(1)["loss"])  # the next epoch learns
+
+
 def test_fp16_scaler_state_is_saved_and_resumed(make_solver):
     torch.manual_seed(0)
     overrides = ["epochs=2", "max_batches=2", "test.every=10"]

@@ -8,9 +8,10 @@ and bags of models weighted per source. Each rule lives in one place, in three l
 2. `make_plan`: the model (or a bag, nested or not) turned into a tree of `BagPlan` and
    `LeafPlan` nodes for a track of a given length. A leaf holds its segment length, stride,
    cross-fade weight, maximum shift and the shift offsets drawn from `random` (bag members in
-   order, each one's shifts in order: the order of upstream's recursion, so a seed gives the same
-   output), and one `ShiftedPass` per shift: the model evaluated over the track delayed by that
-   shift, cut into segments.
+   order, each one's shifts in order, each followed by the draws its pass's forwards make: the
+   order of upstream's recursion, so a seed gives upstream's output and leaves `random` where
+   upstream does), and one `ShiftedPass` per shift: the model evaluated over the track delayed
+   by that shift, cut into segments.
 3. Two executors of a plan, sharing the segment reads (`ShiftedPass.read_input`), the groups of
    segments run in one forward (`ShiftedPass.segment_groups`, one segment each unless
    `segment_batch` asks for more), the model evaluations and callback reports (`_Evaluator`),
@@ -373,10 +374,43 @@ def make_plan(model: nn.Module, options: ApplyOptions, length: int,
     """The plan for applying `model` (a model or a bag) to a track of `length` samples.
 
     Draws the shift offsets from Python's `random`, leaf after leaf (depth first) and shift after
-    shift. Raises `ValueError` when a leaf cannot be split with these options. The cross-fade
-    weights are made on `weight_device`, where the executor adds the segments up.
+    shift, each followed by the draws the forwards of its pass make (see
+    `forward_random_draws`): `random` then goes through the states it goes through in
+    upstream's recursion, where the forwards of a pass run before the next offset is drawn, so
+    a seed gives upstream's offsets and leaves `random` where upstream leaves it. The executors
+    run the forwards afterwards, inside `_random_state_of_plan`. Raises `ValueError` when a leaf
+    cannot be split with these options. The cross-fade weights are made on `weight_device`,
+    where the executor adds the segments up.
     """
     return _plan_node(model, options, length, weight_device, None, None)
+
+
+def forward_random_draws(model: nn.Module) -> tp.Tuple[int, ...]:
+    """The arguments of the `random.randrange` calls one forward of `model` makes, in order:
+    the transformer's "sin" positional shift (drawn even when it can only be 0), or what an ONNX
+    Runtime stand-in (`random_draws`) repeats of it."""
+    transformer = getattr(model, "crosstransformer", None)
+    if transformer is not None and transformer.emb == "sin":
+        return (transformer.sin_random_shift + 1,)
+    return (1,) * int(getattr(model, "random_draws", 0))
+
+
+def _draw_as_forwards(model: nn.Module, forwards: int) -> None:
+    """Advances `random` as `forwards` forwards of `model` would."""
+    for _ in range(forwards):
+        for upper in forward_random_draws(model):
+            random.randrange(upper)
+
+
+@contextlib.contextmanager
+def _random_state_of_plan() -> tp.Iterator[None]:
+    """Runs a plan's forwards, then puts `random` back where `make_plan` left it: the plan
+    already made the draws of these forwards, in upstream's order."""
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def _plan_node(model: nn.Module, options: ApplyOptions, length: int, weight_device,
@@ -392,9 +426,19 @@ def _plan_node(model: nn.Module, options: ApplyOptions, length: int, weight_devi
         stride = _stride(segment_length, options.overlap)
         weight = _cross_fade(segment_length, options.transition_power, weight_device)
     max_shift = int(MAX_SHIFT_SECONDS * model.samplerate) if options.shifts else 0
-    offsets = tuple(random.randint(0, max_shift) for _ in range(options.shifts))
-    return LeafPlan(model, segment_length, stride, weight, max_shift, offsets, length,
+    offsets = []
+    for _ in range(options.shifts):
+        offsets.append(random.randint(0, max_shift))
+        _draw_as_forwards(model, _pass_forwards(length + max_shift - offsets[-1], stride))
+    if not options.shifts:
+        _draw_as_forwards(model, _pass_forwards(length, stride))
+    return LeafPlan(model, segment_length, stride, weight, max_shift, tuple(offsets), length,
                     bag_index or 0, bag_size)
+
+
+def _pass_forwards(pass_length: int, stride: tp.Optional[int]) -> int:
+    """Forwards of a pass over `pass_length` samples: one per segment, one when not split."""
+    return 1 if stride is None else -(-pass_length // stride)
 
 
 def _segment_length(model: nn.Module, segment: tp.Optional[float]) -> int:
@@ -575,7 +619,7 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
     plan = make_plan(model, options, chunk.length, chunk.device)
     evaluator = _Evaluator(device, amp, callback, dict(callback_arg or {}),
                            Lock() if lock is None else lock)
-    with _segment_pool(pool, num_workers, device) as segment_pool:
+    with _segment_pool(pool, num_workers, device) as segment_pool, _random_state_of_plan():
         executor = _InMemoryExecutor(chunk, options, evaluator, segment_pool, progress)
         return executor.run(plan)
 
@@ -815,8 +859,9 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
     depends on the segment length, the number of models, shifts, workers and `segment_batch`
     (segments run in one forward, as in `apply_model`), not on the duration. Random shifts are
     drawn from `random` in the same order as `apply_model`, so both give the same result for the
-    same seed (within the rounding of their overlap-adds). `callback` receives the same dicts as with `apply_model` (in processing order, interleaved
-    between models); `models` is the size of the bag, 1 for a lone model.
+    same seed (within the rounding of their overlap-adds). `callback` receives the same dicts as
+    with `apply_model` (in processing order, interleaved between models); `models` is the size
+    of the bag, 1 for a lone model.
     """
     options = ApplyOptions(shifts, True, overlap, transition_power, segment, amp, segment_batch)
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -830,7 +875,7 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
                                   max(1, int(block_seconds * model.samplerate)))
     bar = tqdm.tqdm(total=source.shape[-1], unit_scale=1 / model.samplerate, ncols=120,
                     unit="seconds", disable=not progress)
-    with _owned_pool(num_workers) as pool:
+    with _owned_pool(num_workers) as pool, _random_state_of_plan():
         for start, block in executor.blocks(pool):
             yield start, block
             bar.update(block.shape[-1])

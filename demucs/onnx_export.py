@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .apply import BagOfModels
+from .apply import BagOfModels, forward_random_draws
 from .demucs import Demucs
 from .files import atomic_open, atomic_write
 from .hdemucs import HDemucs
@@ -338,15 +338,8 @@ def model_info(model: nn.Module, input_length: int) -> tp.Dict[str, tp.Any]:
             "audio_channels": model.audio_channels, "segment": _segment_to_json(model.segment),
             "input_length": input_length,
             "pad": "end" if pads_at_end(model) else "center",
-            "random_draws": _python_random_draws(model)}
-
-
-def _python_random_draws(model: nn.Module) -> int:
-    """How many numbers a forward of `model` draws from Python's `random` module: the
-    transformer's "sin" positional shift, even when it can only be 0. The ONNX Runtime leaf draws
-    as many, so that later draws (e.g. the next `apply_model`'s shifts) stay the same."""
-    transformer = getattr(model, "crosstransformer", None)
-    return int(transformer is not None and transformer.emb == "sin")
+            # the ONNX Runtime leaf draws as many numbers from `random` as the PyTorch model
+            "random_draws": len(forward_random_draws(model))}
 
 
 def export_model(model: nn.Module, path: tp.Union[str, Path], input_length: int,

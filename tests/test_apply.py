@@ -394,6 +394,51 @@ def test_applying_draws_the_same_offsets_as_the_plan():
 # Both executors run the same plan: bitwise equal with the same overlap-add formula.
 
 
+class DrawingSeparator(ConvSeparator):
+    """A ConvSeparator whose forward draws from `random` as HTDemucs's "sin" embedding does."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.crosstransformer = nn.Module()
+        self.crosstransformer.emb = "sin"
+        self.crosstransformer.sin_random_shift = 0
+
+    def forward(self, mix):
+        random.randrange(1)
+        return super().forward(mix)
+
+
+def _upstream_draws(models, length: int, shifts: int, overlap: float, seed: int):
+    """Offsets and the next random number, drawn in upstream's recursion order: a shift's
+    offset, then one draw per segment forward of that pass, model after model."""
+    random.seed(seed)
+    offsets = []
+    for model in models:
+        max_shift = int(0.5 * model.samplerate)
+        stride = int((1 - overlap) * int(model.segment * model.samplerate))
+        for _ in range(shifts):
+            offsets.append(random.randint(0, max_shift))
+            for _ in range(0, length + max_shift - offsets[-1], stride):
+                random.randrange(1)
+    return offsets, random.random()
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(length=st.integers(30, 600), shifts=st.integers(1, 3), batch=st.integers(1, 3),
+       seed=st.integers(0, 100))
+def test_shift_offsets_and_random_state_follow_upstreams_order(length, shifts, batch, seed):
+    models = [DrawingSeparator(seed=1), DrawingSeparator(seed=2, segment=0.6)]
+    bag = BagOfModels(models)
+    offsets, after = _upstream_draws(models, length, shifts, 0.25, seed)
+    random.seed(seed)
+    plan = make_plan(bag, ApplyOptions(shifts=shifts), length)
+    assert [offset for leaf in plan.leaves() for offset in leaf.shift_offsets] == offsets
+    for run in [apply_model, lambda *a, **k: list(apply_model_streaming(*a, **k))]:
+        random.seed(seed)
+        run(bag, _mix(length), shifts=shifts, segment_batch=batch)
+        assert random.random() == after  # the forwards' own draws were the plan's
+
+
 def _nested_bag() -> BagOfModels:
     inner = BagOfModels([ConvSeparator(seed=3), Scaler(2.)], [[1., 1., .5, 1.], [.3, 1., 1., 1.]])
     return BagOfModels([inner, ConvSeparator(seed=4, segment=0.6)], [[1., 2., 1., 1.]] * 2)

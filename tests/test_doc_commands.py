@@ -64,6 +64,12 @@ COMMANDS: tp.Dict[str, str] = {
     "demucs --backend onnxruntime track.mp3": RUN,
     "demucs --backend onnxruntime --repo ./release_models -n SIG track.mp3": RUN,
     "demucs --backend onnxruntime --onnx-dir onnx/htdemucs_int8 track.mp3": RUN,
+    # docs/performance.md
+    "python3 -m tools.gpu_check --dry-run --out gpu_check_out":
+        "tests/test_gpu_check.py runs it as written, with --out in a scratch folder",
+    "bash tools/prepare_device.sh": "downloads wheels from PyPI and copies 54 MB of reference "
+                                    "vectors for the offline GPU machine: run by hand before a "
+                                    "device session (it checks what it fetched itself)",
     # docs/training.md
     "dora run dset.musdb=/path/to/musdbhq": CONFIG,
     "dora run dset.musdb=/path/to/my_songs dset.valid_tracks=2": CONFIG,

@@ -474,7 +474,10 @@ class HybridSpectrogramMixin:
     def _mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Complex source spectrograms [B, S, C, Fr, T] from the network output `m` and the mixture
         spectrogram `z`: direct complex values (cac), Wiener filtering (iterations >= 0) or the
-        mixture phase (iterations < 0)."""
+        mixture phase (iterations < 0). `m` is taken in float32: under CUDA's float16 autocast the
+        last decoder layer gives float16, whose complex spectrogram the inverse STFT would have
+        to take as the experimental complex32."""
+        m = m.float()
         if self.cac:
             batch, sources, _, freqs, frames = m.shape
             parts = m.view(batch, sources, -1, 2, freqs, frames).permute(0, 1, 2, 4, 5, 3)

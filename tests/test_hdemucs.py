@@ -250,3 +250,15 @@ def test_forward_matches_official(golden_dir, case):
     ref = io["forward_out"]
     assert out.shape == ref.shape
     assert float((out - ref).norm() / ref.norm()) <= 1e-4
+
+
+@pytest.mark.parametrize("cac", [True, False])
+def test_half_precision_masks_give_float32_spectrograms(cac):
+    """Under CUDA's fp16 autocast the decoder's last (transposed) convolution gives float16: the
+    masking and the inverse STFT still work in float32 (CPU autocast keeps that layer float32,
+    so the half output is made by hand here)."""
+    model = tiny(cac=cac).eval()
+    z = torch.randn(1, 2, 8, 5, dtype=torch.complex64)
+    m = torch.randn(1, 2, 4 if cac else 2, 8, 5)
+    assert model._mask(z, m.half()).dtype == torch.complex64
+    assert torch.allclose(model._mask(z, m.half()), model._mask(z, m.half().float()))

@@ -164,10 +164,11 @@ def checkpoint_package(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return package
 
 
-def _restore_grad_scaler(package: dict, scaler: tp.Optional[torch.amp.GradScaler],
-                         path: Path) -> None:
-    """Give `scaler` the state saved in `package`; a checkpoint without one (written by float32
-    or bf16 training, or by upstream Demucs) leaves it at its initial scale."""
+def restore_grad_scaler(package: dict, scaler: tp.Optional[torch.amp.GradScaler],
+                        path: Path) -> None:
+    """Give `scaler` the state saved in `package` (an XP's own checkpoint, or the one it
+    continues from with `continue_opt`); a checkpoint without one (written by float32 or bf16
+    training, or by upstream Demucs) leaves it at its initial scale."""
     if scaler is None:
         return
     if GRAD_SCALER_KEY in package:
@@ -191,7 +192,7 @@ def restore_checkpoint(package: dict, model: torch.nn.Module, optimizer: torch.o
                 raise CheckpointError(f"{path} has no {key}: it was written with another ema.* "
                                       "configuration.")
             ema.load_state_dict(package[key])
-    _restore_grad_scaler(package, scaler, path)
+    restore_grad_scaler(package, scaler, path)
     if "rng" in package:  # absent from checkpoints of upstream Demucs
         set_rng_state(package["rng"])
 

@@ -35,7 +35,7 @@ from . import distrib, pretrained, states
 from .apply import apply_model
 from .checkpoint import (CheckpointError, CheckpointWriteError, checkpoint_package,
                          load_checkpoint, remove_unfinished_writes, restore_checkpoint,
-                         save_atomic, XPLockedError)
+                         restore_grad_scaler, save_atomic, XPLockedError)
 from .ema import ModelEMA
 from .evaluate import evaluate, new_sdr
 from .rounding import upstream_rounding
@@ -278,6 +278,7 @@ class Solver:
                                    strict=False)
         if self.settings.continue_opt:
             self.optimizer.load_state_dict(package["optimizer"])
+            restore_grad_scaler(package, self.scaler, path)
 
     # ---------------------------------------------------------------- epochs
     def train(self) -> None:

@@ -330,6 +330,18 @@ def test_fp16_scaler_state_is_saved_and_resumed(make_solver):
     assert resumed.scaler.state_dict()["_growth_tracker"] == 3
 
 
+def test_continue_opt_takes_the_parents_loss_scale(make_solver):
+    parent = _fp16_solver(make_solver, "epochs=1", "max_batches=1", "test.every=10")
+    parent.scaler.load_state_dict(dict(parent.scaler.state_dict(), scale=1024.))
+    with parent.xp.enter():
+        parent._run_epoch(0)
+    child_overrides = ["epochs=1", "max_batches=1", f"continue_from={parent.folder.name}"]
+    child = _fp16_solver(make_solver, *child_overrides, "continue_opt=true")
+    assert child.scaler.get_scale() == 1024.
+    fresh_optimizer = _fp16_solver(make_solver, *child_overrides)
+    assert fresh_optimizer.scaler.get_scale() == 65536.  # without continue_opt, a fresh start
+
+
 def test_a_checkpoint_without_scaler_resumes_fp16_at_the_initial_scale(make_solver):
     overrides = ["epochs=2", "max_batches=1", "test.every=10"]
     solver = make_solver(*overrides)

@@ -180,6 +180,35 @@ class _EpochMeter:
         return True
 
 
+def xp_signature(value: tp.Any, xps_folder: Path) -> str:
+    """The XP signature meant by `continue_from=value`. Hydra reads a signature of digits with
+    one `e` (e.g. 955717e8, the released htdemucs) as a float and one of digits alone as an
+    integer: such a value is matched against the XP folders of `xps_folder` read the same way.
+    A string is returned as it is."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"continue_from={value!r} is not an XP signature")
+    matches = sorted(folder.name for folder in xps_folder.glob("*")
+                     if folder.is_dir() and _as_number(folder.name) == value)
+    if len(matches) == 1:
+        return matches[0]
+    found = (f"XP folders {', '.join(matches)} all match it" if matches
+             else "no XP folder matches it")
+    raise FileNotFoundError(
+        f"continue_from was read as the number {value!r} (Hydra parses signatures such as "
+        f"955717e8 as numbers) and {found} in {xps_folder}: quote the signature, e.g. "
+        f"continue_from=\"'955717e8'\"")
+
+
+def _as_number(name: str) -> tp.Optional[float]:
+    """`name` as Hydra reads a number of digits with at most one `e`, else None."""
+    if not name or not set(name) <= set("0123456789e") or name.count("e") > 1 \
+            or name.startswith("e") or name.endswith("e"):
+        return None
+    return float(name)
+
+
 class Solver:
     """Trains `parts.model` on `loaders['train']` and validates it on `loaders['valid']`.
 
@@ -247,8 +276,8 @@ class Solver:
             self._resume(load_checkpoint(self.checkpoint_file))
         elif settings.continue_pretrained:
             self._load_pretrained(settings.continue_pretrained, settings.pretrained_repo)
-        elif settings.continue_from:
-            self._continue_from(str(settings.continue_from))
+        elif settings.continue_from not in (None, ""):
+            self._continue_from(xp_signature(settings.continue_from, self.folder.parent))
 
     def _resume(self, package: dict) -> None:
         self.link.update_history(package["history"])

@@ -285,7 +285,12 @@ class Solver:
         restore_checkpoint(package, self.model, self.optimizer, self.emas, self.checkpoint_file,
                            self.scaler)
 
-    def _load_pretrained(self, name: str, repo: tp.Optional[str]) -> None:
+    def _load_pretrained(self, name: tp.Any, repo: tp.Optional[str]) -> None:
+        if not isinstance(name, str):
+            raise ValueError(
+                f"continue_pretrained was read as the number {name!r} (Hydra parses signatures "
+                f"such as 955717e8 as numbers): quote the name, e.g. "
+                f"continue_pretrained=\"'955717e8'\"")
         logger.info("Starting from the pretrained model %s", name)
         model = pretrained.get_model(name=name, repo=Path(repo) if repo else None)
         models = getattr(model, "models", [model])

@@ -344,6 +344,12 @@ def test_numeric_looking_signatures_are_found_among_the_xps(tmp_path):
         solver_module.xp_signature(12e8, tmp_path)
 
 
+def test_a_numeric_continue_pretrained_says_to_quote_it(make_solver):
+    with pytest.raises(ValueError, match=r"read as the number 95571700000000.0 .* quote the "
+                                         r"name, e.g. continue_pretrained=\"'955717e8'\""):
+        make_solver("continue_pretrained=955717e8")
+
+
 def test_continue_opt_takes_the_parents_loss_scale(make_solver):
     parent = _fp16_solver(make_solver, "epochs=1", "max_batches=1", "test.every=10")
     parent.scaler.load_state_dict(dict(parent.scaler.state_dict(), scale=1024.))

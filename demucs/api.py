@@ -27,7 +27,7 @@ from .htdemucs import HTDemucs  # noqa: F401  (importable from here, as in Demuc
 from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
 from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
 from .states import ModelPackageError
-from .utils import check_amp, DummyPoolExecutor, fatal  # noqa: F401  (fatal: as in Demucs 4.1)
+from .utils import DummyPoolExecutor, fatal  # noqa: F401  (fatal: as in Demucs 4.1)
 
 __all__ = ["Separator", "list_models", "save_audio", "LoadAudioError", "LoadModelError"]
 
@@ -219,6 +219,10 @@ class NormalisedTrack:
         return self.normalisation.apply(self.audio.read(start, max(start, end)))[None]
 
 
+# Separator parameters that are `ApplyOptions` fields.
+_APPLY_SETTINGS = ("shifts", "overlap", "split", "segment", "amp", "segment_batch")
+
+
 class Separator:
     """Separate audio with a pre-trained model (or bag of models).
 
@@ -287,18 +291,10 @@ class Separator:
             if given["segment"] > limit:
                 raise ValueError(f"segment {given['segment']} s is longer than model "
                                  f"{self._name} allows: at most {limit} s.")
-        if "overlap" in given and not 0 <= given["overlap"] < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {given['overlap']}")
-        if given.get("segment") is not None and not given["segment"] > 0:
-            raise ValueError(
-                f"segment must be a positive number of seconds, got {given['segment']}")
-        for key in ["shifts", "jobs"]:
-            if key in given and given[key] < 0:
-                raise ValueError(f"{key} must be 0 or more, got {given[key]}")
-        if "amp" in given:
-            check_amp(given["amp"])
-        if "segment_batch" in given:
-            ApplyOptions(segment_batch=given["segment_batch"])  # refuses bad values
+        # the settings apply_model takes are refused by its own checks, before any change
+        ApplyOptions(**{key: value for key, value in given.items() if key in _APPLY_SETTINGS})
+        if "jobs" in given and given["jobs"] < 0:
+            raise ValueError(f"jobs must be 0 or more, got {given['jobs']}")
         if "device" in given:
             check_device(given["device"])
         if self._backend == "onnxruntime":

@@ -101,8 +101,7 @@ def test_split_blends_segments_with_triangular_weights():
 def test_shifts_average_randomly_shifted_estimates():
     model = ConvSeparator(samplerate=20)
     mix = _mix(90)
-    random.seed(1)
-    out = apply_model(model, mix, shifts=3, split=False)
+    out = _seeded(1, apply_model, model, mix, shifts=3, split=False)
     random.seed(1)
     max_shift = 10
     expected = 0
@@ -164,6 +163,12 @@ def test_transition_power_below_one_is_refused():
         apply_model(Scaler(1.), _mix(50), transition_power=0.5)
 
 
+def _seeded(seed: int, run: tp.Callable[..., tp.Any], *args, **kwargs) -> tp.Any:
+    """`run(*args, **kwargs)` after seeding `random` (which draws the shift offsets)."""
+    random.seed(seed)
+    return run(*args, **kwargs)
+
+
 def _streamed(model, mix, **kwargs) -> torch.Tensor:
     blocks = list(apply_model_streaming(model, mix, **kwargs))
     starts = [start for start, _ in blocks]
@@ -180,11 +185,9 @@ def test_streaming_matches_in_memory(length, shifts, overlap, block, workers, se
     bag = BagOfModels([ConvSeparator(seed=1), ConvSeparator(seed=2, segment=0.7)],
                       [[1., 2., 0., 1.], [1., 1., 1., 1.]])
     mix = _mix(length, seed)
-    random.seed(seed)
-    expected = apply_model(bag, mix, shifts=shifts, overlap=overlap)
-    random.seed(seed)
-    streamed = _streamed(bag, mix, shifts=shifts, overlap=overlap, block_seconds=block,
-                         num_workers=workers)
+    expected = _seeded(seed, apply_model, bag, mix, shifts=shifts, overlap=overlap)
+    streamed = _seeded(seed, _streamed, bag, mix, shifts=shifts, overlap=overlap,
+                       block_seconds=block, num_workers=workers)
     assert streamed.shape == expected.shape
     assert torch.allclose(streamed, expected, atol=1e-6)
 
@@ -249,8 +252,7 @@ def test_amp_runs_every_segment_in_mixed_precision(amp, dtype, workers):
 def test_amp_streaming_matches_in_memory():
     model = DtypeRecorder()
     mix = _mix(400)
-    random.seed(3)
-    reference = apply_model(model, mix, shifts=1, amp="bf16")
+    reference = _seeded(3, apply_model, model, mix, shifts=1, amp="bf16")
     random.seed(3)
     blocks = list(apply_model_streaming(model, mix, shifts=1, amp="bf16", block_seconds=1.))
     assert set(model.dtypes) == {torch.bfloat16}
@@ -453,8 +455,8 @@ def test_streaming_is_bitwise_in_memory_with_the_same_overlap_add(
         length, shifts, overlap, power, block, workers, seed):
     bag = _nested_bag()
     mix = _mix(length, seed)
-    random.seed(seed)
-    expected = apply_model(bag, mix, shifts=shifts, overlap=overlap, transition_power=power)
+    expected = _seeded(seed, apply_model, bag, mix, shifts=shifts, overlap=overlap,
+                       transition_power=power)
     random.seed(seed)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(apply_module, "_add_product", apply_module._add_fused)
@@ -468,8 +470,7 @@ def test_streaming_is_bitwise_in_memory_without_overlap(shifts):
     """Each sample gets one weighted segment: both overlap-add formulas round the same way."""
     bag = _nested_bag()
     mix = _mix(450, 1)
-    random.seed(shifts)
-    expected = apply_model(bag, mix, shifts=shifts, overlap=0.)
+    expected = _seeded(shifts, apply_model, bag, mix, shifts=shifts, overlap=0.)
     random.seed(shifts)
     assert torch.equal(_streamed(bag, mix, shifts=shifts, overlap=0., block_seconds=0.5),
                        expected)
@@ -481,8 +482,7 @@ def test_upstream_rounding_overlap_adds_the_rounded_product():
     executor) do, instead of one fused multiply-add."""
     bag = _nested_bag()
     mix = _mix(500, 2)
-    random.seed(1)
-    streamed = _streamed(bag, mix, shifts=1, overlap=0.25, block_seconds=100.)
+    streamed = _seeded(1, _streamed, bag, mix, shifts=1, overlap=0.25, block_seconds=100.)
     random.seed(1)
     with upstream_rounding():
         assert torch.equal(apply_model(bag, mix, shifts=1, overlap=0.25), streamed)
@@ -527,8 +527,7 @@ def test_chunk_input_takes_its_context_from_the_surrounding_audio():
 def test_batches_are_separated_item_by_item():
     model = ConvSeparator()
     mix = torch.cat([_mix(260, 1), _mix(260, 2)])
-    random.seed(4)
-    out = apply_model(model, mix, shifts=1, overlap=0.3)
+    out = _seeded(4, apply_model, model, mix, shifts=1, overlap=0.3)
     for index in range(2):
         random.seed(4)
         single = apply_model(model, mix[index:index + 1], shifts=1, overlap=0.3)
@@ -575,15 +574,12 @@ def test_segment_batching_gives_the_unbatched_output(length, shifts, batch, over
                                                      seed):
     bag = _nested_bag()
     mix = _mix(length, seed)
-    random.seed(seed)
-    expected = apply_model(bag, mix, shifts=shifts, overlap=overlap)
-    random.seed(seed)
-    batched = apply_model(bag, mix, shifts=shifts, overlap=overlap, segment_batch=batch,
-                          num_workers=workers)
+    expected = _seeded(seed, apply_model, bag, mix, shifts=shifts, overlap=overlap)
+    batched = _seeded(seed, apply_model, bag, mix, shifts=shifts, overlap=overlap,
+                      segment_batch=batch, num_workers=workers)
     assert torch.allclose(batched, expected, atol=1e-6, rtol=0)
-    random.seed(seed)
-    streamed = _streamed(bag, mix, shifts=shifts, overlap=overlap, segment_batch=batch,
-                         num_workers=workers, block_seconds=0.3)
+    streamed = _seeded(seed, _streamed, bag, mix, shifts=shifts, overlap=overlap,
+                       segment_batch=batch, num_workers=workers, block_seconds=0.3)
     assert torch.allclose(streamed, expected, atol=1e-6, rtol=0)
 
 
@@ -626,10 +622,8 @@ def _tiny_models() -> tp.List[nn.Module]:
 def test_segment_batching_matches_for_the_real_models(index):
     model = _tiny_models()[index].eval()
     mix = torch.randn(1, 2, 8000, generator=torch.Generator().manual_seed(index))
-    random.seed(0)
-    expected = apply_model(model, mix, shifts=2)
-    random.seed(0)
-    batched = apply_model(model, mix, shifts=2, segment_batch=4)
+    expected = _seeded(0, apply_model, model, mix, shifts=2)
+    batched = _seeded(0, apply_model, model, mix, shifts=2, segment_batch=4)
     assert torch.allclose(batched, expected, atol=1e-6, rtol=0)
 
 

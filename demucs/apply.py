@@ -51,6 +51,7 @@ from .demucs import Demucs  # noqa: F401  (importable from here, as in Demucs 4.
 from .hdemucs import HDemucs  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .htdemucs import HTDemucs
 from .rounding import exact
+from .precision import warn_if_bf16_is_emulated
 from .utils import autocast, center_trim, check_amp, DummyPoolExecutor
 
 Model = nn.Module
@@ -505,6 +506,7 @@ class _Evaluator:
                  callback: tp.Optional[Callback], callback_arg: dict, lock):
         self.device = device
         self.amp = amp
+        warn_if_bf16_is_emulated(device, amp, "amp='bf16' (--amp bf16)")
         self.callback = callback
         self.callback_arg = callback_arg
         self.lock = lock

@@ -11,16 +11,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .precision import lstm_needs_float32
 from .rounding import fast_cpu_inference
 from .states import capture_init
 from .transformer import LayerScale
 from .utils import center_trim, unfold
-
-
-def _cpu_float16_autocast(x: torch.Tensor) -> bool:
-    """Whether `x` is on the CPU inside a float16 `torch.autocast` region."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.float16)
 
 
 class BLSTM(nn.Module):
@@ -50,8 +45,9 @@ class BLSTM(nn.Module):
     def _recurrent(self, x: torch.Tensor) -> torch.Tensor:
         """Run the LSTM and projection on `[N, C, T]`, returning `[N, C, T]`."""
         steps = x.permute(2, 0, 1)
-        if _cpu_float16_autocast(steps):
-            # oneDNN has no float16 LSTM on CPU: the recurrence runs in float32
+        if lstm_needs_float32(steps):
+            # no oneDNN LSTM kernel for the autocast dtype on this CPU: the recurrence runs in
+            # float32, the rest of the model stays in mixed precision
             with torch.autocast("cpu", enabled=False):
                 y = self.lstm(steps.float())[0]
         else:

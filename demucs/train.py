@@ -34,6 +34,7 @@ from .demucs import Demucs
 from .ema import ModelEMA
 from .hdemucs import HDemucs
 from .htdemucs import HTDemucs
+from .precision import warn_if_bf16_is_emulated
 from .repitch import RepitchedWrapper, RepitchError, SoundstretchMissingError
 from .states import capture_init, get_quantizer
 from .utils import check_amp, random_subset
@@ -274,6 +275,7 @@ def training_amp(optim: DictConfig, device: tp.Union[str, torch.device]) -> tp.O
         raise ValueError("optim.amp=fp16 trains only on CUDA GPUs (it needs loss scaling with "
                          "torch.amp.GradScaler); use optim.amp=bf16 on CPU, or leave optim.amp "
                          "empty")
+    warn_if_bf16_is_emulated(device, amp, "optim.amp=bf16")
     return amp
 
 

@@ -37,6 +37,23 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tp.FrozenSet[str]:
     return frozenset()
 
 
+# The vector ISA levels oneDNN's kernels differ by, best first, with the flags each needs.
+ISA_LEVELS = (("AMX", ("amx_bf16", "amx_tile")),
+              ("AVX512_BF16", ("avx512_bf16",)),
+              ("AVX512", ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
+              ("AVX2", ("avx2", "fma")))
+
+
+def cpu_isa(flags: tp.Optional[tp.AbstractSet[str]] = None) -> str:
+    """The best of `ISA_LEVELS` the CPU reports (`flags`, /proc/cpuinfo by default), "older"
+    below AVX2. What a CPU kind is, as far as the floating-point kernels are concerned."""
+    flags = cpu_flags() if flags is None else flags
+    for name, needed in ISA_LEVELS:
+        if all(flag in flags for flag in needed):
+            return name
+    return "older"
+
+
 def cpu_has_bf16_units(flags: tp.Optional[tp.AbstractSet[str]] = None,
                        onednn_max_isa: tp.Optional[str] = None) -> bool:
     """Whether oneDNN can compute in bfloat16 natively here: the CPU reports a bf16 unit

@@ -170,3 +170,14 @@ def test_blstm_keeps_bf16_where_the_cpu_has_the_kernel(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         lstm(torch.randn(1, 4, 10))
     assert calls == [True, False]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "fma"}, "AVX2"),
+    ({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}, "AVX512"),
+    ({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}, "AVX512_BF16"),
+    ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "AMX"),
+    ({"sse4_2"}, "older"),
+])
+def test_cpu_isa(flags, expected):
+    assert precision.cpu_isa(flags) == expected

@@ -4,15 +4,19 @@
 exact samples), for a set of
 calls covering the paths of the separation engine (single model, transformer, bag, shifts, jobs,
 two stems, no split) and the wav/flac writers. Checksums depend on the CPU's floating-point
-kernels, so they are stored per machine fingerprint (torch version and CPU model); on another
-machine the test is skipped with that reason (the golden-vector tests, which do not depend on the
-CPU, still check the numbers of the engine underneath).
+kernels, so they are stored per machine fingerprint (torch version, CPU vendor and family, its
+ISA level and the kernel caps set in the environment, see `machine_fingerprint`); on a kind not
+recorded yet the test is skipped with that reason (the golden-vector tests, which do not depend on
+the CPU, still check the numbers of the engine underneath). Recorded so far: Intel Xeon Sapphire
+Rapids (AMX), AMD EPYC Zen 4 (AVX512_BF16), and the latter capped to AVX2
+(`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`).
 
 Record (only when the outputs are meant to change, or on a new machine, from the commit before
 a change):  .venv/bin/python -m tests.test_separate_reference
 """
 from hashlib import sha256
 import json
+import os
 from pathlib import Path
 import platform
 import random
@@ -25,6 +29,7 @@ import torch
 import yaml
 
 from demucs.htdemucs import HTDemucs
+from demucs.precision import cpu_isa
 from demucs.pretrained import SOURCES, demucs_unittest
 from demucs.separate import main
 from demucs.states import serialize_model
@@ -44,16 +49,22 @@ CALLS: tp.Dict[str, tp.List[str]] = {
 }
 
 
+CPU_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_fingerprint() -> str:
-    """torch version and CPU model: what the floating-point results depend on."""
+    """What the floating-point results depend on: torch's version, the CPU's vendor and family
+    (MKL dispatches on them), the best ISA it reports, ATen's kernel level, and any cap put on
+    ATen, oneDNN or MKL from the environment (as when emulating an AVX2 CPU on a newer one)."""
     cpuinfo = Path("/proc/cpuinfo")
     first_cpu = cpuinfo.read_text().split("\n\n")[0] if cpuinfo.exists() else ""
     fields = dict(line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)
     fields = {key.strip(): value.strip() for key, value in fields.items()}
-    fields.setdefault("model name", platform.processor() or platform.machine())
-    fields.setdefault("flags", "")
-    flags = sha256(fields["flags"].encode()).hexdigest()[:8]
-    return f"torch {torch.__version__} on {fields['model name']} (flags {flags})"
+    vendor = fields.get("vendor_id", platform.processor() or platform.machine())
+    caps = "".join(f", {name}={os.environ[name].upper()}" for name in CPU_CAPS
+                   if name in os.environ)
+    return (f"torch {torch.__version__} on {vendor} family {fields.get('cpu family', '?')} "
+            f"({cpu_isa()}, ATen {torch.backends.cpu.get_cpu_capability()}{caps})")
 
 
 def make_repo(root: Path) -> Path:
@@ -107,8 +118,19 @@ def recorded() -> tp.Dict[str, tp.Dict[str, str]]:
     fingerprint = machine_fingerprint()
     table = json.loads(CHECKSUMS.read_text())
     if fingerprint not in table:
-        pytest.skip(f"CLI checksums were recorded for {sorted(table)}, not for {fingerprint}")
+        pytest.skip(f"CLI checksums were recorded for {sorted(table)}, not for {fingerprint}: "
+                    "record them from a commit whose outputs are trusted with "
+                    "`.venv/bin/python -m tests.test_separate_reference`")
     return table[fingerprint]
+
+
+def test_fingerprint_tells_an_emulated_cpu_from_a_real_one(monkeypatch):
+    """A CPU capped to AVX2 from the environment must not claim a real AVX2 CPU's checksums."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # ATen's level is read only once
+    native = machine_fingerprint()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert machine_fingerprint() != native
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in machine_fingerprint()
 
 
 def test_cli_outputs_are_bit_identical_to_the_recorded_ones(recorded, tmp_path):

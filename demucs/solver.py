@@ -133,14 +133,20 @@ def _log_summary(stage: str, epoch: int, metrics: tp.Dict[str, tp.Any]) -> None:
 def _grad_norm(grads: tp.List[torch.Tensor]) -> float:
     """The global norm of `grads`, rounded like upstream's metric: each tensor's norm squared in
     its dtype, the squares added one after the other in that dtype (NumPy's `add.accumulate` is
-    sequential, unlike a reduction kernel), then the square root. One transfer to the host."""
+    sequential, unlike a reduction kernel), then the root of that 0-dim tensor with torch's
+    `** 0.5` on the gradients' device. Not np.sqrt: on CPU torch takes the root with MKL's
+    vsSqrt, which on AMD CPUs is not correctly rounded (one total in seven ends one ulp away)."""
     if not grads:
         return 0.
     squares = torch.stack([g.norm() for g in grads]) ** 2
-    if squares.dtype == torch.bfloat16:  # NumPy has no bfloat16
-        squares = squares.float()
-    squares = squares.cpu().numpy()
-    return float(np.sqrt(np.add.accumulate(squares)[-1]))
+    if squares.dtype == torch.bfloat16:  # NumPy has no bfloat16: add as upstream, one by one
+        total = squares[0]
+        for square in squares[1:]:
+            total = total + square
+    else:  # one transfer to the host for the adds
+        total = torch.tensor(np.add.accumulate(squares.cpu().numpy())[-1],
+                             dtype=squares.dtype, device=squares.device)
+    return float(total ** 0.5)
 
 
 def _checked_scaler(scaler: tp.Optional[torch.amp.GradScaler],

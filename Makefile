@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.sysdeps
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: all setup sysdeps test test-all test-slurm test-clients test-docs demo golden lint clean dist bench-separate bench-speed bench-train
+.PHONY: all setup sysdeps test test-all test-slurm test-clients test-compat test-docs demo golden lint clean dist bench-separate bench-speed bench-train
 
 all: test
 
@@ -46,6 +46,11 @@ test-docs: setup
 # installed with `pip install .` into a scratch venv under build/clients.
 test-clients: setup
 	$(PY) -m tools.test_clients --torch-spec "$(TORCH_SPEC)"
+
+# A core subset of the tests with the oldest torch setup.py allows and TORCH_SPEC, each with
+# numpy 1.26 and 2.x, in scratch venvs under build/compat (tools/compat.py; about 15 minutes).
+test-compat: setup
+	$(PY) -m tools.compat --torch-spec "$(TORCH_SPEC)" --python "$(PYTHON)"
 
 demo: setup
 	$(PY) -m tools.demo

@@ -9,11 +9,15 @@ track's duration: the decoded track is kept in a temporary file (`demucs.audio.D
 and separated block by block. `python -m demucs.api` is the `demucs` command.
 """
 from concurrent.futures import ThreadPoolExecutor
+import difflib
 import logging
+import numbers
+import os
 from pathlib import Path
 import runpy
 import typing as tp
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -105,11 +109,80 @@ def check_backend(backend: str, device: tp.Any, amp: tp.Optional[str] = None,
 
 
 def load_model(name: str, repo: tp.Optional[Path] = None) -> nn.Module:
-    """`demucs.pretrained.get_model`, with its errors as `LoadModelError`."""
+    """`demucs.pretrained.get_model`, with its errors as `LoadModelError` (which name the
+    closest known model when `name` looks like a typo of one)."""
     try:
         return get_model(name=name, repo=repo)
     except (ModelLoadingError, ModelPackageError) as error:
+        raise LoadModelError(_with_close_name(str(error), name, repo)) from error
+
+
+def _with_close_name(message: str, name: str, repo: tp.Optional[Path]) -> str:
+    """`message` with "(did you mean 'X'?)" on its first line when a known model name is close
+    to `name`."""
+    try:
+        models = list_models(repo)
+    except (LoadModelError, ModelLoadingError, OSError):
+        return message
+    known = [str(model) for kind in models.values() for model in kind]
+    close = [match for match in difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+             if match != name]
+    if not close:
+        return message
+    first, *rest = message.split("\n")
+    hint = f"did you mean {close[0]!r}?"
+    lead = f"could not load model {name!r}."
+    first = first.replace(lead, f"{lead[:-1]} ({hint}).") if lead in first \
+        else f"{first.rstrip('.')}. {hint[0].upper()}{hint[1:]}"
+    return "\n".join([first, *rest])
+
+
+def onnx_dir_path(onnx_dir: tp.Union[str, Path]) -> Path:
+    """`onnx_dir` as a `Path`; `LoadModelError` for an empty one (`Path("")` is the current
+    folder, where nothing should be exported unasked)."""
+    if not str(onnx_dir).strip():
+        raise LoadModelError("onnx_dir (--onnx-dir) is an empty path: give the folder of an "
+                             "export made with python3 -m tools.export_onnx, or a new folder "
+                             "to export the model into")
+    return Path(onnx_dir)
+
+
+def onnx_dir_manifest(onnx_dir: tp.Union[str, Path]) -> tp.Optional[dict]:
+    """The manifest of the export in `onnx_dir`, or None when the folder holds no export yet
+    (it does not exist, or holds no `.onnx` file): the model is then exported there.
+    `LoadModelError` (one line saying what to do) for a file, a folder of `.onnx` files without
+    `manifest.json`, or an unreadable manifest."""
+    from .onnx_runtime import MANIFEST, OnnxManifestError, missing_manifest_message, \
+        read_manifest
+    folder = onnx_dir_path(onnx_dir)
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        raise LoadModelError(f"{folder} is a file, not a folder: give the folder of an export "
+                             f"made with python3 -m tools.export_onnx, or a new folder to "
+                             f"export the model into")
+    if not (folder / MANIFEST).exists():
+        if any(folder.glob("*.onnx")):
+            raise LoadModelError(missing_manifest_message(folder))
+        return None
+    try:
+        return read_manifest(folder)
+    except OnnxManifestError as error:
         raise LoadModelError(str(error)) from error
+
+
+def reexport_command(name: str, repo: tp.Optional[Path], folder: Path,
+                     manifest: tp.Optional[dict] = None) -> str:
+    """The `tools.export_onnx` command that makes the export in `folder` again (with the
+    `--segment` and `--quantize` options recorded in its manifest)."""
+    words = ["python3 -m tools.export_onnx", name]
+    words += ["--repo", str(repo)] if repo is not None else ["[--repo FOLDER]"]
+    manifest = manifest or {}
+    if manifest.get("export_segment") is not None:
+        words += ["--segment", str(manifest["export_segment"])]
+    quantize = {entry.get("quantize") for entry in manifest.get("models", [])} - {None}
+    words += [f"--quantize {mode}" for mode in sorted(quantize)]
+    return " ".join(words + ["-o", str(folder)])
 
 
 def find_or_export_onnx(name: str, repo: tp.Optional[Path] = None,
@@ -118,20 +191,24 @@ def find_or_export_onnx(name: str, repo: tp.Optional[Path] = None,
     """The ONNX export of model `name` (from `repo`) for the onnxruntime backend, and the
     PyTorch model behind it (see `demucs.onnx_runtime.OnnxRuntimeModel`'s `fallback`).
 
-    `onnx_dir` holding an export of this model is used as it is (its PyTorch model is None when
-    it cannot be loaded, with a warning); otherwise the PyTorch model is exported now, into
-    `onnx_dir`, or, when None, into the cache of `demucs.onnx_export.cached_export`. Raises
-    `LoadModelError` for a model that cannot be loaded or exported, or an export of another
-    model."""
+    Without `onnx_dir`, the PyTorch model is loaded and its export in the cache of
+    `demucs.onnx_export.cached_export` is used, made (or made again, when it is of other
+    weights or damaged) first. An `onnx_dir` without an export gets one. An `onnx_dir` export
+    is checked (manifest, size and sha256 of each graph) and used as it is; the PyTorch model is
+    loaded only where it is needed or asked for: with `repo`, or for the Demucs/HDemucs graphs,
+    which process full segments only (it is then looked up with a one-line note, and a warning
+    says what changes when it is not found). When loaded, its weights must be those the export
+    was made from (the manifest's `weights_digest`).
+
+    Raises `LoadModelError` (one line saying what to do) for a model that cannot be loaded or
+    exported, a folder that is not an export, a damaged export, or an export of another model
+    or of other weights."""
     from . import onnx_export
-    if onnx_dir is not None and (Path(onnx_dir) / onnx_export.MANIFEST).exists():
-        _check_export_is_of_model(Path(onnx_dir), name)
-        try:
-            return Path(onnx_dir), load_model(name, repo)
-        except LoadModelError as error:
-            logger.warning("%s: %s. Segments shorter than the exported ones will be zero "
-                           "padded, which slightly changes their estimate.", onnx_dir, error)
-            return Path(onnx_dir), None
+    if onnx_dir is not None:
+        manifest = onnx_dir_manifest(onnx_dir)
+        if manifest is not None:
+            return Path(onnx_dir), _model_behind_export(Path(onnx_dir), manifest, name, repo)
+        logger.info("%s holds no ONNX export yet: exporting model %s there.", onnx_dir, name)
     model = load_model(name, repo)
     target = onnx_export.default_cache_root() if onnx_dir is None else Path(onnx_dir)
     try:
@@ -148,30 +225,101 @@ def find_or_export_onnx(name: str, repo: tp.Optional[Path] = None,
     return Path(onnx_dir), model
 
 
-def _check_export_is_of_model(folder: Path, name: str) -> None:
-    from .onnx_export import file_stem
-    from .onnx_runtime import OnnxManifestError, read_manifest
+def _model_behind_export(folder: Path, manifest: dict, name: str,
+                         repo: tp.Optional[Path]) -> tp.Optional[nn.Module]:
+    """The PyTorch model of the export in `folder` (see `find_or_export_onnx`), or None."""
+    from .onnx_export import weights_digest
+    from .onnx_runtime import OnnxExportCorruptError, check_graph_files
+    _check_export_is_of_model(folder, name, manifest)
+    command = reexport_command(name, repo, folder, manifest)
     try:
-        exported = read_manifest(folder).get("name")
-    except OnnxManifestError as error:
-        raise LoadModelError(str(error)) from error
+        check_graph_files(folder, manifest)
+    except OnnxExportCorruptError as error:
+        raise LoadModelError(f"{error.path} {error.problem}: export it again with "
+                             f"{command}") from error
+    padded = sorted({entry["class"].rsplit(".", 1)[-1] for entry in manifest["models"]
+                     if entry["pad"] != "end"})
+    if repo is None and not padded:
+        return None  # transformer graphs process every input: nothing to load or compare
+    if repo is None:
+        logger.info("%s: looking up model %s for the last, shorter segment of each track (its "
+                    "%s graphs process full segments only; --repo FOLDER says where it is).",
+                    folder, name, "/".join(padded))
+    try:
+        model = load_model(name, repo)
+    except LoadModelError:
+        if repo is not None:
+            raise
+        logger.warning("%s: model %s was not found, so the last, shorter segment of each track "
+                       "is zero padded to a full one and its stems there differ from PyTorch's "
+                       "(%s normalises its input by its spread); add --repo FOLDER holding %s "
+                       "to avoid it.", folder, name, "/".join(padded), name)
+        return None
+    exported = manifest.get("weights_digest")
+    if exported is None:
+        logger.warning("%s was made by an older demucs and does not record the weights it was "
+                       "exported from, so it cannot be checked against model %s; %s adds the "
+                       "check.", folder / "manifest.json", name, command)
+    else:
+        digest = weights_digest(model)
+        if digest != exported:
+            origin = f"model {name} of {repo}" if repo is not None else f"model {name}"
+            raise LoadModelError(
+                f"{folder} was exported from other weights than {origin} (export digest "
+                f"{exported[:16]}, model digest {digest[:16]}): export it again with "
+                f"{command}, or give the repo of the model it was exported from")
+    return model
+
+
+def _check_export_is_of_model(folder: Path, name: str, manifest: dict) -> None:
+    from .onnx_export import file_stem
+    exported = manifest.get("name")
     if exported is not None and exported != file_stem(name):
         raise LoadModelError(
             f"{folder} holds an ONNX export of {exported!r}, not of {name!r}: ask for model "
-            f"{exported!r}, or give another onnx_dir (--onnx-dir)")
+            f"{exported!r} (or leave the model out), or give another onnx_dir (--onnx-dir)")
 
 
 def load_onnx_model(folder: Path, device: tp.Any = "cpu",
-                    pytorch_model: tp.Optional[nn.Module] = None) -> BagOfModels:
+                    pytorch_model: tp.Optional[nn.Module] = None,
+                    advice: tp.Optional[str] = None) -> BagOfModels:
     """The export in `folder` as a bag of ONNX Runtime models running on `device` (cpu or
     cuda), `pytorch_model` serving the input lengths without a graph. `LoadModelError` for an
-    unreadable export."""
-    from .onnx_runtime import OnnxManifestError, load_onnx_bag, providers_for_device
+    unreadable export; a damaged graph file is named, followed by `advice` (what to do)."""
+    from .onnx_runtime import OnnxExportCorruptError, OnnxManifestError, load_onnx_bag, \
+        providers_for_device
     try:
         return load_onnx_bag(folder, providers=providers_for_device(device),
                              pytorch_model=pytorch_model)
+    except OnnxExportCorruptError as error:
+        if advice is None:
+            raise LoadModelError(str(error)) from error
+        raise LoadModelError(f"{error.path} {error.problem}: {advice}") from error
     except (OnnxManifestError, KeyError) as error:
         raise LoadModelError(f"could not load the ONNX export {folder}: {error}") from error
+
+
+def load_onnx_backend(name: str, repo: tp.Optional[Path], onnx_dir: tp.Optional[Path],
+                      device: tp.Any) -> tp.Tuple[Path, tp.Optional[nn.Module], BagOfModels]:
+    """`find_or_export_onnx` then `load_onnx_model`: the export folder, the PyTorch model and
+    the bag of ONNX Runtime models. A cached export that ONNX Runtime cannot read (one made by
+    an older demucs, whose manifest records no file sizes) is exported again, once."""
+    from .onnx_export import cached_export
+    folder, pytorch_model = find_or_export_onnx(name, repo, onnx_dir)
+    if onnx_dir is not None:
+        manifest = onnx_dir_manifest(folder)
+        advice = f"export it again with {reexport_command(name, repo, folder, manifest)}"
+        return folder, pytorch_model, load_onnx_model(folder, device, pytorch_model, advice)
+    try:
+        return folder, pytorch_model, load_onnx_model(folder, device, pytorch_model)
+    except LoadModelError as error:
+        from .onnx_runtime import OnnxExportCorruptError
+        if pytorch_model is None or not isinstance(error.__cause__, OnnxExportCorruptError):
+            raise
+        logger.warning("The cached ONNX export %s: %s; exporting %s again.", folder,
+                       f"{error.__cause__.path.name} {error.__cause__.problem}", name)
+    folder = cached_export(pytorch_model, name, rebuild=True)
+    return folder, pytorch_model, load_onnx_model(folder, device, pytorch_model)
 
 
 def max_allowed_segment(model) -> float:
@@ -219,6 +367,114 @@ class NormalisedTrack:
         return self.normalisation.apply(self.audio.read(start, max(start, end)))[None]
 
 
+def model_name(model: tp.Any, onnx_dir: tp.Optional[Path] = None) -> str:
+    """The model `Separator(model=..., onnx_dir=...)` loads: `model`, else the model the
+    export in `onnx_dir` was made from, else `DEFAULT_MODEL`. `TypeError` for a non-name."""
+    if model is None:
+        manifest = onnx_dir_manifest(onnx_dir) if onnx_dir is not None else None
+        return (manifest or {}).get("name") or DEFAULT_MODEL
+    if not isinstance(model, str) or not model:
+        hint = ("; for a model file, pass its folder as repo and its name (without .th) as "
+                "model" if isinstance(model, os.PathLike) else "")
+        raise TypeError(f"model must be the name of a model or bag (e.g. {DEFAULT_MODEL!r}), "
+                        f"got {model!r}{hint}")
+    return model
+
+
+def _is_number(value: tp.Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_settings(given: tp.Dict[str, tp.Any]) -> None:
+    """Refuses bad separation settings in one line, before anything changes (and before a
+    model is loaded): their types here, their values by `ApplyOptions`' own checks."""
+    expected = {"shifts": "a whole number", "jobs": "a whole number",
+                "overlap": "a number", "segment": "a number of seconds or None"}
+    for key, kind in expected.items():
+        if key not in given:
+            continue
+        value = given[key]
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        valid = whole if kind == "a whole number" else \
+            _is_number(value) or (key == "segment" and value is None)
+        if not valid:
+            raise TypeError(f"{key} must be {kind}, got {value!r}")
+    ApplyOptions(**{key: value for key, value in given.items() if key in _APPLY_SETTINGS})
+    if "jobs" in given and given["jobs"] < 0:
+        raise ValueError(f"jobs must be 0 or more, got {given['jobs']}")
+
+
+def check_samplerate(sr: tp.Any) -> None:
+    """`TypeError`/`ValueError` unless `sr` is None or a positive whole number of Hz."""
+    if sr is None:
+        return
+    if not _is_number(sr) or int(sr) != sr:
+        raise TypeError(f"sr must be the sample rate of the audio in Hz, a whole number, got "
+                        f"{sr!r}")
+    if sr <= 0:
+        raise ValueError(f"sr must be a positive sample rate in Hz, got {sr}")
+
+
+# Integer PCM: (offset, full scale), as decoders convert such samples to floats in [-1, 1).
+_PCM_SCALES = {torch.int8: (0, 2 ** 7), torch.uint8: (2 ** 7, 2 ** 7),
+               torch.int16: (0, 2 ** 15), torch.int32: (0, 2 ** 31)}
+_ACCEPTED = ("float samples (float16/32/64, bfloat16) or integer PCM (int8, uint8, int16, "
+             "int32)")
+# More channels than this, and more than samples: the audio is [time, channels].
+_MAX_CHANNELS = 64
+
+
+def as_audio_tensor(wav: tp.Any, what: str = "the audio to separate") -> torch.Tensor:
+    """`wav` (a torch tensor or NumPy array `[channels, time]`) as float32 audio, without
+    gradient, its integer PCM scaled to [-1, 1) as ffmpeg and soundfile decode files (int16 /
+    32768, uint8 (x - 128) / 128, ...). `TypeError`/`ValueError` naming the type, dtype or
+    shape and what is accepted, for anything else."""
+    if isinstance(wav, np.ndarray):
+        if wav.dtype.kind not in "fiu" or wav.dtype.itemsize > 8:
+            raise TypeError(f"{what} is a NumPy array of {wav.dtype}; give {_ACCEPTED}")
+        try:
+            wav = torch.from_numpy(np.ascontiguousarray(wav))
+        except TypeError:  # e.g. uint16, which torch cannot hold
+            raise TypeError(f"{what} is a NumPy array of {wav.dtype}; give {_ACCEPTED}") \
+                from None
+    elif not isinstance(wav, torch.Tensor):
+        raise TypeError(f"{what} must be a torch tensor or NumPy array [channels, time], got "
+                        f"{type(wav).__name__}")
+    if wav.dtype in _PCM_SCALES:
+        offset, scale = _PCM_SCALES[wav.dtype]
+        wav = ((wav.detach().double() - offset) / scale).float()
+    elif wav.dtype.is_floating_point:
+        wav = wav.detach().float()
+    else:
+        hint = (": divide it by your PCM format's full scale (e.g. 32768 for 16-bit audio) "
+                "first" if wav.dtype == torch.int64 else "")
+        raise TypeError(f"{what} has dtype {wav.dtype}; give {_ACCEPTED}{hint}")
+    if wav.dim() != 2:
+        hint = "; for mono audio [time], pass wav[None]" if wav.dim() == 1 else \
+            "; for a batch, separate each item" if wav.dim() == 3 else ""
+        raise ValueError(f"{what} must be [channels, time], got shape {tuple(wav.shape)}{hint}")
+    channels, length = wav.shape
+    if channels > _MAX_CHANNELS and channels > length:
+        raise ValueError(f"{what} has shape {tuple(wav.shape)}, which looks like [time, "
+                         f"channels] (as soundfile.read returns): pass it transposed, "
+                         f"[channels, time] (wav.T)")
+    if channels == 0 or length == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(wav.shape)}): give at least one "
+                         f"channel and one sample")
+    return wav
+
+
+def audio_path(file: tp.Any) -> Path:
+    """`file` as a `Path`; `TypeError` saying what to call for audio that is not a file."""
+    if isinstance(file, (str, bytes, os.PathLike)):
+        return Path(os.fsdecode(file))
+    hint = (": for audio in memory, call separate_tensor(wav, sr)"
+            if isinstance(file, (torch.Tensor, np.ndarray)) else
+            ": write it to a file first" if hasattr(file, "read") else "")
+    raise TypeError(f"the audio file must be a path (str or pathlib.Path), got "
+                    f"{type(file).__name__}{hint}")
+
+
 # Separator parameters that are `ApplyOptions` fields.
 _APPLY_SETTINGS = ("shifts", "overlap", "split", "segment", "amp", "segment_batch")
 
@@ -227,7 +483,8 @@ class Separator:
     """Separate audio with a pre-trained model (or bag of models).
 
     Args:
-        model: model or bag name, or XP signature (default `htdemucs`).
+        model: model or bag name, or XP signature (default: `htdemucs`, or with `onnx_dir`
+            the model its export was made from).
         repo: folder of local models (`SIG[-HASH8].th`, `NAME.yaml`); None for the release.
         device: where to run the model (default: cuda, else mps, else cpu).
         shifts: random shifts averaged (shift trick); 0 disables it.
@@ -248,12 +505,13 @@ class Separator:
             stay the same; `amp` and `compile_model` are torch options.
         onnx_dir: with the onnxruntime backend, a folder written by `tools.export_onnx` (or
             where to export `model` the first time); None exports `model` once into a cache
-            under `torch.hub.get_dir()` and reuses it.
+            under `torch.hub.get_dir()` and reuses it. With `onnx_dir`, `model=None` is the
+            model its manifest names.
         segment_batch: segments of a track run in one forward (opt-in, for GPUs: see
             `demucs.apply.apply_model`); the output is the same up to float rounding.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[Path] = None,
+    def __init__(self, model: tp.Optional[str] = None, repo: tp.Optional[Path] = None,
                  device: str = _default_device(), shifts: int = 1, overlap: float = 0.25,
                  split: bool = True, segment: tp.Optional[float] = None, jobs: int = 0,
                  progress: bool = False, callback: tp.Optional[tp.Callable[[dict], None]] = None,
@@ -263,10 +521,15 @@ class Separator:
         tune_malloc()
         check_device(device)  # before the model is loaded (maybe downloaded)
         check_backend(backend, device, amp, compile_model)
-        self._name = model
+        if onnx_dir is not None and backend != "onnxruntime":
+            raise ValueError(f"onnx_dir is used by the onnxruntime backend only: add "
+                             f"backend='onnxruntime' (or leave onnx_dir={str(onnx_dir)!r} out)")
+        _check_settings(dict(shifts=shifts, overlap=overlap, split=split, segment=segment,
+                             amp=amp, segment_batch=segment_batch, jobs=jobs))
+        self._name = model_name(model, onnx_dir if backend == "onnxruntime" else None)
         self._repo = repo
         self._backend = backend
-        self._onnx_dir = None if onnx_dir is None else Path(onnx_dir)
+        self._onnx_dir = None if onnx_dir is None else onnx_dir_path(onnx_dir)
         self._device = device
         self._load_model()
         if compile_model:
@@ -286,15 +549,12 @@ class Separator:
         """Change some separation parameters; those not given keep their value."""
         given = {key: value for key, value in locals().items()
                  if key != "self" and value is not NotProvided}
+        _check_settings(given)
         if "segment" in given and given["segment"] is not None:
             limit = max_allowed_segment(self._model)
             if given["segment"] > limit:
                 raise ValueError(f"segment {given['segment']} s is longer than model "
                                  f"{self._name} allows: at most {limit} s.")
-        # the settings apply_model takes are refused by its own checks, before any change
-        ApplyOptions(**{key: value for key, value in given.items() if key in _APPLY_SETTINGS})
-        if "jobs" in given and given["jobs"] < 0:
-            raise ValueError(f"jobs must be 0 or more, got {given['jobs']}")
         if "device" in given:
             check_device(given["device"])
         if self._backend == "onnxruntime":
@@ -310,9 +570,8 @@ class Separator:
 
     def _load_model(self) -> None:
         if self._backend == "onnxruntime":
-            self._onnx_folder, self._pytorch_model = find_or_export_onnx(
-                self._name, self._repo, self._onnx_dir)
-            self._model = load_onnx_model(self._onnx_folder, self._device, self._pytorch_model)
+            self._onnx_folder, self._pytorch_model, self._model = load_onnx_backend(
+                self._name, self._repo, self._onnx_dir, self._device)
         else:
             self._model = load_model(self._name, self._repo)
         self._audio_channels = self._model.audio_channels
@@ -345,22 +604,25 @@ class Separator:
         """The dict each callback call starts from: the user's `callback_arg` and the length."""
         return {**(self._callback_arg or {}), "audio_length": length}
 
-    def separate_tensor(self, wav: torch.Tensor, sr: tp.Optional[int] = None
+    def separate_tensor(self, wav: tp.Any, sr: tp.Optional[int] = None
                         ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
         """Separate `wav` `[C, T]` (at `sr`, default the model's rate); `wav` is not modified.
 
-        Any channel count is accepted (converted like `convert_audio_channels`). Returns the
-        (resampled, channel-converted) input and `{source: [C, T]}`. Raises `ValueError` for
-        NaN or infinite samples, and for audio with no sample left at the model's rate.
+        `wav` is a torch tensor or a NumPy array of float samples (any float dtype, e.g. the
+        float64 of `soundfile.read`) or of integer PCM (int8, uint8, int16, int32, scaled to
+        [-1, 1) as audio files are decoded, e.g. int16 / 32768). Any channel count is accepted
+        (converted like `convert_audio_channels`). Returns the (resampled, channel-converted)
+        float32 input and `{source: [C, T]}`. Raises `TypeError` for another type or dtype, and
+        `ValueError` for another shape, NaN or infinite samples, and audio with no sample (left
+        at the model's rate).
         """
-        if wav.dim() != 2:
-            raise ValueError(f"separate_tensor expects [channels, time] audio, got shape "
-                             f"{tuple(wav.shape)}")
+        check_samplerate(sr)
+        wav = as_audio_tensor(wav)
         check_finite(wav, "the audio to separate", sr or self._samplerate)
         length = wav.shape[-1]
         wav = convert_audio_channels(wav, self._audio_channels)
         if sr is not None and sr != self.samplerate:
-            wav = convert_audio(wav, sr, self._samplerate, self._audio_channels)
+            wav = convert_audio(wav, int(sr), self._samplerate, self._audio_channels)
         if wav.shape[-1] == 0:
             raise ValueError(f"the audio to separate ({length} samples at {sr} Hz) holds no "
                              f"sample once resampled to {self._samplerate} Hz")
@@ -374,7 +636,7 @@ class Separator:
 
     def separate_audio_file(self, file: Path) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
         """Read `file` (any format ffmpeg knows) and separate it."""
-        return self.separate_tensor(self._load_audio(Path(file)), self.samplerate)
+        return self.separate_tensor(self._load_audio(audio_path(file)), self.samplerate)
 
     def separate_audio_file_in_blocks(
             self, file: Path, block_seconds: float = 30.
@@ -386,7 +648,7 @@ class Separator:
         """
         if not self._split:
             raise ValueError("separating in blocks needs split=True")
-        with self._decode_to_spool(Path(file)) as audio:
+        with self._decode_to_spool(audio_path(file)) as audio:
             norm = Normalisation(audio.mono_mean, audio.mono_std)
             blocks = apply_model_streaming(self._model, NormalisedTrack(audio, norm),
                                            block_seconds=block_seconds, num_workers=self._jobs,

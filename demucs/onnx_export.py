@@ -28,6 +28,7 @@ from pathlib import Path
 import random
 import re
 import shutil
+import time
 import typing as tp
 import warnings
 
@@ -40,6 +41,7 @@ from .demucs import Demucs
 from .files import atomic_open, atomic_write
 from .hdemucs import HDemucs
 from .htdemucs import HTDemucs
+from .onnx_runtime import OnnxManifestError, check_graph_files, file_sha256, read_manifest
 from .transformer import MyGroupNorm
 
 logger = logging.getLogger(__name__)
@@ -386,7 +388,8 @@ def _bag_members(model: nn.Module) -> tp.Tuple[tp.List[nn.Module], tp.List[tp.Li
 
 def export_bag(model: nn.Module, out: tp.Union[str, Path], name: str = "model",
                segment: tp.Optional[float] = None, quantize: tp.Optional[str] = None,
-               extra_lengths: tp.Sequence[int] = (), opset: int = OPSET) -> Path:
+               extra_lengths: tp.Sequence[int] = (), opset: int = OPSET,
+               digest: tp.Optional[str] = None) -> Path:
     """Exports a model or a bag into the folder `out`: one graph per member and input length,
     `NAME_I.onnx` (and `NAME_I_LENGTH.onnx` for `extra_lengths`), plus `manifest.json`.
 
@@ -394,37 +397,66 @@ def export_bag(model: nn.Module, out: tp.Union[str, Path], name: str = "model",
     no partial folder content. `segment` (seconds) sets the traced length of the non-transformer
     members (default: their own segment); `extra_lengths` adds graphs for other input lengths
     (e.g. the last, shorter segment of a known track, for exact parity with PyTorch).
-    Returns the manifest's path.
+
+    The manifest records `weights_digest(model)` (`digest` when the caller computed it) and the
+    size and sha256 of each graph, so that a loader can tell an export of other weights, or a
+    damaged file. The graphs are written into a hidden folder of `out` first and moved in once
+    all of them are made, the manifest last: an interrupted export leaves an earlier export of
+    `out` as it was, or no manifest. Returns the manifest's path.
     """
     members, weights = _bag_members(model)
     for member in members:
         check_exportable(member)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for index, (member, member_weights) in enumerate(zip(members, weights)):
-        lengths = [default_input_length(member, segment)]
-        if not isinstance(member, HTDemucs):
-            lengths += [length for length in extra_lengths if length not in lengths]
-        graphs = []
-        for length in lengths:
-            stem = f"{name}_{index}" if length == lengths[0] else f"{name}_{index}_{length}"
-            logger.info("Exporting model %d of %d (%s, %d samples) to %s.onnx", index + 1,
-                        len(members), type(member).__name__, length, stem)
-            info = export_model(member, out / f"{stem}.onnx", length, quantize=quantize,
-                                opset=opset, metadata={"bag_weights": weights,
-                                                       "bag_index": index})
-            graphs.append({"file": info.pop("file"), "input_length": info.pop("input_length")})
-        entries.append(dict(info, weights=member_weights, graphs=graphs))
-    return _write_manifest(out, name, members[0], weights, entries, opset)
+    remove_abandoned_exports(out)
+    digest = digest or weights_digest(model)
+    staging = out / f".export{PARTIAL_MARK}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        entries = [_export_member(member, member_weights, weights, index, len(members), staging,
+                                  name, segment, quantize, extra_lengths, opset)
+                   for index, (member, member_weights) in enumerate(zip(members, weights))]
+        # From here on `out` holds no complete export until the new manifest is written.
+        (out / MANIFEST).unlink(missing_ok=True)
+        for entry in entries:
+            for graph in entry["graphs"]:
+                os.replace(staging / graph["file"], out / graph["file"])
+        return _write_manifest(out, name, members[0], weights, entries, opset,
+                               {"weights_digest": digest, "export_segment": segment})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_member(member: nn.Module, member_weights: tp.List[float],
+                   weights: tp.List[tp.List[float]], index: int, count: int, folder: Path,
+                   name: str, segment: tp.Optional[float], quantize: tp.Optional[str],
+                   extra_lengths: tp.Sequence[int], opset: int) -> dict:
+    """Exports the graphs of one member of a bag into `folder`; its entry of the manifest."""
+    lengths = [default_input_length(member, segment)]
+    if not isinstance(member, HTDemucs):
+        lengths += [length for length in extra_lengths if length not in lengths]
+    graphs = []
+    info: tp.Dict[str, tp.Any] = {}
+    for length in lengths:
+        stem = f"{name}_{index}" if length == lengths[0] else f"{name}_{index}_{length}"
+        logger.info("Exporting model %d of %d (%s, %d samples) to %s.onnx", index + 1, count,
+                    type(member).__name__, length, stem)
+        info = export_model(member, folder / f"{stem}.onnx", length, quantize=quantize,
+                            opset=opset, metadata={"bag_weights": weights, "bag_index": index})
+        path = folder / info.pop("file")
+        graphs.append({"file": path.name, "input_length": info.pop("input_length"),
+                       "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+    return dict(info, weights=member_weights, graphs=graphs)
 
 
 def _write_manifest(out: Path, name: str, first: nn.Module, weights: tp.List[tp.List[float]],
-                    entries: tp.List[dict], opset: int) -> Path:
+                    entries: tp.List[dict], opset: int, extra: tp.Dict[str, tp.Any]) -> Path:
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "opset": opset,
                 "torch": torch.__version__, "sources": list(first.sources),
                 "samplerate": first.samplerate, "audio_channels": first.audio_channels,
-                "weights": weights, "models": entries}
+                "weights": weights, **extra, "models": entries}
     path = out / MANIFEST
     with atomic_open(path, "w") as file:
         json.dump(manifest, file, indent=2)
@@ -441,19 +473,35 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
 
 
+def _digests(model: nn.Module, segment: tp.Optional[float]) -> tp.Tuple[str, str]:
+    """`(model_digest(model, segment), weights_digest(model))`, in one pass over the weights."""
+    members, weights = _bag_members(model)
+    export = hashlib.sha256(json.dumps(
+        [FORMAT, FORMAT_VERSION, OPSET, segment, weights]).encode())
+    plain = hashlib.sha256(json.dumps(["weights", weights]).encode())
+    for member in members:
+        for digest in (export, plain):
+            digest.update(f"{type(member).__qualname__}:{member.segment}".encode())
+        for key, tensor in member.state_dict().items():
+            data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            for digest in (export, plain):
+                digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(data)
+    return export.hexdigest(), plain.hexdigest()
+
+
 def model_digest(model: nn.Module, segment: tp.Optional[float] = None) -> str:
     """A hex digest of what an export of `model` (a model or bag) depends on: each member's
     class, segment and weights, the bag's weights, the export `segment` and format. Two models
     with the same digest give the same graphs."""
-    members, weights = _bag_members(model)
-    digest = hashlib.sha256(json.dumps(
-        [FORMAT, FORMAT_VERSION, OPSET, segment, weights]).encode())
-    for member in members:
-        digest.update(f"{type(member).__qualname__}:{member.segment}".encode())
-        for key, tensor in member.state_dict().items():
-            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return _digests(model, segment)[0]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A hex digest of the weights of `model` (a model or bag): each member's class, segment and
+    tensors, and the bag's weights, whatever the export options. An export's manifest records
+    it, so that a model retrained under the same name is told apart from the one exported."""
+    return _digests(model, None)[1]
 
 
 def default_cache_root() -> Path:
@@ -462,25 +510,96 @@ def default_cache_root() -> Path:
     return Path(torch.hub.get_dir()) / "demucs_onnx"
 
 
+PARTIAL_MARK = ".partial-"
+"""Folders being written are named `NAME.partial-PID` (`remove_abandoned_exports`)."""
+_ABANDONED_AFTER_S = 3600.
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: the process exists
+        return True
+    return True
+
+
+def remove_abandoned_exports(folder: Path) -> tp.List[Path]:
+    """Removes the `*.partial-PID` folders in `folder` left by exports that were killed (their
+    process is gone and nothing in them changed for an hour); returns them."""
+    removed = []
+    for path in sorted(Path(folder).glob(f"*{PARTIAL_MARK}*")) if Path(folder).is_dir() else []:
+        pid = path.name.rsplit(PARTIAL_MARK, 1)[1]
+        if not path.is_dir() or not pid.isdigit() or _process_is_running(int(pid)):
+            continue
+        try:
+            changed = max(item.stat().st_mtime for item in [path, *path.rglob("*")])
+        except OSError:
+            continue
+        if time.time() - changed > _ABANDONED_AFTER_S:
+            logger.info("Removing %s, left by an interrupted export", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def cache_problem(folder: Path, digest: str) -> tp.Optional[str]:
+    """What keeps the cached export `folder` from being used for weights of `weights_digest`
+    `digest` ("has no manifest.json" when it was never made), or None when it is usable."""
+    try:
+        manifest = read_manifest(folder)
+        exported = manifest.get("weights_digest")
+        if exported is not None and exported != digest:
+            return (f"was exported from other weights (digest {exported[:16]}, the model's is "
+                    f"{digest[:16]})")
+        check_graph_files(folder, manifest)
+    except OnnxManifestError as error:
+        problem = getattr(error, "problem", None)
+        if problem is not None:  # a graph file: named, without the export advice
+            return f"holds {error.path.name}, which {problem}"
+        if not (folder / MANIFEST).exists():
+            return f"has no {MANIFEST}"
+        return f"has an unusable {MANIFEST} ({str(error).split(': ', 1)[-1]})"
+    return None
+
+
 def cached_export(model: nn.Module, name: str, cache_root: tp.Optional[Path] = None,
-                  segment: tp.Optional[float] = None) -> Path:
+                  segment: tp.Optional[float] = None, rebuild: bool = False) -> Path:
     """The export folder of `model` under `cache_root` (default `default_cache_root()`),
     exported first if no earlier call made it. The folder is named after `name` and the
     model's digest, so retrained weights get a new export; it appears whole or not at all, and
-    concurrent calls keep whichever export finished first."""
-    digest = model_digest(model, segment)[:16]
-    folder = (cache_root or default_cache_root()) / f"{file_stem(name)}-{digest}"
-    if (folder / MANIFEST).is_file():
+    concurrent calls keep whichever export finished first.
+
+    A cached export is checked before it is used: one of other weights (its manifest's
+    `weights_digest`), with a missing, incomplete or altered graph file, or an unreadable
+    manifest is exported again (with a warning), as it is with `rebuild`."""
+    cache_digest, digest = _digests(model, segment)
+    root = cache_root or default_cache_root()
+    folder = root / f"{file_stem(name)}-{cache_digest[:16]}"
+    remove_abandoned_exports(root)
+    problem = None if rebuild else cache_problem(folder, digest)
+    if rebuild:  # the caller said why
+        logger.info("Exporting %s to ONNX in %s", name, folder)
+    elif problem is None:
         return folder
-    logger.info("Exporting %s to ONNX in %s (once; later runs reuse it)", name, folder)
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    elif folder.exists():
+        logger.warning("The cached ONNX export %s %s: exporting %s again.", folder, problem, name)
+    else:
+        logger.info("Exporting %s to ONNX in %s (once; later runs reuse it)", name, folder)
+    partial = folder.with_name(f"{folder.name}{PARTIAL_MARK}{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        export_bag(model, partial, name=file_stem(name), segment=segment)
+        export_bag(model, partial, name=file_stem(name), segment=segment, digest=digest)
+        if folder.exists():  # the broken export is moved aside, then removed
+            broken = folder.with_name(f"{folder.name}.broken{PARTIAL_MARK}{os.getpid()}")
+            shutil.rmtree(broken, ignore_errors=True)
+            os.replace(folder, broken)
+            shutil.rmtree(broken, ignore_errors=True)
         try:
             os.replace(partial, folder)
         except OSError:
-            if not (folder / MANIFEST).is_file():  # not another process's finished export
+            if cache_problem(folder, digest) is not None:  # not another process's export
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -13,6 +13,7 @@ session. Splitting, overlap-add, shifts and bag weighting are then `apply_model`
 Only `onnxruntime` (and numpy) is needed here, not the `onnx` package.
 """
 from fractions import Fraction
+import hashlib
 import json
 from pathlib import Path
 import random
@@ -29,10 +30,56 @@ MANIFEST = "manifest.json"
 FORMAT = "demucs-onnx"
 SUPPORTED_VERSIONS = (1,)
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+REEXPORT_ADVICE = "export the model again with python3 -m tools.export_onnx"
+# What a manifest must hold: top-level keys, then the keys of each model's entry and graph.
+_MANIFEST_KEYS = ("models", "weights")
+_ENTRY_KEYS = ("class", "sources", "samplerate", "audio_channels", "segment", "pad", "graphs")
+_GRAPH_KEYS = ("file", "input_length")
 
 
 class OnnxManifestError(ValueError):
     """An export folder whose manifest is missing, unreadable or of an unknown format."""
+
+
+class OnnxExportCorruptError(OnnxManifestError):
+    """A graph file of an export that is missing, incomplete or altered since the export, or that
+    ONNX Runtime cannot load. `path` is the file, `problem` what is wrong with it (the message
+    adds what to do)."""
+
+    def __init__(self, path: Path, problem: str, advice: str = REEXPORT_ADVICE):
+        super().__init__(f"{path} {problem}: {advice}")
+        self.path = path
+        self.problem = problem
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of the file `path`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_graph_files(folder: tp.Union[str, Path], manifest: dict) -> None:
+    """Raises `OnnxExportCorruptError` for the first graph of the export in `folder` that is
+    missing, or whose size or sha256 differs from what its manifest recorded when it was written
+    (a truncated copy, an interrupted write, an edited file). Manifests of older exports record
+    neither: their files are only checked to exist (ONNX Runtime then finds a damaged one)."""
+    for entry in manifest["models"]:
+        for graph in entry["graphs"]:
+            path = Path(folder) / graph["file"]
+            if not path.is_file():
+                raise OnnxExportCorruptError(path, "is missing")
+            size = path.stat().st_size
+            if "bytes" in graph and size != graph["bytes"]:
+                raise OnnxExportCorruptError(
+                    path, f"has {size} bytes, not the {graph['bytes']} the export wrote "
+                          f"(incomplete or damaged)")
+            if "sha256" in graph and file_sha256(path) != graph["sha256"]:
+                raise OnnxExportCorruptError(
+                    path, "differs from the file the export wrote (its sha256 is not the "
+                          "manifest's; damaged or changed)")
 
 
 def import_onnxruntime() -> tp.Any:
@@ -84,8 +131,22 @@ def make_session(path: Path, threads: tp.Optional[int] = None,
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=options,
-                                providers=list(providers or default_providers()))
+    try:
+        return ort.InferenceSession(str(path), sess_options=options,
+                                    providers=list(providers or default_providers()))
+    except Exception as error:  # onnxruntime's errors only derive from Exception
+        if type(error).__name__ not in _UNREADABLE_GRAPH_ERRORS:
+            raise
+        lines = str(error).strip().splitlines()
+        cause = lines[0].rsplit(":", 1)[-1].strip().rstrip(".") if lines else ""
+        raise OnnxExportCorruptError(
+            Path(path), f"cannot be read by ONNX Runtime ({type(error).__name__}: {cause}; "
+                        f"truncated or damaged)") from None
+
+
+# ONNX Runtime's errors for a graph file that is not a valid model (others, e.g. a provider
+# that cannot start, are left as they are).
+_UNREADABLE_GRAPH_ERRORS = ("InvalidProtobuf", "NoSuchFile", "InvalidGraph")
 
 
 class OnnxRuntimeModel(nn.Module):
@@ -180,22 +241,63 @@ class OnnxRuntimeModel(nn.Module):
         return out[..., left:left + length].to(mix.device)
 
 
+def missing_manifest_message(folder: tp.Union[str, Path]) -> str:
+    """Why `folder` (which has no manifest) is not an export, and how to make one."""
+    folder = Path(folder)
+    if not folder.exists():
+        return (f"{folder} does not exist: give the folder of an export made with "
+                f"python3 -m tools.export_onnx NAME -o FOLDER")
+    if not folder.is_dir():
+        return (f"{folder} is a file, not the folder of an export made with "
+                f"python3 -m tools.export_onnx NAME -o FOLDER")
+    graphs = sorted(path.name for path in folder.glob("*.onnx"))
+    held = f" (it holds {', '.join(graphs[:3])}{', ...' if len(graphs) > 3 else ''})" \
+        if graphs else ""
+    return (f"{folder} has no {MANIFEST}{held}, so it is not an output of "
+            f"python3 -m tools.export_onnx (or that export was interrupted): export the model "
+            f"there with python3 -m tools.export_onnx NAME [--repo FOLDER] -o {folder}")
+
+
 def read_manifest(folder: tp.Union[str, Path]) -> dict:
-    """The manifest of an export folder, checked for its format and version."""
+    """The manifest of an export folder, checked for its format, version and keys."""
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise OnnxManifestError(f"{path} not found: is {folder} a folder written by "
-                                f"python -m tools.export_onnx?") from exc
-    except json.JSONDecodeError as exc:
-        raise OnnxManifestError(f"{path} is not valid JSON ({exc}): export the model "
-                                f"again") from exc
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise OnnxManifestError(missing_manifest_message(folder)) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OnnxManifestError(f"{path} is not valid JSON ({exc}): {REEXPORT_ADVICE}") \
+            from exc
+    if not isinstance(manifest, dict):
+        raise OnnxManifestError(f"{path} holds a JSON {type(manifest).__name__}, not a "
+                                f"{FORMAT} manifest: {REEXPORT_ADVICE}")
     if manifest.get("format") != FORMAT or manifest.get("version") not in SUPPORTED_VERSIONS:
         raise OnnxManifestError(
             f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}"
             f"; this version of demucs reads {FORMAT!r} versions {SUPPORTED_VERSIONS}")
+    _check_manifest_keys(path, manifest)
     return manifest
+
+
+def _check_manifest_keys(path: Path, manifest: dict) -> None:
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if not missing:
+        if not isinstance(manifest["models"], list) or not manifest["models"]:
+            missing = ["models (a list of at least one model)"]
+        for index, entry in enumerate(manifest["models"] if not missing else []):
+            if not isinstance(entry, dict):
+                missing.append(f"models[{index}] (an object)")
+                continue
+            missing += [f"models[{index}].{key}" for key in _ENTRY_KEYS if key not in entry]
+            for number, graph in enumerate(entry.get("graphs") or []):
+                if not isinstance(graph, dict):
+                    missing.append(f"models[{index}].graphs[{number}] (an object)")
+                    continue
+                missing += [f"models[{index}].graphs[{number}].{key}" for key in _GRAPH_KEYS
+                            if key not in graph]
+    if missing:
+        raise OnnxManifestError(f"{path} lacks {', '.join(missing[:3])}"
+                                f"{' and more' if len(missing) > 3 else ''}: {REEXPORT_ADVICE}")
 
 
 def load_onnx_bag(folder: tp.Union[str, Path], threads: tp.Optional[int] = None,
@@ -208,9 +310,14 @@ def load_onnx_bag(folder: tp.Union[str, Path], threads: tp.Optional[int] = None,
     `threads` and `providers` are given to every ONNX Runtime session; `segment` is the
     `BagOfModels` option (it cannot exceed the exported lengths). `pytorch_model`, the model or
     bag that was exported, serves the input lengths that have no graph (see
-    `OnnxRuntimeModel`), which keeps the output PyTorch's for any track length."""
+    `OnnxRuntimeModel`), which keeps the output PyTorch's for any track length.
+
+    Raises `OnnxManifestError` for a folder that is not an export, and its subclass
+    `OnnxExportCorruptError` for a graph file that is missing, differs from what the export
+    wrote (size and sha256 recorded in the manifest) or cannot be read by ONNX Runtime."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    check_graph_files(folder, manifest)
     entries = manifest["models"]
     fallbacks = _fallbacks(pytorch_model, entries, folder)
     models = [OnnxRuntimeModel(folder, entry, threads, providers, fallback)

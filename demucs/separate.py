@@ -17,11 +17,10 @@ import torch
 
 from .allocator import tune_malloc
 from .api import BACKENDS, LoadAudioError, LoadModelError, Separator, _default_device, \
-    check_backend, check_device, list_models, max_allowed_segment
+    check_backend, check_device, list_models, max_allowed_segment, onnx_dir_manifest
 from .audio import MP3_BITRATES, AudioFormat, AudioWriter
 from .files import atomic_write, created_folders, describe_spool_error, describe_write_error, \
     remove_stale_partials, unwritable_reason
-from .onnx_runtime import OnnxManifestError, read_manifest
 from .pretrained import DEFAULT_MODEL, add_model_flags
 from .utils import exit_on_interrupt
 # Names Demucs 4.1's separate module makes importable from it.
@@ -131,11 +130,18 @@ def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="Run each segment with PyTorch (default) or with ONNX Runtime "
                              "(pip install 'demucs[onnx]'; see docs/onnx.md).")
-    parser.add_argument("--onnx-dir", type=Path, default=None,
+    parser.add_argument("--onnx-dir", type=_folder_argument, default=None,
                         help="With --backend onnxruntime: a folder written by "
                              "`python3 -m tools.export_onnx` (the model name is then read from "
                              "it), or where to export the model the first time. Default: an "
                              "export made once and cached beside the downloaded models.")
+
+
+def _folder_argument(value: str) -> Path:
+    """A folder flag's value; an empty one (which `Path` would read as ".") is refused."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("give a folder, not an empty path")
+    return Path(value)
 
 
 def _output_format(args: argparse.Namespace, samplerate: int) -> AudioFormat:
@@ -261,6 +267,11 @@ def _check_backend_options(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
     except ValueError as error:
         raise UsageError(f"--backend {args.backend}: {error}") from None
+    if args.onnx_dir is not None:
+        try:
+            args.onnx_manifest = onnx_dir_manifest(args.onnx_dir)
+        except LoadModelError as error:
+            raise UsageError(f"--onnx-dir: {error}") from None
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -269,12 +280,8 @@ def _model_name(args: argparse.Namespace) -> str:
         return args.name
     if args.sig is not None:
         return args.sig
-    if args.onnx_dir is not None:
-        try:
-            return read_manifest(args.onnx_dir).get("name") or DEFAULT_MODEL
-        except (OnnxManifestError, OSError):
-            pass  # not an export yet: the default model is exported there
-    return DEFAULT_MODEL
+    manifest = getattr(args, "onnx_manifest", None)  # None: no export there yet
+    return (manifest or {}).get("name") or DEFAULT_MODEL
 
 
 def _blocks(separator: Separator, track: Path, split: bool):

@@ -1,4 +1,5 @@
 """The Separator API: in-memory and block-wise separation, parameters, errors."""
+import io
 import os
 from pathlib import Path
 import random
@@ -231,3 +232,173 @@ def test_compiled_transformer_model_gives_the_eager_output():
         model.compile(backend="eager", fullgraph=True)
         out = model(mix)
     assert torch.allclose(out, reference, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 30: what users pass to the API, as they pass it.
+
+
+def _pcm16_track(tmp_path: Path) -> tuple:
+    """A 16-bit PCM WAV and its samples as int16 [channels, time]."""
+    noise = 0.3 * torch.randn(2, 20000, generator=torch.Generator().manual_seed(5))
+    pcm = (noise * 32768).round().clamp(-32768, 32767).to(torch.int16)
+    path = tmp_path / "pcm16.wav"
+    soundfile.write(str(path), pcm.t().numpy(), SAMPLERATE, subtype="PCM_16")
+    return path, pcm
+
+
+def test_separate_tensor_takes_what_upstream_users_pass(repo: Path, tmp_path: Path):
+    """float64 (soundfile.read), int16 PCM and NumPy arrays give the separation of the file they
+    came from: integer PCM is scaled exactly as the decoders scale it (int16 / 32768)."""
+    path, pcm = _pcm16_track(tmp_path)
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    origin, expected = separator.separate_audio_file(path)
+    as_read = soundfile.read(str(path))[0].T  # float64 [channels, time]
+    for wav in [pcm, pcm.numpy(), torch.from_numpy(as_read), as_read,
+                soundfile.read(str(path), dtype="int16")[0].T]:
+        ours_origin, stems = separator.separate_tensor(wav)
+        assert ours_origin.dtype == torch.float32 and torch.equal(ours_origin, origin)
+        for name in SOURCES:  # the file's samples are strided: reductions round differently
+            assert torch.allclose(stems[name], expected[name], atol=1e-6), (type(wav), name)
+
+
+@pytest.mark.parametrize("wav, expected", [
+    (torch.tensor([[0, 128, 255]], dtype=torch.uint8), [-1., 0., 127 / 128]),
+    (torch.tensor([[-128, 0, 64]], dtype=torch.int8), [-1., 0., 0.5]),
+    (np.array([[-2 ** 31, 0, 2 ** 30]], dtype=np.int32), [-1., 0., 0.5]),
+    (torch.tensor([[0.25, -0.5, 1.]], dtype=torch.float16), [0.25, -0.5, 1.]),
+    (torch.tensor([[0.25, -0.5, 1.]], dtype=torch.bfloat16), [0.25, -0.5, 1.]),
+])
+def test_integer_pcm_and_other_floats_are_converted(repo: Path, wav, expected):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    origin, stems = separator.separate_tensor(wav)
+    assert origin.dtype == torch.float32 and origin[0].tolist() == expected
+    assert stems["bass"].dtype == torch.float32 and stems["bass"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("wav, error, message", [
+    (torch.zeros(2, 100, dtype=torch.bool), TypeError,
+     r"the audio to separate has dtype torch.bool; give float samples \(float16/32/64, "
+     r"bfloat16\) or integer PCM \(int8, uint8, int16, int32\)"),
+    (torch.zeros(2, 100, dtype=torch.complex64), TypeError, "has dtype torch.complex64; give"),
+    (torch.zeros(2, 100, dtype=torch.int64), TypeError,
+     r"torch.int64; .*: divide it by your PCM format's full scale \(e.g. 32768 for 16-bit"),
+    (np.zeros((2, 100), dtype=object), TypeError, "is a NumPy array of object; give float"),
+    (np.zeros((2, 100), dtype=np.uint16), TypeError, "uint16; give float samples"),
+    ([[0.] * 100] * 2, TypeError, r"must be a torch tensor or NumPy array \[channels, time\], "
+                                  r"got list"),
+    ("song.wav", TypeError, "got str"),
+    (torch.zeros(100), ValueError,
+     r"must be \[channels, time\], got shape \(100,\); for mono audio \[time\], pass wav\[None\]"),
+    (torch.zeros(1, 2, 100), ValueError, r"got shape \(1, 2, 100\); for a batch, separate each"),
+    (np.zeros((44100, 2)), ValueError,
+     r"has shape \(44100, 2\), which looks like \[time, channels\] \(as soundfile.read "
+     r"returns\): pass it transposed, \[channels, time\] \(wav.T\)"),
+    (torch.zeros(2, 0), ValueError, r"is empty \(shape \(2, 0\)\): give at least one channel"),
+    (torch.zeros(0, 100), ValueError, r"is empty \(shape \(0, 100\)\)"),
+])
+def test_separate_tensor_refuses_other_inputs_in_one_line(repo: Path, wav, error, message):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    with pytest.raises(error, match=message) as raised:
+        separator.separate_tensor(wav)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("sr, error, message", [
+    ("44100", TypeError, "sr must be the sample rate of the audio in Hz, a whole number, got "
+                         "'44100'"),
+    (22050.5, TypeError, "a whole number, got 22050.5"),
+    (True, TypeError, "got True"),
+    (0, ValueError, "sr must be a positive sample rate in Hz, got 0"),
+    (-44100, ValueError, "got -44100"),
+])
+def test_bad_sample_rates_are_named(repo: Path, sr, error, message):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    with pytest.raises(error, match=message):
+        separator.separate_tensor(torch.zeros(2, 100), sr=sr)
+
+
+def test_whole_float_and_numpy_sample_rates_are_taken(repo: Path):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    for sr in [22050.0, np.int64(22050)]:
+        origin, _ = separator.separate_tensor(torch.zeros(2, 1000), sr=sr)
+        assert origin.shape == (2, 2000)
+
+
+def test_a_tensor_that_requires_grad_is_separated_without_warnings(repo: Path):
+    import warnings
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    wav = torch.randn(2, 3000, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, stems = separator.separate_tensor(wav)
+    assert not stems["drums"].requires_grad and wav.grad is None
+
+
+@pytest.mark.parametrize("given, message", [
+    (torch.zeros(2, 100), r"got Tensor: for audio in memory, call separate_tensor\(wav, sr\)"),
+    (np.zeros((2, 100)), "got ndarray: for audio in memory, call separate_tensor"),
+    (io.BytesIO(b"RIFF"), "got BytesIO: write it to a file first"),
+])
+def test_separate_audio_file_names_what_it_takes(repo: Path, given, message):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    with pytest.raises(TypeError, match=r"the audio file must be a path \(str or pathlib.Path\), "
+                                        + message):
+        separator.separate_audio_file(given)
+    with pytest.raises(TypeError, match=message):
+        next(separator.separate_audio_file_in_blocks(given))
+
+
+def test_audio_file_paths_as_str_and_bytes(repo: Path, track: Path):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    for path in [str(track), bytes(track)]:
+        assert separator.separate_audio_file(path)[1]["bass"].shape[-1] == int(1.3 * SAMPLERATE)
+
+
+def test_model_typos_and_non_names(repo: Path):
+    with pytest.raises(LoadModelError, match=r"tinyy is neither a single pre-trained model nor "
+                                             r"a bag of models \(looked in .*\)\. Did you mean "
+                                             r"'tiny'\?"):
+        Separator("tinyy", repo=repo, device="cpu")
+    with pytest.raises(TypeError, match=r"model must be the name of a model or bag \(e.g. "
+                                        r"'htdemucs'\), got PosixPath.*; for a model file, pass "
+                                        r"its folder as repo and its name \(without .th\)"):
+        Separator(repo / "tiny.th", device="cpu")
+    with pytest.raises(TypeError, match="got ''"):
+        Separator("", repo=repo, device="cpu")
+
+
+def test_released_name_typo_says_which_was_meant(monkeypatch):
+    from demucs import api
+    from demucs.pretrained import ModelLoadingError
+
+    def not_found(name, repo=None):
+        raise ModelLoadingError(f"could not load model {name!r}. Looked in:\n- the hub: no")
+    monkeypatch.setattr(api, "get_model", not_found)
+    with pytest.raises(LoadModelError) as error:
+        Separator("htdemcus", device="cpu")
+    assert str(error.value).splitlines()[0] == ("could not load model 'htdemcus' (did you mean "
+                                                "'htdemucs'?). Looked in:")
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    (dict(shifts=1.5), TypeError, "shifts must be a whole number, got 1.5"),
+    (dict(segment="1"), TypeError, "segment must be a number of seconds or None, got '1'"),
+    (dict(overlap="0.5"), TypeError, "overlap must be a number, got '0.5'"),
+    (dict(jobs=-1), ValueError, "jobs must be 0 or more, got -1"),
+    (dict(onnx_dir="onnx/x"), ValueError, r"onnx_dir is used by the onnxruntime backend only: "
+                                          r"add backend='onnxruntime'"),
+])
+def test_bad_settings_are_refused_before_the_model_is_loaded(monkeypatch, settings, error,
+                                                             message):
+    from demucs import api
+    monkeypatch.setattr(api, "get_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(error, match=message):
+        Separator("tiny", device="cpu", **settings)
+
+
+def test_update_parameter_refuses_bad_types_and_keeps_the_settings(repo: Path):
+    separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
+    with pytest.raises(TypeError, match="segment must be a number of seconds or None"):
+        separator.update_parameter(segment="1", shifts=2)
+    assert separator._shifts == 0 and separator._segment is None

@@ -493,3 +493,41 @@ def test_ctrl_c_in_training_keeps_the_checkpoint_and_says_how_to_resume(tiny_mus
         "resume.")
     folders = list((tmp_path / "outputs" / "xps").iterdir())
     assert len(folders) == 1 and (folders[0] / "checkpoint.th").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 30: ONNX export folders that are not (or no longer) usable, as a process.
+
+
+def test_broken_onnx_dirs_as_a_process_say_one_line(track, tmp_path):
+    """A folder of .onnx files without manifest.json, and an export whose graph was cut short:
+    one line naming the folder or file and what to do, status 1, no traceback, no output (no
+    model is looked up: the manifest names an HTDemucs, whose graphs need no PyTorch model)."""
+    import json
+    pytest.importorskip("onnxruntime")
+    entry = {"class": "demucs.htdemucs.HTDemucs", "sources": SOURCES, "samplerate": SAMPLERATE,
+             "audio_channels": 2, "segment": 1, "pad": "end",
+             "graphs": [{"file": "SIG_0.onnx", "input_length": SAMPLERATE, "bytes": 1000}]}
+    manifest = {"format": "demucs-onnx", "version": 1, "name": "SIG", "weights": [[1.] * 4],
+                "models": [entry]}
+    expected = {}
+    for name in ["no_manifest", "truncated"]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "SIG_0.onnx").write_bytes(b"\x08" * 10)
+    (tmp_path / "truncated" / "manifest.json").write_text(json.dumps(manifest))
+    expected["no_manifest"] = (f"error: --onnx-dir: {tmp_path / 'no_manifest'} has no "
+                               f"manifest.json (it holds SIG_0.onnx), so it is not an output of "
+                               f"python3 -m tools.export_onnx")
+    expected["truncated"] = (f"{tmp_path / 'truncated' / 'SIG_0.onnx'} has 10 bytes, not the "
+                             f"1000 the export wrote (incomplete or damaged): export it again "
+                             f"with python3 -m tools.export_onnx SIG [--repo FOLDER] -o "
+                             f"{tmp_path / 'truncated'}")
+    for name, first in expected.items():
+        proc = _cli("--backend", "onnxruntime", "--onnx-dir", str(tmp_path / name), "-o",
+                    str(tmp_path / "out"), "-d", "cpu", str(track), cwd=tmp_path)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(first), err
+    assert _files(tmp_path / "out") == []

@@ -4,8 +4,11 @@ Every reference case of ../shared/golden is exported; the graphs run by ONNX Run
 the PyTorch forward's output, and `apply_model` on the ONNX Runtime bag the PyTorch
 `apply_model`'s, within a relative L2 error of 1e-4. Exports are cached per test module.
 """
+from copy import deepcopy
 import json
+import logging
 import random
+import shutil
 import sys
 import typing as tp
 from pathlib import Path
@@ -21,8 +24,9 @@ from demucs.hdemucs import HDemucs  # noqa: E402
 from demucs.htdemucs import HTDemucs  # noqa: E402
 from demucs.onnx_export import (OnnxExportError, default_input_length, export_bag,  # noqa: E402
                                 export_model, real_istft, real_stft)
-from demucs.onnx_runtime import (OnnxManifestError, OnnxRuntimeModel,  # noqa: E402
-                                 load_onnx_bag, make_session, read_manifest)
+from demucs.onnx_runtime import (OnnxExportCorruptError, OnnxManifestError,  # noqa: E402
+                                 OnnxRuntimeModel, file_sha256, load_onnx_bag, make_session,
+                                 read_manifest)
 from demucs.spec import ispectro, spectro  # noqa: E402
 from demucs.states import load_model  # noqa: E402
 
@@ -243,8 +247,10 @@ def test_command_line_exports_and_refuses(golden_dir, tmp_path, capsys):
     assert export_onnx.main(["demucs_unittest", "-o", str(tmp_path / "ok"),
                              "--segment", "0.5"]) == 0
     manifest = read_manifest(tmp_path / "ok")
-    assert manifest["models"][0]["graphs"] == [{"file": "demucs_unittest_0.onnx",
-                                                "input_length": 22050}]
+    graphs = manifest["models"][0]["graphs"]
+    assert [(graph["file"], graph["input_length"]) for graph in graphs] == [
+        ("demucs_unittest_0.onnx", 22050)]
+    assert graphs[0]["bytes"] == (tmp_path / "ok" / "demucs_unittest_0.onnx").stat().st_size
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "abcd1234.th").write_bytes((golden_dir / "hdemucs_wiener" / "model.th").read_bytes())
@@ -417,3 +423,357 @@ def test_an_unwritable_export_folder_is_named(backend_repo, tmp_path):
                                              r"htdemucs_small: .*file.*--onnx-dir"):
         separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5),
                       onnx_dir=not_a_folder / "sub")
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 30: an export records the weights it came from and each file it wrote; a stale,
+# damaged or foreign export is rebuilt (cache) or refused in one line (--onnx-dir).
+
+def _export_of(exports, case: str = "htdemucs_small") -> Path:
+    """The module's export of `case` (read it, never change it)."""
+    return exports.bag(case, 3 * 44100, {"overlap": 0.25})
+
+
+def _copy_of_export(exports, tmp_path: Path, case: str = "htdemucs_small",
+                    name: str = "copy") -> Path:
+    folder = tmp_path / name
+    shutil.copytree(_export_of(exports, case), folder)
+    return folder
+
+
+def _edit_manifest(folder: Path, edit: tp.Callable[[dict], None]) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _forget_file_sums(manifest: dict) -> None:
+    """What the manifest of an export made before the file sums looked like."""
+    manifest.pop("weights_digest", None)
+    for entry in manifest["models"]:
+        for graph in entry["graphs"]:
+            del graph["bytes"], graph["sha256"]
+
+
+def _damage(folder: Path, damage: str) -> Path:
+    graph = folder / f"{read_manifest(folder)['name']}_0.onnx"
+    data = graph.read_bytes()
+    if damage == "delete":
+        graph.unlink()
+    elif damage == "flip":  # same size, one byte changed
+        graph.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif damage == "truncate":
+        graph.write_bytes(data[:len(data) // 2])
+    elif damage == "truncate_old_export":
+        _edit_manifest(folder, _forget_file_sums)
+        graph.write_bytes(data[:len(data) // 2])
+    elif damage == "other_weights":
+        _edit_manifest(folder, lambda manifest: manifest.update(weights_digest="0" * 64))
+    return graph
+
+
+def _retrained(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` after some more training: the same architecture, other weights."""
+    model = deepcopy(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    return model
+
+
+def test_manifest_records_the_weights_and_each_file(exports, backend_repo):
+    from demucs.api import load_model
+    from demucs.onnx_export import weights_digest
+    folder = _export_of(exports)
+    manifest = read_manifest(folder)
+    model = exports.model("htdemucs_small")
+    assert manifest["weights_digest"] == weights_digest(model)
+    assert manifest["weights_digest"] == weights_digest(load_model("htdemucs_small",
+                                                                   backend_repo))
+    assert weights_digest(_retrained(model)) != manifest["weights_digest"]
+    graph = manifest["models"][0]["graphs"][0]
+    assert graph["bytes"] == (folder / graph["file"]).stat().st_size
+    assert graph["sha256"] == file_sha256(folder / graph["file"])
+    assert not [path for path in folder.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("truncate", r"has \d+ bytes, not the \d+ the export wrote \(incomplete or damaged\)"),
+    ("flip", r"differs from the file the export wrote \(its sha256 is not the manifest's"),
+    ("delete", "is missing"),
+    ("truncate_old_export", r"cannot be read by ONNX Runtime \(InvalidProtobuf: Protobuf "
+                            r"parsing failed; truncated or damaged\)"),
+])
+def test_a_damaged_graph_file_is_named(exports, tmp_path, damage, problem):
+    folder = _copy_of_export(exports, tmp_path)
+    graph = _damage(folder, damage)
+    with pytest.raises(OnnxExportCorruptError, match=problem) as error:
+        load_onnx_bag(folder, threads=1)
+    assert error.value.path == graph
+    assert str(error.value).startswith(str(graph)) and "\n" not in str(error.value)
+    assert "python3 -m tools.export_onnx" in str(error.value)
+
+
+def test_an_interrupted_export_keeps_the_previous_one(exports, tmp_path, monkeypatch):
+    """The graphs are made in a hidden folder and moved in at the end: an export stopped
+    half-way (here: Ctrl-C while tracing) leaves the earlier export of the folder usable."""
+    from demucs import onnx_export
+    folder = _copy_of_export(exports, tmp_path)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(onnx_export, "export_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_bag(exports.model("htdemucs_small"), folder, name="htdemucs_small")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    load_onnx_bag(folder, threads=1)
+
+
+def test_abandoned_partial_exports_are_removed(tmp_path):
+    import os
+    import time
+    from demucs.onnx_export import remove_abandoned_exports
+    dead = tmp_path / "a.partial-999999999"
+    alive = tmp_path / f"b.partial-{os.getpid()}"
+    recent = tmp_path / "c.partial-999999998"
+    for folder in (dead, alive, recent):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "x.onnx").write_bytes(b"x")
+    old = time.time() - 7200
+    for path in [dead, dead / "sub", dead / "sub" / "x.onnx", alive, alive / "sub",
+                 alive / "sub" / "x.onnx"]:
+        os.utime(path, (old, old))
+    assert remove_abandoned_exports(tmp_path) == [dead]
+    assert alive.is_dir() and recent.is_dir() and not dead.exists()
+
+
+def _cache_folder(backend_repo: Path, onnx_cache: Path, case: str = "htdemucs_small") -> Path:
+    from demucs.api import load_model
+    from demucs.onnx_export import model_digest
+    return onnx_cache / f"{case}-{model_digest(load_model(case, backend_repo))[:16]}"
+
+
+@pytest.fixture
+def counted_exports(exports, monkeypatch) -> tp.List[Path]:
+    """`export_bag` made fast: it copies the module's export of htdemucs_small (the same
+    weights) into the folder asked for, and records the folder."""
+    from demucs import onnx_export
+    calls: tp.List[Path] = []
+
+    def copy_export(model, out, name="model", **kwargs):
+        calls.append(Path(out))
+        shutil.copytree(_export_of(exports), out, dirs_exist_ok=True)
+        return Path(out) / "manifest.json"
+    monkeypatch.setattr(onnx_export, "export_bag", copy_export)
+    return calls
+
+
+@pytest.mark.parametrize("damage, warning", [
+    ("truncate", "holds htdemucs_small_0.onnx, which has"),
+    ("flip", "its sha256 is not the manifest's"),
+    ("delete", "holds htdemucs_small_0.onnx, which is missing"),
+    ("other_weights", "was exported from other weights (digest 0000000000000000, the model's is "),
+    ("truncate_old_export", "htdemucs_small_0.onnx cannot be read by ONNX Runtime"),
+])
+def test_a_damaged_or_stale_cache_is_exported_again(exports, backend_repo, onnx_cache,
+                                                    counted_exports, caplog, damage, warning):
+    folder = _cache_folder(backend_repo, onnx_cache)
+    shutil.copytree(_export_of(exports), folder)
+    _damage(folder, damage)
+    caplog.set_level(logging.INFO)
+    stems, separator = separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5))
+    assert len(counted_exports) == 1  # exported again, once
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and warning in warnings[0] and str(folder) in warnings[0]
+    assert warnings[0].endswith("exporting htdemucs_small again.")
+    assert sorted(path.name for path in onnx_cache.iterdir()) == [folder.name]
+    assert read_manifest(folder) == read_manifest(_export_of(exports))
+    assert all(torch.isfinite(stem).all() for stem in stems.values())
+
+
+def test_a_sound_cache_is_reused_and_an_export_of_an_older_demucs_too(
+        exports, backend_repo, onnx_cache, counted_exports, caplog):
+    """The folder name holds the weights' digest: an old cache without file sums is used."""
+    folder = _cache_folder(backend_repo, onnx_cache)
+    shutil.copytree(_export_of(exports), folder)
+    separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5))
+    _edit_manifest(folder, _forget_file_sums)
+    separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5))
+    assert counted_exports == [] and not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_an_interrupted_cache_export_leaves_no_cache(backend_repo, onnx_cache, monkeypatch):
+    from demucs import onnx_export
+
+    def interrupted(model, out, **kwargs):
+        Path(out).mkdir(parents=True)
+        (Path(out) / "htdemucs_small_0.onnx").write_bytes(b"half a graph")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(onnx_export, "export_bag", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        separate_with("onnxruntime", backend_repo, "htdemucs_small", noise(0.5))
+    assert list(onnx_cache.iterdir()) == []
+
+
+def _demucs(*args: tp.Any) -> int:
+    """The `demucs` command in this process; its exit status."""
+    from demucs.separate import main
+    try:
+        main(["-d", "cpu", "--shifts", "0", *map(str, args)])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def _messages(caplog, level: str) -> tp.List[str]:
+    return [record.getMessage() for record in caplog.records if record.levelname == level]
+
+
+@pytest.fixture
+def track(tmp_path) -> Path:
+    import soundfile
+    path = tmp_path / "song.wav"
+    soundfile.write(str(path), noise(0.5).T.numpy(), 44100, subtype="FLOAT")
+    return path
+
+
+def test_onnx_dir_of_other_weights_is_refused(exports, backend_repo, tmp_path, track, caplog):
+    """The issue's case: SIG retrained and exported to a new repo, run with the old export."""
+    from demucs.states import serialize_model
+    folder = _export_of(exports)
+    repo2 = tmp_path / "repo2"
+    repo2.mkdir()
+    torch.save(serialize_model(_retrained(exports.model("htdemucs_small")), {}, half=False),
+               repo2 / "htdemucs_small.th")
+    out = tmp_path / "out"
+    assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "--repo", repo2, "-n",
+                   "htdemucs_small", "-o", out, track) == 1
+    errors = _messages(caplog, "ERROR")
+    assert len(errors) == 1 and "\n" not in errors[0]
+    digest = read_manifest(folder)["weights_digest"][:16]
+    assert errors[0].startswith(f"{folder} was exported from other weights than model "
+                                f"htdemucs_small of {repo2} (export digest {digest}, model "
+                                f"digest ")
+    assert (f"export it again with python3 -m tools.export_onnx htdemucs_small --repo {repo2} "
+            f"-o {folder}") in errors[0]
+    assert not out.exists()
+    caplog.clear()
+    assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "--repo", backend_repo,
+                   "-o", out, track) == 0
+    assert not _messages(caplog, "WARNING") and len(list(out.rglob("*.wav"))) == 4
+
+
+def test_onnx_dir_of_an_older_demucs_loads_with_a_warning(exports, backend_repo, tmp_path,
+                                                          caplog):
+    from demucs.api import Separator
+    folder = _copy_of_export(exports, tmp_path)
+    _edit_manifest(folder, _forget_file_sums)
+    separator = Separator(repo=backend_repo, device="cpu", backend="onnxruntime",
+                          onnx_dir=folder, shifts=0)
+    warnings = _messages(caplog, "WARNING")
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"{folder / 'manifest.json'} was made by an older demucs and "
+                                  f"does not record the weights it was exported from, so it "
+                                  f"cannot be checked against model htdemucs_small")
+    assert separator.separate_tensor(noise(0.5))[1]["drums"].shape == (2, 22050)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_onnx_dir_is_refused_in_one_line(exports, tmp_path, track, caplog, damage):
+    folder = _copy_of_export(exports, tmp_path)
+    graph = _damage(folder, damage)
+    assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "-o", tmp_path / "out",
+                   track) == 1
+    errors = _messages(caplog, "ERROR")
+    assert len(errors) == 1 and errors[0].startswith(str(graph)) and "\n" not in errors[0]
+    assert errors[0].endswith(f": export it again with python3 -m tools.export_onnx "
+                              f"htdemucs_small [--repo FOLDER] -o {folder}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_onnx_dir_without_manifest_is_refused_before_anything_is_loaded(
+        exports, tmp_path, track, caplog, monkeypatch):
+    from demucs import api
+    folder = _copy_of_export(exports, tmp_path)
+    (folder / "manifest.json").unlink()
+    monkeypatch.setattr(api, "get_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "-o", tmp_path / "out",
+                   track) == 1
+    assert _messages(caplog, "ERROR") == [
+        f"error: --onnx-dir: {folder} has no manifest.json (it holds htdemucs_small_0.onnx), "
+        f"so it is not an output of python3 -m tools.export_onnx (or that export was "
+        f"interrupted): export the model there with python3 -m tools.export_onnx NAME "
+        f"[--repo FOLDER] -o {folder}"]
+
+
+def test_onnx_dir_alone_needs_no_pytorch_model_for_a_transformer(
+        exports, tmp_path, track, caplog, monkeypatch):
+    """The manifest names the model; HTDemucs graphs process every input: nothing is looked
+    up (no network), nothing said, and the Python API does the same."""
+    from demucs import api
+    folder = _export_of(exports)
+    monkeypatch.setattr(api, "get_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    caplog.set_level(logging.INFO)
+    assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "-o", tmp_path / "out",
+                   track) == 0
+    assert not _messages(caplog, "WARNING")
+    assert len(list((tmp_path / "out" / "htdemucs_small").rglob("*.wav"))) == 4
+    separator = api.Separator(backend="onnxruntime", onnx_dir=folder, device="cpu")
+    assert separator.model.sources == ["drums", "bass", "other", "vocals"]
+
+
+def test_onnx_dir_alone_says_once_why_a_hybrid_model_is_looked_up(
+        exports, tmp_path, track, caplog, monkeypatch):
+    from demucs import api
+    from demucs.pretrained import ModelLoadingError
+    folder = _export_of(exports, "hdemucs_cac")
+    looked_up = []
+
+    def not_found(name, repo=None):
+        looked_up.append((name, repo))
+        raise ModelLoadingError(f"could not load model {name!r}. Looked in:\n- nowhere.")
+    monkeypatch.setattr(api, "get_model", not_found)
+    caplog.set_level(logging.INFO)
+    assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "-o", tmp_path / "out",
+                   track) == 0
+    assert looked_up == [("hdemucs_cac", None)]
+    notes = [message for message in _messages(caplog, "INFO") if "looking up" in message]
+    assert notes == [f"{folder}: looking up model hdemucs_cac for the last, shorter segment of "
+                     f"each track (its HDemucs graphs process full segments only; --repo "
+                     f"FOLDER says where it is)."]
+    assert _messages(caplog, "WARNING") == [
+        f"{folder}: model hdemucs_cac was not found, so the last, shorter segment of each track "
+        f"is zero padded to a full one and its stems there differ from PyTorch's (HDemucs "
+        f"normalises its input by its spread); add --repo FOLDER holding hdemucs_cac to avoid "
+        f"it."]
+    assert len(list(tmp_path.joinpath("out").rglob("*.wav"))) == 4
+
+
+def test_export_tool_names_a_model_it_cannot_load_or_a_bad_out(backend_repo, tmp_path, capsys):
+    from tools import export_onnx
+    assert export_onnx.main(["nothere", "--repo", str(backend_repo), "-o",
+                             str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tools.export_onnx: cannot load nothere: nothere is neither a single "
+                   f"pre-trained model nor a bag of models (looked in {backend_repo})."]
+    afile = tmp_path / "file"
+    afile.write_text("")
+    assert export_onnx.main(["htdemucs_small", "--repo", str(backend_repo), "-o",
+                             str(afile)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tools.export_onnx: -o {afile}: {afile} is a file, not a folder; choose another -o."]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_onnx_dir_is_refused(backend_repo, tmp_path, track, capsys, monkeypatch):
+    """`Path("")` is the current folder: exporting into it was never meant."""
+    from demucs.api import LoadModelError, Separator
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoadModelError, match=r"onnx_dir \(--onnx-dir\) is an empty path"):
+        Separator("htdemucs_small", repo=backend_repo, device="cpu", backend="onnxruntime",
+                  onnx_dir="")
+    assert _demucs("--backend", "onnxruntime", "--onnx-dir", "", track) == 2
+    assert "argument --onnx-dir: give a folder, not an empty path" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["song.wav"]

@@ -13,8 +13,10 @@ from pathlib import Path
 import sys
 import typing as tp
 
+from demucs.files import describe_write_error, unwritable_reason
 from demucs.onnx_export import OPSET, QUANTIZE_CHOICES, OnnxExportError, export_bag, file_stem
-from demucs.pretrained import get_model
+from demucs.pretrained import ModelLoadingError, get_model
+from demucs.states import ModelPackageError
 
 logger = logging.getLogger("tools.export_onnx")
 
@@ -39,16 +41,29 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str) -> int:
+    print(f"tools.export_onnx: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: tp.Optional[tp.List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = get_model(args.name, repo=args.repo)
+    problem = (f"{args.out} is a file, not a folder" if args.out.is_file()
+               else unwritable_reason(args.out))
+    if problem:  # before the model is loaded (maybe downloaded)
+        return _fail(f"-o {args.out}: {problem}; choose another -o.")
+    try:
+        model = get_model(args.name, repo=args.repo)
+    except (ModelLoadingError, ModelPackageError) as exc:
+        return _fail(f"cannot load {args.name}: {exc}")
     try:
         manifest = export_bag(model, args.out, name=file_stem(args.name), segment=args.segment,
                               quantize=args.quantize, opset=args.opset)
     except OnnxExportError as exc:
-        print(f"tools.export_onnx: cannot export {args.name}: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot export {args.name}: {exc}")
+    except OSError as exc:
+        return _fail(f"could not write the export: {describe_write_error(exc, args.out)}")
     logger.info("Exported %s to %s", args.name, manifest.parent)
     return 0
 

@@ -6,7 +6,8 @@ can go wrong there into one message and exit status 2, without a Python tracebac
 - an override Hydra refuses (an unknown key such as `foo=1`, an unknown group option such as
   `dset=notadset`, a malformed override);
 - a value of the wrong type (`epochs=abc`, `optim.lr=abc`) or out of its range (`batch_size=0`,
-  `epochs=-1`), or an unknown `model=` name (`check_config`).
+  `epochs=-1`), an unknown `model=` name, or `weights` of another length than `dset.sources`
+  (`check_config`).
 It also silences Hydra's migration warnings and its working-directory warning, which concern
 Hydra's own future defaults and not anything a Demucs user can act on.
 
@@ -115,10 +116,24 @@ def _range_problems(cfg: DictConfig) -> tp.List[str]:
     return problems
 
 
+def _weights_problems(cfg: DictConfig) -> tp.List[str]:
+    """`weights` must give one loss weight per source of `dset.sources` (a shorter or longer
+    list used to stop the first batch with a tensor size traceback)."""
+    weights, sources = OmegaConf.select(cfg, "weights"), OmegaConf.select(cfg, "dset.sources")
+    if not (isinstance(weights, ListConfig) and isinstance(sources, ListConfig)) \
+            or len(weights) == len(sources):
+        return []
+    ones = ",".join(["1"] * len(sources))
+    return [f"weights={list(weights)} has {len(weights)} value(s) but dset.sources="
+            f"[{','.join(map(str, sources))}] has {len(sources)} stem(s): give one loss weight "
+            f"per stem, e.g. weights=[{ones}]"]
+
+
 def check_config(cfg: DictConfig, base: DictConfig, model_names: tp.Iterable[str]) -> None:
     """Raise `ConfigError` listing every value of `cfg` with the wrong type (against the
-    defaults in `base`), out of its range, or naming an unknown model."""
-    problems = _type_problems(cfg, base, "") + _range_problems(cfg)
+    defaults in `base`), out of its range, naming an unknown model, or a `weights` list that
+    does not match `dset.sources`."""
+    problems = _type_problems(cfg, base, "") + _range_problems(cfg) + _weights_problems(cfg)
     names = sorted(model_names)
     if "model" in cfg and cfg.model not in names:
         problems.append(f"model={cfg.model} is not a model: use one of {', '.join(names)}")

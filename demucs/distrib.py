@@ -27,8 +27,16 @@ def backend_name() -> str:
 
 
 def init() -> None:
-    """Start the process group when several workers were launched, and set `rank`/`world_size`."""
+    """Start the process group when several workers were launched, and set `rank`/`world_size`.
+
+    A single process skips Dora's init, which would only log "world_size is 1, skipping init."
+    (the first line `tools.export` and `tools.test_pretrained` printed)."""
     global rank, world_size
+    spec = dora_distrib.get_distrib_spec()
+    if spec.world_size == 1 and not os.environ.get("DORA_FORCE_DISTRIB") \
+            and not torch.distributed.is_initialized():
+        rank, world_size = 0, 1
+        return
     dora_distrib.init(backend=backend_name())
     rank = dora_distrib.rank()
     world_size = dora_distrib.world_size()

@@ -7,6 +7,7 @@ from concurrent import futures
 import logging
 import multiprocessing
 from pathlib import Path
+import signal
 import tempfile
 import typing as tp
 
@@ -20,6 +21,7 @@ from . import distrib
 from .apply import apply_model
 from .audio import convert_audio, save_audio
 from .utils import DummyPoolExecutor
+from .wav import DatasetError, MIXTURE, check_tracks
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,25 @@ def _test_set(args, sources: tp.Sequence[str]) -> musdb.DB:
         return musdb.DB(args.dset.musdb, setup_file=str(setup), subsets=["test"], is_wav=True)
 
 
+def test_set_problems(args, sources: tp.Sequence[str]) -> tp.List[str]:
+    """Why the test set of the config `args` cannot score a model separating `sources` ([] when
+    it can): no such folder, or songs lacking some of the model's stems (e.g. a six-stem model
+    on a four-stem set), unreadable or at another rate than `dset.musdb_samplerate`. Reads
+    headers only, so that a test set that cannot work is refused before any separation."""
+    if args.test.nonhq is not None:
+        if Path(args.test.nonhq).is_dir():
+            return []
+        return [f"test.nonhq={args.test.nonhq}: folder does not exist"]
+    root = Path(args.dset.musdb) / "test"
+    if not root.is_dir():
+        return [f"{root}: folder does not exist; set dset.musdb to a folder whose test/ holds "
+                "songs as test/<song>/<stem>.wav"]
+    advice = (f"the model separates {', '.join(sources)}: set dset.musdb to a folder whose "
+              "test/ songs hold one wav per stem of the model")
+    return check_tracks(root, [MIXTURE] + list(sources), samplerate=args.dset.musdb_samplerate,
+                        advice=advice)
+
+
 def _separate_track(model: torch.nn.Module, track, args, device: torch.device,
                     amp: tp.Optional[str] = None) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     """Separate one MusDB track with `model` on `device`, with the `test.*` options and the
@@ -184,13 +205,20 @@ def summarize(tracks: tp.Dict[str, TrackScores], sources: tp.Sequence[str]) -> t
     return result
 
 
+def _ignore_interrupts() -> None:
+    """Scoring workers leave Ctrl-C to the main process, which stops them: each would otherwise
+    print its own KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _scoring_pool(workers: int):
     """Process pool scoring the tracks (in process when `workers` is 0). Workers are spawned:
     forked ones inherit torch's OpenMP thread pool without its threads and hang on their first
     parallel tensor operation."""
     if not workers:
         return DummyPoolExecutor(workers)
-    return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_ignore_interrupts)
 
 
 def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
@@ -201,13 +229,19 @@ def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
 
     Of the solver, only `model`, `device`, `folder` (where `test.save` writes) and `args` (the
     training config: `test.*`, `dset.musdb*`) are read, here and nowhere else in this module.
+    A test set that cannot score the model (`test_set_problems`) raises `DatasetError` before
+    any separation.
     """
     args = solver.args
     model = solver.model
+    problems = test_set_problems(args, model.sources)
+    if problems:
+        raise DatasetError(problems, context="the test set")
     test_set = _test_set(args, model.sources)
     if len(test_set) == 0:
         location = args.test.nonhq or args.dset.musdb
-        raise FileNotFoundError(f"No MusDB test tracks found under {location}/test.")
+        raise FileNotFoundError(f"No MusDB test tracks found under {location}/test: its "
+                                "songs go in test/<song>/<stem>.wav.")
     win = hop = int(1. * model.samplerate)
     indexes = range(distrib.rank, len(test_set), distrib.world_size)
     pendings = []

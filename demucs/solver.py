@@ -90,6 +90,7 @@ class TrainingSettings:
     log_params_without_grad: bool = False  # [flag=uns]
     tensorboard: bool = False  # TensorBoard events in the XP folder [misc.tensorboard]
     wandb_project: tp.Optional[str] = None  # W&B project, None: off [misc.wandb(_project)]
+    test_set: bool = True  # False: no test set, no test metrics [dset.musdb/test missing, empty]
 
 
 @dataclass
@@ -248,6 +249,9 @@ class Solver:
         self.best_state: tp.Optional[dict] = None
         self.best_changed = False
         self._meter = _EpochMeter()  # the epoch's, while `_run_batches` runs
+        # called before each batch: raises when the run was asked to stop (set by train.main,
+        # see train.StopSignals), also when the signal's exception was lost in a destructor
+        self.stop_check: tp.Callable[[], None] = lambda: None
         main_worker = distrib.rank == 0
         self.tracker = EpochTracker(
             self.folder, settings.tensorboard and main_worker,
@@ -341,15 +345,20 @@ class Solver:
         begin = time.time()
         metrics = {"train": self._train_epoch(epoch)}
         _log_summary("Train", epoch, metrics["train"])
-        metrics["valid"], best_candidate = self._validate(epoch)
-        _log_summary("Valid", epoch, metrics["valid"])
-        if metrics["valid"][settings.metric] == metrics["valid"]["best"] or settings.train_valid:
-            logger.info("New best valid %s %.4f", settings.metric,
-                        metrics["valid"][settings.metric])
-            self.best_state = best_candidate
+        if self._validates():
+            metrics["valid"], best_candidate = self._validate(epoch)
+            _log_summary("Valid", epoch, metrics["valid"])
+            if metrics["valid"][settings.metric] == metrics["valid"]["best"] \
+                    or settings.train_valid:
+                logger.info("New best valid %s %.4f", settings.metric,
+                            metrics["valid"][settings.metric])
+                self.best_state = best_candidate
+                self.best_changed = True
+        else:  # no valid set (dset.valid_tracks=0): the last state is the best one
+            self.best_state = states.copy_state(self.model.state_dict())
             self.best_changed = True
         is_last = epoch == settings.epochs - 1
-        if (epoch + 1) % settings.test_every == 0 or is_last:
+        if settings.test_set and ((epoch + 1) % settings.test_every == 0 or is_last):
             metrics["test"] = self._test(compute_sdr=settings.test_sdr and is_last)
             _log_summary("Test", epoch, metrics["test"])
         self.link.push_metrics(metrics)
@@ -394,6 +403,7 @@ class Solver:
         self._meter = meter
         examples = 0
         for index, batch in enumerate(progress):
+            self.stop_check()
             examples += len(batch) * distrib.world_size
             added = meter.add(step(batch.to(self.device), (epoch, index)))
             if added and not progress.disable:  # a disabled bar (workers > 0) has no clock
@@ -415,6 +425,10 @@ class Solver:
             raise RuntimeError(f"The {name} loader gave no batch: the dataset is smaller than "
                                f"batch_size={self.settings.batch_size} (drop_last) or empty.")
         return meter
+
+    def _validates(self) -> bool:
+        """False when the run trains without validation (its valid loader is None)."""
+        return self.loaders is None or self.loaders.get("valid") is not None
 
     def _is_better(self, candidate: float, reference: float) -> bool:
         if self.settings.metric.startswith("nsdr"):

@@ -9,12 +9,15 @@ signature Dora computes from its config delta. The solver (and through it the ev
 museval) is imported inside the functions that need it, so that `import demucs.train` (done by
 every grid file just to compute signatures) stays fast.
 """
+import dataclasses
 import logging
 import os
 from pathlib import Path
 import random
 import shutil
+import signal
 import sys
+import threading
 import typing as tp
 
 import hydra
@@ -37,7 +40,7 @@ from .htdemucs import HTDemucs
 from .precision import warn_if_bf16_is_emulated
 from .repitch import RepitchedWrapper, RepitchError, SoundstretchMissingError
 from .states import capture_init, get_quantizer
-from .utils import check_amp, random_subset
+from .utils import INTERRUPT_STATUS, Terminated, check_amp, random_subset
 from .wav import DatasetError, MIXTURE, check_tracks, get_musdb_wav_datasets, get_wav_datasets
 
 if tp.TYPE_CHECKING:
@@ -169,12 +172,43 @@ def _collect(problems: tp.List[str], build: tp.Callable, *args) -> tp.Any:
         return None
 
 
-def musdb_test_problems(args: DictConfig) -> tp.List[str]:
-    """Problems of the MusDB test set that `evaluate` reads at the end of training (headers only),
-    so that a broken test track is reported before training rather than after it."""
+def missing_test_set(args: DictConfig) -> tp.Optional[str]:
+    """Why the config has no test set (None when it has one): `dset.musdb`/test is missing or
+    holds no song. A `test.nonhq` folder is always taken as given (it is checked apart)."""
     if args.test.nonhq is not None:
+        return None
+    root = Path(args.dset.musdb) / "test"
+    if not root.is_dir():
+        return f"{root} does not exist"
+    if not any(path.is_dir() for path in root.iterdir()):
+        return f"{root} holds no song folder"
+    return None
+
+
+def musdb_test_problems(args: DictConfig) -> tp.List[str]:
+    """Problems of the test set that `evaluate` reads at the end of training (headers only, and
+    their sample rate against `dset.musdb_samplerate`), so that a broken test track is reported
+    before training rather than after it. [] when there is no test set (`missing_test_set`)."""
+    if args.test.nonhq is not None:
+        if not Path(args.test.nonhq).is_dir():
+            return [f"test.nonhq={args.test.nonhq}: folder does not exist; set it to the MusDB "
+                    "(non-HQ) folder, or leave test.nonhq empty to test on dset.musdb/test"]
         return []
-    return check_tracks(Path(args.dset.musdb) / "test", [MIXTURE] + list(args.dset.sources))
+    if missing_test_set(args) is not None:
+        return []
+    return check_tracks(Path(args.dset.musdb) / "test", [MIXTURE] + list(args.dset.sources),
+                        samplerate=args.dset.musdb_samplerate)
+
+
+def _log_missing_test_set(args: DictConfig) -> bool:
+    """Say, once before training, that there is no test set; True when there is one."""
+    reason = missing_test_set(args)
+    if reason is not None:
+        logger.warning(
+            "No test set: %s. Training goes on without the test scores; to get them, set "
+            "dset.musdb to a folder whose test/ holds songs as test/<song>/<stem>.wav (or score "
+            "the exported model with tools.test_pretrained).", reason)
+    return reason is None
 
 
 def _add_wav2(args: DictConfig, train_set, valid_set, extra_train, extra_valid):
@@ -227,8 +261,9 @@ def get_datasets(args: DictConfig, check_test_set: bool = False):
     if args.dset.valid_samples is not None:
         valid_set = random_subset(valid_set, args.dset.valid_samples)
     if len(train_set) == 0:
-        raise ValueError(f"No training data: check dset.musdb={args.dset.musdb} / "
-                         f"dset.wav={args.dset.wav}.")
+        raise ValueError(f"No training data: dset.use_musdb={args.dset.use_musdb} and "
+                         f"dset.wav={args.dset.wav}: set dset.wav=FOLDER (with train/ and "
+                         "valid/ subfolders) or dset.use_musdb=true with dset.musdb=FOLDER.")
     if args.augment.repitch.proba:
         sources = list(args.dset.sources)
         vocals = [sources.index("vocals")] if "vocals" in sources else []
@@ -339,14 +374,23 @@ def _empty_valid_set_hint(args: DictConfig) -> str:
         return (f"dset.musdb={args.dset.musdb} holds none of the 14 MusDB validation tracks "
                 "(musdb's list, e.g. 'Actions - One Minute Smile', in its train/ folder). For "
                 "your own songs, pick some for validation with dset.valid_tracks=N (or a list "
-                "of song names), or put them in a folder with train/ and valid/ subfolders and "
-                "train with dset.wav=FOLDER dset.use_musdb=false")
+                "of song names), or train without validation with dset.valid_tracks=0, or put "
+                "them in a folder with train/ and valid/ subfolders and train with "
+                "dset.wav=FOLDER dset.use_musdb=false")
     return f"add songs to the valid/ subfolder of dset.wav={args.dset.wav}"
+
+
+def _without_validation(args: DictConfig, valid_size: int) -> bool:
+    """True when the run trains without validation: an empty valid set asked for with
+    `dset.valid_tracks=0`."""
+    return valid_size == 0 and args.dset.get("valid_tracks") == 0 \
+        and isinstance(args.dset.get("valid_tracks"), int)
 
 
 def _loader_size_problems(args: DictConfig, train_size: int, valid_size: int) -> tp.List[str]:
     """Why the loaders would give no batch: fewer examples than one batch per worker (drop_last
-    drops the rest), or an empty valid set. `args.batch_size` is already per worker here."""
+    drops the rest), or an empty valid set (unless `_without_validation`). `args.batch_size` is
+    already per worker here."""
     workers = distrib.world_size
     batch_size = args.batch_size * workers
     where = f" over {workers} workers" if workers > 1 else ""
@@ -356,7 +400,9 @@ def _loader_size_problems(args: DictConfig, train_size: int, valid_size: int) ->
     if train_size // workers < args.batch_size:
         problems.append(f"the train set has {train_size} examples{where}, fewer than "
                         f"batch_size={batch_size}: set a smaller batch_size or add songs{more}")
-    if valid_size == 0:
+    if _without_validation(args, valid_size):
+        pass
+    elif valid_size == 0:
         problems.append(f"the valid set is empty: {_empty_valid_set_hint(args)}")
     elif valid_size // workers < (1 if args.dset.full_cv else args.batch_size):
         needed = workers if args.dset.full_cv else batch_size
@@ -365,9 +411,10 @@ def _loader_size_problems(args: DictConfig, train_size: int, valid_size: int) ->
     return problems
 
 
-def get_loaders(args: DictConfig) -> tp.Dict[str, torch.utils.data.DataLoader]:
+def get_loaders(args: DictConfig) -> tp.Dict[str, tp.Optional[torch.utils.data.DataLoader]]:
     """The train loader (shuffled, full batches) and the valid loader (whole tracks one by one
-    with `dset.full_cv`), each worker reading its own shard."""
+    with `dset.full_cv`; None when training without validation, `dset.valid_tracks=0`), each
+    worker reading its own shard."""
     train_set, valid_set = get_datasets(args, check_test_set=True)
     logger.info("train/valid set size: %d %d", len(train_set), len(valid_set))
     problems = _loader_size_problems(args, len(train_set), len(valid_set))
@@ -376,6 +423,10 @@ def get_loaders(args: DictConfig) -> tp.Dict[str, torch.utils.data.DataLoader]:
     num_workers = distrib.loader_workers(args.misc.num_workers)
     train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
                                   num_workers=num_workers, drop_last=True)
+    if _without_validation(args, len(valid_set)):
+        logger.warning("No validation (dset.valid_tracks=0): every epoch's state is kept as the "
+                       "best one, and the history has no valid metrics.")
+        return {"train": train_loader, "valid": None}
     if args.dset.full_cv:
         valid_loader = distrib.loader(valid_set, batch_size=1, shuffle=False,
                                       num_workers=num_workers)
@@ -425,9 +476,12 @@ def get_solver(args: DictConfig, model_only: bool = False) -> "Solver":
     args.batch_size //= distrib.world_size
     settings = training_settings(args, device)
     loaders = None
-    if not model_only:
+    if model_only:  # export, evaluation: no events (they would make an empty TensorBoard run)
+        settings = dataclasses.replace(settings, tensorboard=False, wandb_project=None)
+    else:
         _check_shift_fits_segment(args)
         loaders = get_loaders(args)
+        settings = dataclasses.replace(settings, test_set=_log_missing_test_set(args))
     return Solver(loaders, get_training_parts(model, optimizer, args), settings, args)
 
 
@@ -496,14 +550,115 @@ def _stop(message: str, status: int, folder: tp.Optional[Path]) -> tp.NoReturn:
     raise SystemExit(status)
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM during a training run.
+
+    The first one stops the run: `KeyboardInterrupt` or `Terminated` is raised where the main
+    thread is, so that the cleanups run (lock, DataLoader workers, temporary files). Every later
+    one is ignored (SIG_IGN, which also holds while Python exits): a second Ctrl-C, or the
+    SIGINT that `timeout` or a scheduler sends after its SIGTERM, used to interrupt those
+    cleanups and end the run with a traceback (torch's DataLoader shutting its workers down).
+
+    What the stop brings along is not reported as an error: forked DataLoader workers inherit
+    the handler and exit at once, quietly (torch gives them their own SIGTERM handler); torch's
+    SIGCHLD handler, which would call the workers' end an error, is removed; what Python prints
+    as "Exception ignored" is not printed; `_train_xp` reports any error after the signal as the
+    stop. A signal that lands in a destructor (torch shuts workers down in `__del__`, where Python
+    drops exceptions) is not lost: `raise_if_stopped`, which the Solver calls before each batch,
+    raises it again.
+
+    A handler is installed only where the default one is: under submitit (Slurm jobs), SIGTERM
+    and SIGUSR2 are its own, for requeueing.
+    """
+
+    def __init__(self) -> None:
+        self.received: tp.Optional[int] = None
+        self._pid = os.getpid()
+        self._previous: tp.Dict[int, tp.Any] = {}
+
+    def _handle(self, signum: int, frame: tp.Any) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        for other in self._previous:  # ignored by the system from now on, also while Python
+            signal.signal(other, signal.SIG_IGN)  # exits (it restores handlers, not SIG_IGN)
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the main process stops it,
+            os._exit(0)  # and a KeyboardInterrupt in its start-up would print a traceback
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sys.unraisablehook = _quiet_unraisable
+        self.raise_if_stopped()
+
+    def raise_if_stopped(self) -> None:
+        """Raise the interruption of the signal received, if any."""
+        if self.received is not None:
+            raise Terminated() if self.received == signal.SIGTERM else KeyboardInterrupt()
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum, default in [(signal.SIGINT, signal.default_int_handler),
+                                (signal.SIGTERM, signal.SIG_DFL)]:
+            if signal.getsignal(signum) is default:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Put the previous handlers back (after a run that no signal stopped: a stopped run
+        keeps ignoring signals until it has exited)."""
+        if self.received is None:
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
+            self._previous.clear()
+
+
+def _quiet_unraisable(unraisable: tp.Any) -> None:
+    """`sys.unraisablehook` of a run being stopped by a signal (see `StopSignals`)."""
+
+
+def _interrupted(error: tp.Optional[BaseException],
+                 signum: tp.Optional[int] = None) -> tp.Tuple[str, int, bool]:
+    """The failure of a run stopped by the signal `signum` (else by the interruption `error`)."""
+    terminated = signum == signal.SIGTERM if signum is not None else \
+        isinstance(error, Terminated)
+    name = "terminated (SIGTERM)" if terminated else "interrupted"
+    return (f"{name}; the last saved checkpoint is kept: run the same command to resume.",
+            INTERRUPT_STATUS[Terminated if terminated else KeyboardInterrupt], False)
+
+
+def _train_xp(args: DictConfig, stops: StopSignals) -> tp.Optional[tp.Tuple[str, int, bool]]:
+    """Train the XP under its lock; (message, exit status, remove the XP folder if untouched)
+    of a failure, None on success. After a stop signal, any error is reported as the stop."""
+    lock = _lock_xp()
+    try:
+        solver = get_solver(args)
+        solver.stop_check = stops.raise_if_stopped
+        solver.train()
+        stops.raise_if_stopped()
+        distrib.close()
+    except SystemExit:
+        raise
+    except BaseException as error:
+        if stops.received is not None or isinstance(error, (KeyboardInterrupt, Terminated)):
+            return _interrupted(error, stops.received)
+        if not isinstance(error, _reported_errors()) or \
+                os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        return (str(error), 1, True)
+    finally:
+        if lock is not None:
+            lock.release()
+    return None
+
+
 @checked_hydra_main(config_path="../conf", config_name="config", version_base="1.1",
                     model_names=list(_model_classes()))
 def main(args: DictConfig) -> None:
     """Train the XP described by `args` (resuming from its checkpoint when there is one).
 
     A failure with a known cause (data, config values, checkpoint, disk) ends with one line on
-    stderr and status 1; Ctrl-C with status 130, keeping the last checkpoint. A run that failed
-    before saving anything leaves no XP folder behind.
+    stderr and status 1; Ctrl-C with status 130 and SIGTERM with 143, keeping the last
+    checkpoint, however many signals follow (`StopSignals`). A run that failed before saving
+    anything leaves no XP folder behind.
     """
     from dora import get_xp
     tune_malloc()
@@ -514,24 +669,15 @@ def main(args: DictConfig) -> None:
         logger.setLevel(logging.DEBUG)
     logger.info("For logs, checkpoints and samples check %s", os.getcwd())
     logger.debug(args)
-    lock = _lock_xp()
-    failure: tp.Optional[tp.Tuple[str, int, bool]] = None
+    stops = StopSignals().install()
     try:
-        get_solver(args).train()
-        distrib.close()
-    except KeyboardInterrupt:
-        failure = ("interrupted; the last saved checkpoint is kept: run the same command to "
-                   "resume.", 130, False)
-    except _reported_errors() as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        failure = (str(error), 1, True)
-    finally:
-        if lock is not None:
-            lock.release()
+        failure = _train_xp(args, stops)
+    except (KeyboardInterrupt, Terminated) as error:  # outside training (e.g. taking the lock)
+        failure = _interrupted(error, stops.received)
     if failure is not None:
         message, status, clean_up = failure
         _stop(message, status, Path(get_xp().folder) if clean_up else None)
+    stops.restore()
 
 
 if "_DORA_TEST_PATH" in os.environ:

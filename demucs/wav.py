@@ -128,20 +128,61 @@ def _check_stems(track: Path, stems: tp.Sequence[str], ext: str) -> tp.List[_Ste
     return infos
 
 
-def check_tracks(root: tp.Union[str, Path], stems: tp.Sequence[str],
-                 ext: str = EXT) -> tp.List[str]:
+def _stems_in_no_track(root: Path, names: tp.Sequence[str], stems: tp.Sequence[str],
+                       ext: str) -> tp.List[str]:
+    """The stems of `stems` that not one of the track folders `names` of `root` holds (a typo in
+    `dset.sources`, or a set made for other stems), to report once rather than once per track."""
+    if not names:
+        return []
+    present = {entry for name in names for entry in os.listdir(root / name)}
+    return [stem for stem in stems if stem + ext not in present]
+
+
+SOURCES_ADVICE = "check the spelling in dset.sources, or use a folder made for these stems"
+
+
+def missing_everywhere_problem(root: Path, names: tp.Sequence[str], missing: tp.Sequence[str],
+                               ext: str = EXT, advice: str = SOURCES_ADVICE) -> str:
+    """One sentence for stems that no track folder of `root` holds, naming the stems it holds
+    and ending with `advice`."""
+    held = sorted({Path(entry).stem for name in names for entry in os.listdir(root / name)
+                   if entry.endswith(ext) and not entry.startswith(".")})
+    files = ", ".join(stem + ext for stem in missing)
+    return (f"{root}: none of its {len(names)} song folder(s) holds {files} (its songs hold "
+            f"{', '.join(held) or 'no wav file'}): {advice}")
+
+
+def check_tracks(root: tp.Union[str, Path], stems: tp.Sequence[str], ext: str = EXT,
+                 samplerate: tp.Optional[int] = None,
+                 advice: str = SOURCES_ADVICE) -> tp.List[str]:
     """Problems of the track folders under `root`, one sentence each naming the file; [] when every
-    track has all of `stems`, readable, with one length and sample rate. Reads headers only and
-    writes nothing (for sets that are only read later, like the MusDB test set)."""
+    track has all of `stems`, readable, with one length and sample rate (`samplerate`, the rate
+    `dset.musdb_samplerate` reads the MusDB test set at, when given). A stem that no track holds
+    is one problem (ending with `advice`), not one per track. Reads headers only and writes
+    nothing (for sets that are only read later, like the MusDB test set)."""
     root = Path(root)
     if not root.is_dir():
         return [f"{root}: folder does not exist"]
-    problems = []
-    for name in _find_tracks(root):
+    names = _find_tracks(root)
+    nowhere = _stems_in_no_track(root, names, stems, ext)
+    problems = [missing_everywhere_problem(root, names, nowhere, ext, advice)] if nowhere else []
+    stems = [stem for stem in stems if stem not in nowhere]
+    other_rates: tp.Dict[int, tp.List[Path]] = {}
+    for name in names if stems else []:
         try:
-            _check_stems(root / name, stems, ext)
+            infos = _check_stems(root / name, stems, ext)
         except TrackError as error:
             problems.append(str(error))
+            continue
+        if samplerate is not None and infos[0].samplerate != samplerate:
+            other_rates.setdefault(infos[0].samplerate, []).append(infos[0].path)
+    for rate, paths in other_rates.items():
+        where = str(paths[0]) if len(paths) == 1 else f"{len(paths)} songs of {root} " \
+            f"(e.g. {paths[0]})"
+        problems.append(
+            f"{where}: {rate} Hz, but the test set is read as dset.musdb_samplerate="
+            f"{samplerate} Hz (the scores would be computed on wrongly pitched audio): set "
+            f"dset.musdb_samplerate={rate}, or resample the test songs to {samplerate} Hz")
     return problems
 
 
@@ -209,6 +250,10 @@ def build_metadata(path: tp.Union[str, Path], sources: tp.Sequence[str], normali
         raise DatasetError([f"{root}: folder does not exist"], context=str(root))
     previous = previous or {}
     names = _find_tracks(root)
+    nowhere = _stems_in_no_track(root, names, sources, ext)
+    if nowhere:
+        raise DatasetError([missing_everywhere_problem(root, names, nowhere, ext)],
+                           context=str(root))
     problems: tp.List[str] = []
     metadata: Metadata = {}
 
@@ -420,6 +465,22 @@ def _check_folder(path: Path, key: str) -> None:
                             f"(e.g. `{key}=/path/to/data`)"], context=key)
 
 
+def _check_subfolders(root: Path, key: str, splits: tp.Sequence[str]) -> None:
+    """`root` (the value of `key`) must hold the folders `splits`; one problem per missing one,
+    saying what the layout is (the path itself is right when only a subfolder is missing)."""
+    _check_folder(root, key)
+    layout = " and ".join(f"{split}/<song>/<stem>.wav" for split in splits)
+    problems = []
+    for split in splits:
+        if not (root / split).is_dir():
+            hint = (f" (e.g. move some songs of {root / splits[0]} into {root / split})"
+                    if split != splits[0] and (root / splits[0]).is_dir() else "")
+            problems.append(f"{key}={root} has no {split}/ subfolder: {key} must hold "
+                            f"{layout}{hint}")
+    if problems:
+        raise DatasetError(problems, context=key)
+
+
 def _valid_kwargs(dset) -> dict:
     """Validation examples are whole tracks when `full_cv`, training-sized segments otherwise."""
     return {} if dset.full_cv else {"segment": dset.segment, "shift": dset.shift}
@@ -431,9 +492,7 @@ def get_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
     Validation items start with the mixture: `[mixture] + sources`.
     """
     wav_root = Path(dset.wav)
-    _check_folder(wav_root, "dset.wav")
-    for split in ["train", "valid"]:
-        _check_folder(wav_root / split, "dset.wav")
+    _check_subfolders(wav_root, "dset.wav", ["train", "valid"])
     roots = {"train": wav_root / "train", "valid": wav_root / "valid"}
     cache_file = Path(dset.metadata) / f"wav_{_hash_path(dset.wav)}.json"
     metadata = cached_metadata(cache_file, roots, list(dset.sources), dset.normalize)
@@ -458,13 +517,25 @@ def _get_musdb_valid() -> tp.List[str]:
         return list(yaml.safe_load(file)["validation_tracks"])
 
 
-def choose_valid_tracks(names: tp.Sequence[str], choice: tp.Any, root: Path) -> tp.Set[str]:
+def _count_hints(root: Path, count: int) -> str:
+    """The ways forward when `dset.valid_tracks` asks for as many songs as `root` holds."""
+    songs = "the song" if count == 1 else "these songs"
+    return (f"add songs to {root}, or validate on {songs} while also training on "
+            f"{'it' if count == 1 else 'them'} with dset.train_valid=true (the valid scores then "
+            "measure how well the model fits its own training data), or train without "
+            "validation with dset.valid_tracks=0 (the last epoch's state is kept as the best)")
+
+
+def choose_valid_tracks(names: tp.Sequence[str], choice: tp.Any, root: Path,
+                        train_valid: bool = False) -> tp.Set[str]:
     """The songs of the MusDB-layout folder `root` (named `names`) kept for validation.
 
     `choice` is `dset.valid_tracks`: None keeps MusDB's 14 validation songs (those present);
     a number N picks N songs, the same ones on every machine and run (ranked by a hash of their
-    names, so adding songs rarely changes the choice); a list names them. Raises `DatasetError`
-    for a count that leaves no training song or a name that is not in `root`.
+    names, so adding songs rarely changes the choice); 0 keeps none (no validation from this
+    folder); a list names them. Every song may be picked only when `train_valid`
+    (`dset.train_valid`: the valid songs are trained on too). Raises `DatasetError` for a count
+    that leaves no training song or a name that is not in `root`.
     """
     if choice is None:
         return set(_get_musdb_valid()) & set(names)
@@ -473,17 +544,36 @@ def choose_valid_tracks(names: tp.Sequence[str], choice: tp.Any, root: Path) -> 
         raise DatasetError([f"dset.valid_tracks={choice!r} must be a number of songs or a list "
                             "of song names"], context=str(root))
     if isinstance(choice, int):
-        if not 0 < choice < len(names):
-            raise DatasetError([f"dset.valid_tracks={choice} must be between 1 and "
-                                f"{len(names) - 1}: {root} holds {len(names)} songs"],
-                               context=str(root))
+        most = len(names) if train_valid else len(names) - 1
+        if choice < 0:
+            raise DatasetError([f"dset.valid_tracks={choice} must be a number of songs: 1 to "
+                                f"{len(names)} of the songs of {root}, or 0 for no "
+                                "validation"], context=str(root))
+        if choice > most:
+            plural = "song" if len(names) == 1 else "songs"
+            if train_valid:
+                problem = (f"dset.valid_tracks={choice} asks for more songs than the "
+                           f"{len(names)} {plural} of {root}: use at most {len(names)}")
+            elif choice == len(names):
+                problem = (f"dset.valid_tracks={choice} would keep every song of {root} "
+                           f"({len(names)} {plural}) for validation and leave none to train "
+                           f"on: {_count_hints(root, len(names))}")
+            else:
+                problem = (f"dset.valid_tracks={choice} asks for more songs than the "
+                           f"{len(names)} {plural} of {root}: use at most {most}, or "
+                           f"{_count_hints(root, len(names))}")
+            raise DatasetError([problem], context=str(root))
         ranked = sorted(names, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
         return set(ranked[:choice])
     missing = [str(name) for name in choice if name not in names]
     if missing:
         raise DatasetError([f"dset.valid_tracks names {name!r}, which is not a song folder of "
                             f"{root}" for name in missing], context=str(root))
-    return set(map(str, choice))
+    chosen = set(map(str, choice))
+    if len(chosen) == len(names) and not train_valid:
+        raise DatasetError([f"dset.valid_tracks names every song of {root}, leaving none to "
+                            f"train on: {_count_hints(root, len(names))}"], context=str(root))
+    return chosen
 
 
 def get_musdb_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
@@ -493,17 +583,27 @@ def get_musdb_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
     validation uses those tracks, as `[mixture] + sources`.
     """
     root = Path(dset.musdb) / "train"
-    _check_folder(Path(dset.musdb), "dset.musdb")
-    _check_folder(root, "dset.musdb")
+    _check_subfolders(Path(dset.musdb), "dset.musdb", ["train"])
     cache_file = Path(dset.metadata) / f"musdb_{_hash_path(dset.musdb)}.json"
     metadata = cached_metadata(cache_file, {"train": root}, list(dset.sources),
                                dset.normalize)["train"]
-    valid_tracks = choose_valid_tracks(sorted(metadata), dset.get("valid_tracks"), root)
+    if not metadata:
+        raise DatasetError([f"{root} holds no song folder: put each song in a folder of its "
+                            f"own, as {root}/<song>/<stem>.wav"], context="dset.musdb")
+    choice = dset.get("valid_tracks")
+    valid_tracks = choose_valid_tracks(sorted(metadata), choice, root, bool(dset.train_valid))
     train_meta = {name: meta for name, meta in metadata.items()
                   if dset.train_valid or name not in valid_tracks}
     valid_meta = {name: meta for name, meta in metadata.items() if name in valid_tracks}
-    if valid_meta:
+    if valid_meta and dset.train_valid and choice is not None:
+        logger.warning("Validation tracks of %s: %s; they are trained on too "
+                       "(dset.train_valid=true): the valid scores measure how well the model "
+                       "fits its training songs, not how it does on new ones", root,
+                       ", ".join(sorted(valid_meta)))
+    elif valid_meta:
         logger.info("Validation tracks of %s: %s", root, ", ".join(sorted(valid_meta)))
+    elif choice == 0:
+        logger.info("dset.valid_tracks=0: no song of %s is kept for validation", root)
     else:
         logger.warning("%s holds none of the MusDB validation tracks: the MusDB valid set is "
                        "empty (dset.valid_tracks=N picks N of its songs)", root)

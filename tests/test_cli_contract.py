@@ -531,3 +531,264 @@ def test_broken_onnx_dirs_as_a_process_say_one_line(track, tmp_path):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(first), err
     assert _files(tmp_path / "out") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 30: every new path says what happened (own data, tools, grids, signals).
+
+
+import logging  # noqa: E402  (this section's imports; the file's head is shared)
+
+from tests.training_helpers import history, write_track  # noqa: E402
+
+
+def _solver_of(argv: tp.List[str]):
+    """The Solver `dora run ARGV` would train, built in this process (its XP folder made)."""
+    from demucs.train import get_solver, main
+    xp = main.get_xp(argv)
+    Path(xp.folder).mkdir(parents=True, exist_ok=True)
+    with xp.enter():
+        return get_solver(xp.cfg), xp
+
+
+def _one_song_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    write_track(root / "train" / "My Song", rng, seconds=3)
+    write_track(root / "test" / "Test Song", rng, seconds=2)
+    return root
+
+
+def test_one_song_and_one_valid_track_offers_the_ways_forward(tmp_path, dora_dir):
+    """`dset.valid_tracks=1` on a folder of one song said 'must be between 1 and 0'. Now it says
+    which ways train on it, and both do: validating on the trained song (said in the log), or
+    no validation at all (`dset.valid_tracks=0`: the last state is the best one)."""
+    from demucs.wav import DatasetError
+    root = _one_song_folder(tmp_path / "one")
+    argv = base_argv(root, epochs=1) + ["max_batches=1"]
+    with pytest.raises(DatasetError) as error:
+        _solver_of(argv + ["dset.valid_tracks=1"])
+    (problem,) = error.value.problems
+    assert problem.startswith(f"dset.valid_tracks=1 would keep every song of {root / 'train'} "
+                              "(1 song) for validation and leave none to train on: ")
+    assert "with dset.train_valid=true" in problem and "with dset.valid_tracks=0" in problem
+    both, _ = _solver_of(argv + ["dset.valid_tracks=1", "dset.train_valid=true"])
+    assert list(both.loaders["train"].dataset.metadata) == ["My Song"]  # trained on, and
+    assert list(both.loaders["valid"].dataset.metadata) == ["My Song"]  # validated on
+    solver, xp = _solver_of(argv + ["dset.valid_tracks=0"])
+    assert solver.loaders["valid"] is None
+    with xp.enter():
+        solver.train()
+    (epoch,) = history(Path(xp.folder))
+    assert set(epoch) == {"train", "test"} and (Path(xp.folder) / "best.th").is_file()
+
+
+@pytest.mark.parametrize("test_folder", ["missing", "empty"])
+def test_no_test_set_trains_without_test_scores_and_says_so(tmp_path, dora_dir, caplog,
+                                                            test_folder):
+    """`dset.wav=F dset.use_musdb=false`, the route the empty-valid-set message suggests, stopped
+    on the default dset.musdb's test/ (/checkpoint/...: folder does not exist), and an empty
+    test/ stopped after the last epoch. The test set only reports scores (it never changes what
+    is trained or kept), so the run goes on without it, saying so once before training."""
+    rng = np.random.default_rng(0)
+    for split, count in [("train", 2), ("valid", 1)]:
+        for index in range(count):
+            write_track(tmp_path / "wav" / split / f"song{index}", rng, seconds=3)
+    musdb = tmp_path / "nowhere"
+    if test_folder == "empty":
+        (musdb / "test").mkdir(parents=True)
+    argv = [arg for arg in base_argv(musdb, epochs=1) if not arg.startswith("dset.musdb=")]
+    argv += [f"dset.musdb={musdb}", f"dset.wav={tmp_path / 'wav'}", "dset.use_musdb=false",
+             "max_batches=1"]
+    with caplog.at_level(logging.WARNING, logger="demucs.train"):
+        solver, xp = _solver_of(argv)
+    reason = "does not exist" if test_folder == "missing" else "holds no song folder"
+    assert f"No test set: {musdb / 'test'} {reason}. Training goes on without the test scores" \
+        in caplog.text
+    assert solver.settings.test_set is False
+    with xp.enter():
+        solver.train()
+    (epoch,) = history(Path(xp.folder))
+    assert set(epoch) == {"train", "valid"}
+
+
+def _six_stem_repo(root: Path) -> Path:
+    torch.manual_seed(0)
+    sources = ["drums", "bass", "guitar", "piano", "other", "vocals"]
+    model = HDemucs(sources, channels=4, samplerate=8000)
+    root.mkdir()
+    torch.save(serialize_model(model, {}, half=False), root / "six.th")
+    return root
+
+
+def test_test_pretrained_refuses_a_test_set_without_the_model_stems(tiny_musdb, tmp_path,
+                                                                    dora_dir, caplog,
+                                                                    monkeypatch):
+    """A six-stem model on a four-stem test set separated for 41 s, then `KeyError: 'guitar'`.
+    Now refused before any separation, naming the test folder and the missing stems; and the
+    tool no longer leaves an XP folder (an empty TensorBoard run) behind, nor starts with
+    Dora's "world_size is 1, skipping init."."""
+    from demucs import evaluate as evaluate_module
+    from tools import test_pretrained
+    monkeypatch.setattr(evaluate_module, "_separate_track",
+                        lambda *args, **kwargs: pytest.fail("separated a track"))
+    repo = _six_stem_repo(tmp_path / "repo")
+    argv = ["-n", "six", "--repo", str(repo), f"dset.musdb={tiny_musdb}",
+            "dset.musdb_samplerate=8000", "test.workers=0"]
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exit_:
+        test_pretrained.main(argv)
+    assert exit_.value.code == 1
+    errors = _error_text(caplog)
+    assert errors.startswith("tools.test_pretrained: 1 problem(s) found in the test set of six")
+    assert f"{tiny_musdb / 'test'}: none of its 2 song folder(s) holds guitar.wav, piano.wav " \
+        "(its songs hold bass, drums, mixture, other, vocals): the model separates drums, " \
+        "bass, guitar, piano, other, vocals" in errors
+    assert "world_size is 1" not in caplog.text
+    assert not (dora_dir / "xps").exists() or not any((dora_dir / "xps").iterdir())
+
+
+@pytest.mark.parametrize("case", ["sources typo", "test rate", "empty train", "no valid folder",
+                                  "missing nonhq"])
+def test_own_data_mistakes_are_named_before_training(case, tiny_musdb, tmp_path, dora_dir):
+    """New paths of issue 30, each stopped before the first batch with one line that names the
+    folder, the key and the fix (they were a line per song, a silent wrong test score, a vague
+    'No training data', a misleading 'set dset.wav to the right path', a failure at the end)."""
+    from demucs.wav import DatasetError
+    argv = base_argv(tiny_musdb, epochs=1)
+    if case == "sources typo":
+        argv += ["dset.sources=[drums,bass,other,vocal]"]
+        expected = [f"{tiny_musdb / 'train'}: none of its 4 song folder(s) holds vocal.wav (its "
+                    "songs hold bass, drums, mixture, other, vocals): check the spelling in "
+                    "dset.sources", f"{tiny_musdb / 'test'}: none of its 2 song folder(s)"]
+    elif case == "test rate":  # the test songs are at 8 kHz, read as 44.1 kHz
+        argv += ["dset.musdb_samplerate=44100"]
+        expected = [f"2 songs of {tiny_musdb / 'test'} (e.g. {tiny_musdb / 'test'}/Toy - Test A/"
+                    "mixture.wav): 8000 Hz, but the test set is read as dset.musdb_samplerate="
+                    "44100 Hz"]
+    elif case == "empty train":
+        (tmp_path / "empty" / "train").mkdir(parents=True)
+        argv = base_argv(tmp_path / "empty", epochs=1)
+        expected = [f"{tmp_path / 'empty' / 'train'} holds no song folder: put each song in a "
+                    "folder of its own"]
+    elif case == "no valid folder":
+        write_track(tmp_path / "wav" / "train" / "song", np.random.default_rng(0), seconds=3)
+        argv += [f"dset.wav={tmp_path / 'wav'}", "dset.use_musdb=false"]
+        expected = [f"dset.wav={tmp_path / 'wav'} has no valid/ subfolder: dset.wav must hold "
+                    "train/<song>/<stem>.wav and valid/<song>/<stem>.wav (e.g. move some songs "
+                    f"of {tmp_path / 'wav' / 'train'} into {tmp_path / 'wav' / 'valid'})"]
+    else:
+        argv += [f"test.nonhq={tmp_path / 'musdb18'}"]
+        expected = [f"test.nonhq={tmp_path / 'musdb18'}: folder does not exist"]
+    with pytest.raises(DatasetError) as error:
+        _solver_of(argv)
+    assert len(error.value.problems) == len(expected)
+    for line, start in zip(error.value.problems, expected):
+        assert line.startswith(start), line
+    assert not (dora_dir / "xps" / "checkpoint.th").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["weights=[1,1,1]"], "weights=[1, 1, 1] has 3 value(s) but dset.sources=[drums,bass,other,"
+                          "vocals] has 4 stem(s): give one loss weight per stem, e.g. "
+                          "weights=[1,1,1,1]"),
+    (["dset.sources=[drums,bass]"], "weights=[1.0, 1.0, 1.0, 1.0] has 4 value(s) but "
+                                    "dset.sources=[drums,bass] has 2 stem(s)"),
+])
+def test_weights_of_another_length_than_the_sources_are_a_config_error(overrides, message,
+                                                                       capsys, tmp_path,
+                                                                       monkeypatch):
+    """They stopped the first batch with 'The size of tensor a (4) must match ...'."""
+    from demucs.train import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main.get_xp(["dset=toy", *overrides])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"demucs.train: invalid config: {message}"), err
+
+
+def _fake_slurm(folder: Path, srun: bool) -> Path:
+    """`sbatch` (and `srun`) that fail as on a machine with Slurm's programs and no cluster."""
+    folder.mkdir()
+    for name in ["sbatch", "sacct", "squeue", "scancel"] + (["srun"] if srun else []):
+        (folder / name).write_text(f"#!/bin/sh\necho '{name}: fatal: Could not establish a "
+                                   "configuration source' >&2\nexit 1\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("installed,first_words", [
+    (True, "dora grid toy: Slurm is not configured on this machine (sbatch: fatal: Could not "
+           "establish a configuration source), nothing was submitted: "),
+    (False, "dora grid toy: Slurm is not installed on this machine (no srun/sbatch on PATH), "
+            "nothing was submitted: ")])
+def test_dora_grid_without_slurm_says_so_in_one_line(tmp_path, installed, first_words):
+    """An 11-frame submitit traceback (`sbatch: fatal: ...`) before."""
+    fake = _fake_slurm(tmp_path / "bin", srun=installed)
+    env = dict(dora_env(tmp_path / "outputs"), PATH=f"{fake}:/usr/local/bin:/usr/bin:/bin")
+    if not installed and shutil.which("srun", path=env["PATH"]):
+        pytest.skip("this machine has Slurm installed")
+    proc = subprocess.run([sys.executable, "-m", "dora", "grid", "toy"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        first_words + "`dora grid toy --dry_run --init` lists the grid's XPs and registers "
+        "their signatures, then `dora run -f SIG` trains one of them on this machine."]
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT),
+                                     (signal.SIGTERM, signal.SIGINT)])
+def test_repeated_signals_stop_training_with_one_line(tiny_musdb, tmp_path, signals):
+    """A second Ctrl-C while `dora run` stops (or the SIGINT `timeout` sends after SIGTERM) gave a
+    DataLoader worker traceback. Sent to the whole process group (workers included) 50 ms
+    apart: one line, the signal's status, the checkpoint kept, within seconds."""
+    argv = base_argv(tiny_musdb, epochs=1000) + ["misc.num_workers=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "dora", "run", *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dora_env(tmp_path / "outputs"), start_new_session=True)
+    try:
+        _wait_for(proc, "Train | Epoch 3")  # epochs 1 and 2 are saved, loader workers running
+        time.sleep(0.3)
+        sent = time.monotonic()
+        for sig in signals:
+            os.killpg(proc.pid, sig)
+            time.sleep(0.05)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - sent < 15
+    status, name = (143, "terminated (SIGTERM)") if signals[0] == signal.SIGTERM else \
+        (130, "interrupted")
+    assert proc.returncode == status
+    assert "Traceback" not in rest and "Exception ignored" not in rest
+    assert [line for line in rest.splitlines() if line.startswith("demucs.train")] == [
+        f"demucs.train: {name}; the last saved checkpoint is kept: run the same command to "
+        "resume."]
+    folders = list((tmp_path / "outputs" / "xps").iterdir())
+    assert len(folders) == 1 and (folders[0] / "checkpoint.th").is_file()
+
+
+def test_a_stop_signal_lost_in_a_destructor_is_raised_again(monkeypatch):
+    """A signal landing in torch's DataLoader `__del__` (exceptions there are dropped) used to
+    leave the run training, deaf to the next signals; `raise_if_stopped`, called by the Solver
+    before each batch, raises it again, and later signals are ignored."""
+    from demucs.train import StopSignals
+    from demucs.utils import Terminated
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    saved = {signum: signal.getsignal(signum)
+             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                          else signal.SIG_DFL)
+        stops = StopSignals().install()
+        stops.raise_if_stopped()  # nothing received: no-op
+        with pytest.raises(Terminated):  # what a destructor would drop
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the next ones are ignored
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        with pytest.raises(Terminated):
+            stops.raise_if_stopped()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

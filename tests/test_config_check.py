@@ -57,3 +57,18 @@ def test_quiet_hydra_hides_only_hydra_notices():
                           "runtime by default.", UserWarning)
             warnings.warn("something else", UserWarning)
     assert [str(warning.message) for warning in caught] == ["something else"]
+
+
+@pytest.mark.parametrize("weights,sources", [([1., 1., 1.], ["drums", "bass", "other", "vocals"]),
+                                             ([1., 1., 1., 1.], ["drums", "bass"])])
+def test_weights_must_give_one_weight_per_source(weights, sources):
+    """Issue 30: a `weights` list of another length than `dset.sources` stopped the first batch
+    with a tensor size traceback; it is now a config error naming both keys."""
+    cfg = _with(weights=weights, dset__sources=sources)
+    with pytest.raises(ConfigError) as error:
+        check_config(cfg, BASE, MODELS)
+    ones = ",".join(["1"] * len(sources))
+    assert str(error.value) == (
+        f"weights={weights} has {len(weights)} value(s) but dset.sources=[{','.join(sources)}] "
+        f"has {len(sources)} stem(s): give one loss weight per stem, e.g. weights=[{ones}]")
+    check_config(_with(weights=[1.] * len(sources), dset__sources=sources), BASE, MODELS)

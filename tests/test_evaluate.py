@@ -182,3 +182,50 @@ def test_evaluate_scoring_workers_do_not_hang_after_parallel_torch_ops(tmp_path)
     in_pool = evaluate(solver, compute_sdr=False)
     args.test.workers = 0
     assert in_pool == pytest.approx(evaluate(solver, compute_sdr=False))
+
+
+class SixStems(QuarterMix):
+    """A six-stem model; its forward must never run on a four-stem test set."""
+    sources = ["drums", "bass", "guitar", "piano", "other", "vocals"]
+
+    def forward(self, mix):
+        raise AssertionError("separated a test set that cannot score this model")
+
+
+def test_a_test_set_without_the_model_stems_is_refused_before_separating(tmp_path):
+    """Issue 30: a six-stem model on a four-stem test set separated every track, then stopped
+    with `KeyError: 'guitar'`."""
+    from demucs.wav import DatasetError
+    _write_test_set(tmp_path / "musdb")
+    solver = _quarter_mix_solver(tmp_path, workers=0, save=False)
+    solver.model = SixStems()
+    with pytest.raises(DatasetError) as error:
+        evaluate(solver)
+    (problem,) = error.value.problems
+    assert problem.startswith(f"{tmp_path / 'musdb' / 'test'}: none of its 2 song folder(s) "
+                              "holds guitar.wav, piano.wav (its songs hold bass, drums, mixture, "
+                              "other, vocals): the model separates drums, bass, guitar, piano")
+
+
+def test_a_missing_test_folder_and_another_rate_are_refused_before_separating(tmp_path):
+    from demucs.evaluate import test_set_problems
+    solver = _quarter_mix_solver(tmp_path, workers=0, save=False)
+    assert test_set_problems(solver.args, SOURCES) == [
+        f"{tmp_path / 'musdb' / 'test'}: folder does not exist; set dset.musdb to a folder whose "
+        "test/ holds songs as test/<song>/<stem>.wav"]
+    _write_test_set(tmp_path / "musdb")
+    assert test_set_problems(solver.args, SOURCES) == []
+    solver.args.dset.musdb_samplerate = 44100
+    (problem,) = test_set_problems(solver.args, SOURCES)
+    assert f"{RATE} Hz, but the test set is read as dset.musdb_samplerate=44100 Hz" in problem
+
+
+def test_scoring_workers_leave_ctrl_c_to_the_main_process():
+    import signal
+    from demucs.evaluate import _ignore_interrupts
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        _ignore_interrupts()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

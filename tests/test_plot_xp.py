@@ -59,3 +59,73 @@ def test_errors_name_the_problem(dora_dir, caplog, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         plot_xp.main([sig, "-m", "loss"])
     assert exit_.value.code == 2
+
+
+SIX = ["dset.musdb=/home/someone/datasets/my_own_songs_in_the_musdb_layout/version_2",
+       "dset.sources=[drums,bass,guitar,piano,other,vocals]", "weights=[1,1,1,1,1,1]",
+       "dset.valid_tracks=2", "htdemucs.channels=8", "optim.lr=1e-3"]
+FOUR = ["dset.musdb=/home/someone/datasets/another_folder_of_songs/version_3",
+        "dset.sources=[drums,bass,other,vocals]", "weights=[1,1,1,2]", "dset.valid_tracks=3",
+        "htdemucs.channels=16", "optim.lr=1e-4"]
+
+
+def test_long_labels_leave_the_panels_their_width(dora_dir, tmp_path):
+    """Issue 30: long override legends squeezed every panel into a narrow strip and were cut.
+    The labels are wrapped into a legend axis below the panels: in the saved figure every panel
+    spans most of the width, the legend lies below the lowest panel and inside the figure."""
+    from matplotlib import image, pyplot
+    first = _fake_xp(["model=htdemucs", *SIX], 3)
+    second = _fake_xp(["model=htdemucs", *FOUR], 4)
+    histories, names = plot_xp.load_histories([first, second])
+    assert min(map(len, names.values())) > 1.5 * plot_xp.LABEL_WIDTH  # the case of the issue
+    figure = plot_xp.figure_of(histories, names, plot_xp.DEFAULT_METRICS)
+    out = tmp_path / "curves.png"
+    figure.savefig(out, dpi=100)  # lays the figure out
+    *panels, legend_axis = figure.axes
+    assert len(panels) == 5
+    for panel in panels:
+        box = panel.get_position()
+        assert box.width > 0.8 and box.height > 0.1, box  # fractions of the figure
+    assert legend_axis.get_position().y1 <= min(panel.get_position().y0 for panel in panels)
+    renderer = figure.canvas.get_renderer()
+    legend = legend_axis.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= 0 and legend.y0 >= 0
+    assert legend.x1 <= figure.bbox.width and legend.y1 <= figure.bbox.height
+    texts = [text.get_text() for text in legend_axis.get_legend().get_texts()]
+    assert [text.replace("\n    ", " ") for text in texts] == [names[first], names[second]]
+    assert max(len(line) for text in texts for line in text.splitlines()) <= \
+        plot_xp.LABEL_WIDTH
+    height, width = image.imread(out).shape[:2]
+    assert (width, height) == (round(figure.bbox.width), round(figure.bbox.height))
+    pyplot.close(figure)
+
+
+def test_output_misuse_is_refused_before_any_work(dora_dir, tmp_path, caplog, monkeypatch):
+    sig = _fake_xp(["dset=toy"], 2)
+    monkeypatch.setattr(plot_xp, "load_histories", lambda sigs: pytest.fail("did some work"))
+    for out, message in [(tmp_path / "curves.xyz", "cannot write a .xyz image; end the name "
+                                                   "with one of"),
+                         (tmp_path / "curves", "has no extension"),
+                         (tmp_path, "is a folder: give a file name")]:
+        with pytest.raises(SystemExit) as exit_:
+            plot_xp.main([sig, "-o", str(out)])
+        assert exit_.value.code == 1 and f"tools.plot_xp: -o {out}" in caplog.text
+        assert message in caplog.text
+        caplog.clear()
+
+
+def test_unwritable_output_is_one_line(dora_dir, tmp_path, caplog):
+    sig = _fake_xp(["dset=toy"], 2)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_:
+        plot_xp.main([sig, "-o", str(blocker / "curves.png")])
+    assert exit_.value.code == 1
+    assert f"tools.plot_xp: cannot write {blocker / 'curves.png'}: " in caplog.text
+
+
+def test_an_xp_given_twice_is_drawn_once(dora_dir, caplog):
+    sig = _fake_xp(["dset=toy"], 2)
+    plot_xp.main([sig, sig])
+    assert "each XP is drawn once" in caplog.text
+    assert (dora_dir / "plots" / f"{sig}.png").exists()

@@ -167,7 +167,7 @@ def _config(*overrides: str):
 def test_get_model_uses_config_section_and_dataset_settings():
     from demucs.train import get_model
     args = _config("model=hdemucs", "hdemucs.channels=4", "dset.segment=3", "dset.channels=1",
-                   "dset.sources=[a,b]")
+                   "dset.sources=[a,b]", "weights=[1,1]")
     model = get_model(args)
     assert type(model).__name__ == "HDemucs"
     assert model.sources == ["a", "b"] and model.audio_channels == 1

@@ -373,8 +373,82 @@ def test_valid_tracks_of_a_musdb_layout_folder(tmp_path):
     assert choose_valid_tracks(list(reversed(names)), 3, tmp_path) == chosen  # order-free
     assert len(chosen & choose_valid_tracks(names + ["Song 10"], 3, tmp_path)) >= 2
     assert choose_valid_tracks(names, ["Song 4", "Song 7"], tmp_path) == {"Song 4", "Song 7"}
-    for bad, message in [(0, "between 1 and 9"), (10, "between 1 and 9"),
+    assert choose_valid_tracks(names, 0, tmp_path) == set()  # no validation
+    # with dset.train_valid=true every song may be validated on, as it is trained on too
+    assert choose_valid_tracks(names, 10, tmp_path, train_valid=True) == set(names)
+    for bad, message in [(10, "dset.valid_tracks=10 would keep every song of"),
+                         (11, "asks for more songs than the 10 songs of .*use at most 9"),
+                         (-1, "1 to 10 of the songs of .*or 0 for no validation"),
+                         (names, "names every song of"),
                          (["Song 4", "Nope"], "'Nope', which is not a song folder"),
                          ("Song 4", "a number of songs or a list"), (True, "a number")]:
         with pytest.raises(DatasetError, match=message):
             choose_valid_tracks(names, bad, tmp_path)
+    with pytest.raises(DatasetError, match="more songs than the 10 songs of .*at most 10"):
+        choose_valid_tracks(names, 11, tmp_path, train_valid=True)
+
+
+def test_one_song_with_one_valid_track_offers_the_ways_forward(tmp_path):
+    """Issue 30: a folder of one song and dset.valid_tracks=1 used to say 'must be between 1 and
+    0'; now it names the folder and the two ways to train on it."""
+    from demucs.wav import DatasetError, choose_valid_tracks
+    with pytest.raises(DatasetError) as error:
+        choose_valid_tracks(["My Song"], 1, tmp_path / "train")
+    (problem,) = error.value.problems
+    assert problem.startswith(f"dset.valid_tracks=1 would keep every song of {tmp_path / 'train'}"
+                              " (1 song) for validation and leave none to train on: ")
+    assert "dset.train_valid=true" in problem and "dset.valid_tracks=0" in problem
+    assert choose_valid_tracks(["My Song"], 1, tmp_path, train_valid=True) == {"My Song"}
+
+
+def test_one_song_trained_and_validated_on_says_so(tmp_path, caplog):
+    write_track(tmp_path / "musdb" / "train" / "My Song", seconds=1.5)
+    dset = make_dset(tmp_path, valid_tracks=1, train_valid=True)
+    with caplog.at_level(logging.WARNING, logger="demucs.wav"):
+        train, valid = wav.get_musdb_wav_datasets(dset)
+    assert list(train.metadata) == list(valid.metadata) == ["My Song"]
+    assert "they are trained on too (dset.train_valid=true)" in caplog.text
+    _, no_valid = wav.get_musdb_wav_datasets(make_dset(tmp_path, valid_tracks=0))
+    assert len(no_valid) == 0
+
+
+def test_a_stem_no_song_has_is_one_problem(tmp_path):
+    """A typo in dset.sources (`vocal`) gave one line per song; now one line for the folder,
+    naming the stems its songs hold."""
+    for index in range(3):
+        write_track(tmp_path / "wav" / "train" / f"song{index}", seed=index)
+    with pytest.raises(wav.DatasetError) as error:
+        wav.build_metadata(tmp_path / "wav" / "train", ["drums", "bass", "other", "vocal"])
+    assert error.value.problems == [
+        f"{tmp_path / 'wav' / 'train'}: none of its 3 song folder(s) holds vocal.wav (its songs "
+        "hold bass, drums, mixture, other, vocals): check the spelling in dset.sources, or use "
+        "a folder made for these stems"]
+    assert wav.check_tracks(tmp_path / "wav" / "train", ["mixture", "vocal", "piano"]) == [
+        f"{tmp_path / 'wav' / 'train'}: none of its 3 song folder(s) holds vocal.wav, piano.wav "
+        "(its songs hold bass, drums, mixture, other, vocals): check the spelling in "
+        "dset.sources, or use a folder made for these stems"]
+
+
+def test_test_songs_at_another_rate_than_musdb_samplerate_are_named(tmp_path):
+    """A test set at 8 kHz read as dset.musdb_samplerate=44100 used to be scored on wrongly
+    pitched audio, silently."""
+    for index in range(2):
+        write_track(tmp_path / "test" / f"song{index}", seed=index)
+    assert wav.check_tracks(tmp_path / "test", ["mixture"] + SOURCES, samplerate=SR) == []
+    (problem,) = wav.check_tracks(tmp_path / "test", ["mixture"] + SOURCES, samplerate=44100)
+    assert problem.startswith(f"2 songs of {tmp_path / 'test'} (e.g. ")
+    assert f"{SR} Hz, but the test set is read as dset.musdb_samplerate=44100 Hz" in problem
+    assert f"set dset.musdb_samplerate={SR}" in problem
+
+
+def test_wav_folder_without_valid_subfolder_says_what_the_layout_is(tmp_path):
+    write_track(tmp_path / "wav" / "train" / "song")
+    with pytest.raises(wav.DatasetError) as error:
+        wav.get_wav_datasets(make_dset(tmp_path))
+    assert error.value.problems == [
+        f"dset.wav={tmp_path / 'wav'} has no valid/ subfolder: dset.wav must hold "
+        "train/<song>/<stem>.wav and valid/<song>/<stem>.wav (e.g. move some songs of "
+        f"{tmp_path / 'wav' / 'train'} into {tmp_path / 'wav' / 'valid'})"]
+    (tmp_path / "musdb" / "train").mkdir(parents=True)
+    with pytest.raises(wav.DatasetError, match="holds no song folder: put each song in a "):
+        wav.get_musdb_wav_datasets(make_dset(tmp_path))

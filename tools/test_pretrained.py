@@ -7,6 +7,9 @@
 Reports the nSDR (always) and the museval SDR (when `test.sdr` is true), per source and averaged.
 `--amp`, `--compile` and `--backend onnxruntime` (e.g. with an int8 export as `--onnx-dir`) score
 the speed options of the `demucs` command, to compare with the default float32 scores.
+
+The test set is checked before any separation: a missing folder, or songs without some of the
+model's stems (a six-stem model on a four-stem set), are refused naming the folder and stems.
 """
 import argparse
 import json
@@ -18,6 +21,7 @@ import typing as tp
 import torch
 
 from demucs import evaluate, pretrained, train
+from demucs.wav import DatasetError
 from demucs.api import BACKENDS, LoadModelError, check_backend, compile_leaves, \
     find_or_export_onnx, load_onnx_model
 
@@ -45,17 +49,21 @@ def run(name: tp.Optional[str], repo, overrides: tp.List[str], amp: tp.Optional[
         onnx_dir: tp.Optional[Path] = None) -> tp.Dict[str, float]:
     """Scores of model `name` (from `repo`) on the test set of the configuration `overrides`,
     separated in the precision `amp` selects and compiled when `compile_model`, or with ONNX
-    Runtime (`backend`, the export in `onnx_dir` or one made as `demucs --backend` does)."""
+    Runtime (`backend`, the export in `onnx_dir` or one made as `demucs --backend` does).
+    A test set that cannot score the model raises `DatasetError` before any separation."""
     check_backend(backend, "cpu", amp, compile_model)
+    xp = train.main.get_xp(overrides)  # a bad override stops here, before the model is loaded
     if backend == "onnxruntime":
         folder, pytorch_model = find_or_export_onnx(name or pretrained.DEFAULT_MODEL, repo,
                                                     onnx_dir)
         model = load_onnx_model(folder, "cpu", pytorch_model)
     else:
         model = pretrained.get_model_from_args(argparse.Namespace(name=name, repo=repo))
+    problems = evaluate.test_set_problems(xp.cfg, model.sources)
+    if problems:
+        raise DatasetError(problems, context=f"the test set of {name or pretrained.DEFAULT_MODEL}")
     if compile_model:
         compile_leaves(model)
-    xp = train.main.get_xp(overrides)
     with xp.enter():
         solver = train.get_solver(xp.cfg, model_only=True)
         solver.model = model.to(solver.device)
@@ -72,7 +80,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
                      compile_model=args.compile, backend=args.backend, onnx_dir=args.onnx_dir)
     except (pretrained.ModelLoadingError, FileNotFoundError, LoadModelError, ImportError,
             ValueError) as error:
-        logger.error("%s", error)
+        logger.error("tools.test_pretrained: %s", error)
         sys.exit(1)
     logger.info("Test scores of %s: %s", args.name, json.dumps(scores, indent=2))
     print(json.dumps(scores))

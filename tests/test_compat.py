@@ -82,6 +82,7 @@ def test_plan_is_oldest_then_newest_each_with_both_numpy_series(tmp_path):
         [tmp_path / "py3.11-torch-2.6.0"] * 2 + [tmp_path / "py3.11-torch-2.13.0"] * 2
     assert [combination.numpy_requirement for combination in plan] == \
         ["numpy>=2,<3", "numpy==1.26.*"] * 2
+    assert plan[1].log_name == "py3.11-torch-2.6.0+numpy-1.26"
 
 
 def test_plan_of_a_pin_equal_to_the_floor_has_one_torch(tmp_path):

@@ -312,6 +312,7 @@ def test_death_message_suggests_generic_target(monkeypatch):
         "Could not analyse track 'X' ('Y', 'Z' too): ")
 
 
+@pytest.mark.slow
 def test_one_off_worker_death_is_survived(tiny_set, tmp_path, caplog, monkeypatch):
     """A worker killed once (not by its track: it analyses fine on its own) costs a warning."""
     monkeypatch.setattr(automix, "analyse_track", dies_once_analysis)
@@ -324,6 +325,7 @@ def test_one_off_worker_death_is_survived(tiny_set, tmp_path, caplog, monkeypatc
     assert "An analysis process died, yet " in caplog.text and "'B - two'" in caplog.text
 
 
+@pytest.mark.slow
 def test_several_workers_compile_once_first(tiny_set, tmp_path, monkeypatch):
     """With several workers, a synthetic track is analysed first, in a process of its own (numba
     compiles librosa's code there, so that the workers never compile it at the same time)."""

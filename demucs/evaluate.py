@@ -112,7 +112,7 @@ def _test_set(args, sources: tp.Sequence[str]) -> musdb.DB:
         return musdb.DB(args.dset.musdb, setup_file=str(setup), subsets=["test"], is_wav=True)
 
 
-def test_set_problems(args, sources: tp.Sequence[str]) -> tp.List[str]:
+def problems_of_test_set(args, sources: tp.Sequence[str]) -> tp.List[str]:
     """Why the test set of the config `args` cannot score a model separating `sources` ([] when
     it can): no such folder, or songs lacking some of the model's stems (e.g. a six-stem model
     on a four-stem set), unreadable or at another rate than `dset.musdb_samplerate`. Reads
@@ -228,13 +228,12 @@ def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
     runs the model in mixed precision (see `apply_model`); training tests keep float32.
 
     Of the solver, only `model`, `device`, `folder` (where `test.save` writes) and `args` (the
-    training config: `test.*`, `dset.musdb*`) are read, here and nowhere else in this module.
-    A test set that cannot score the model (`test_set_problems`) raises `DatasetError` before
-    any separation.
+    training config: `test.*`, `dset.musdb*`) are read. A test set that cannot score the model
+    (`problems_of_test_set`) raises `DatasetError` before any separation.
     """
     args = solver.args
     model = solver.model
-    problems = test_set_problems(args, model.sources)
+    problems = problems_of_test_set(args, model.sources)
     if problems:
         raise DatasetError(problems, context="the test set")
     test_set = _test_set(args, model.sources)

@@ -671,13 +671,15 @@ def main(args: DictConfig) -> None:
     logger.debug(args)
     stops = StopSignals().install()
     try:
-        failure = _train_xp(args, stops)
-    except (KeyboardInterrupt, Terminated) as error:  # outside training (e.g. taking the lock)
-        failure = _interrupted(error, stops.received)
-    if failure is not None:
-        message, status, clean_up = failure
-        _stop(message, status, Path(get_xp().folder) if clean_up else None)
-    stops.restore()
+        try:
+            failure = _train_xp(args, stops)
+        except (KeyboardInterrupt, Terminated) as error:  # outside training (taking the lock)
+            failure = _interrupted(error, stops.received)
+        if failure is not None:
+            message, status, clean_up = failure
+            _stop(message, status, Path(get_xp().folder) if clean_up else None)
+    finally:
+        stops.restore()  # unless a signal stopped the run: later ones stay ignored
 
 
 if "_DORA_TEST_PATH" in os.environ:

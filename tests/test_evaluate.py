@@ -208,15 +208,15 @@ def test_a_test_set_without_the_model_stems_is_refused_before_separating(tmp_pat
 
 
 def test_a_missing_test_folder_and_another_rate_are_refused_before_separating(tmp_path):
-    from demucs.evaluate import test_set_problems
+    from demucs.evaluate import problems_of_test_set
     solver = _quarter_mix_solver(tmp_path, workers=0, save=False)
-    assert test_set_problems(solver.args, SOURCES) == [
+    assert problems_of_test_set(solver.args, SOURCES) == [
         f"{tmp_path / 'musdb' / 'test'}: folder does not exist; set dset.musdb to a folder whose "
         "test/ holds songs as test/<song>/<stem>.wav"]
     _write_test_set(tmp_path / "musdb")
-    assert test_set_problems(solver.args, SOURCES) == []
+    assert problems_of_test_set(solver.args, SOURCES) == []
     solver.args.dset.musdb_samplerate = 44100
-    (problem,) = test_set_problems(solver.args, SOURCES)
+    (problem,) = problems_of_test_set(solver.args, SOURCES)
     assert f"{RATE} Hz, but the test set is read as dset.musdb_samplerate=44100 Hz" in problem
 
 

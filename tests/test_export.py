@@ -159,3 +159,14 @@ def test_trained_xp_exports_and_separates(tmp_path: Path, monkeypatch):
               "-d", "cpu", "--shifts", "0", str(track)])
     info = soundfile.info(str(tmp_path / "sep" / sig / "song" / "vocals.wav"))
     assert (info.frames, info.channels, info.samplerate) == (2 * rate, 2, rate)
+
+
+def test_out_naming_a_file_is_refused_in_one_line(tmp_path: Path, capsys):
+    existing = tmp_path / "SIG.th"
+    existing.write_bytes(b"not a folder")
+    with pytest.raises(SystemExit) as stop:
+        main(["-o", str(existing), "abcd1234"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"-o {existing} is a file, not a folder" in error
+    assert existing.read_bytes() == b"not a folder"

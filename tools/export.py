@@ -109,6 +109,9 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     if not args.xps:
         parser.error("give the signatures of the XPs to export, e.g. `python3 -m tools.export "
                      "955717e8` (the 8 hex digits Dora printed for the XP)")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"-o {args.out} is a file, not a folder: -o names the folder receiving "
+                     "the packages (SIG.th), e.g. -o release_models")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failures = 0
     for sig in args.xps:

@@ -25,16 +25,20 @@ BF16_ONEDNN_ISAS = ("avx512_core_bf16", "avx512_core_fp16", "avx512_core_amx",
                     "avx10_1_512_amx_fp16", "avx10_2_512", "avx10_2_512_amx_2", "all", "default")
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tp.FrozenSet[str]:
-    """The feature flags of the first CPU in `cpuinfo` (empty where there is no such file)."""
+def cpu_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> tp.Dict[str, str]:
+    """The `key: value` fields of the first CPU in `cpuinfo` (`vendor_id`, `cpu family`,
+    `flags`, ...); empty where there is no such file."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        return {}
+    pairs = (line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tp.FrozenSet[str]:
+    """The feature flags of the first CPU in `cpuinfo` (empty where there is no such file)."""
+    return frozenset(cpu_fields(cpuinfo).get("flags", "").split())
 
 
 # The vector ISA levels oneDNN's kernels differ by, best first, with the flags each needs.

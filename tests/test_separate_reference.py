@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from demucs.htdemucs import HTDemucs
-from demucs.precision import cpu_isa
+from demucs.precision import cpu_fields, cpu_isa
 from demucs.pretrained import SOURCES, demucs_unittest
 from demucs.separate import main
 from demucs.states import serialize_model
@@ -56,10 +56,7 @@ def machine_fingerprint() -> str:
     """What the floating-point results depend on: torch's version, the CPU's vendor and family
     (MKL dispatches on them), the best ISA it reports, ATen's kernel level, and any cap put on
     ATen, oneDNN or MKL from the environment (as when emulating an AVX2 CPU on a newer one)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    first_cpu = cpuinfo.read_text().split("\n\n")[0] if cpuinfo.exists() else ""
-    fields = dict(line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    fields = cpu_fields()
     vendor = fields.get("vendor_id", platform.processor() or platform.machine())
     caps = "".join(f", {name}={os.environ[name].upper()}" for name in CPU_CAPS
                    if name in os.environ)

@@ -406,7 +406,8 @@ def test_devices_the_backend_cannot_use():
 def test_test_pretrained_scores_the_onnx_backend(backend_repo, onnx_cache, tiny_musdb):
     """tools.test_pretrained --backend onnxruntime gives the torch backend's nSDR."""
     from tools import test_pretrained
-    overrides = ["dset=toy", f"dset.musdb={tiny_musdb}", "test.sdr=false", "test.shifts=0"]
+    overrides = ["dset=toy", f"dset.musdb={tiny_musdb}", "dset.musdb_samplerate=8000",
+                 "test.sdr=false", "test.shifts=0"]
     scores = {backend: test_pretrained.run("htdemucs_small", backend_repo, overrides,
                                            backend=backend)
               for backend in ["torch", "onnxruntime"]}

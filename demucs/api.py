@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .allocator import tune_malloc
-from .apply import ApplyOptions, BagOfModels, apply_model, apply_model_streaming, \
-    leaf_max_segment
+from .apply import ApplyOptions, apply_model, apply_model_streaming
+from .bag import BagOfModels, max_segment
 from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
     convert_audio_channels, save_audio
 from .files import describe_spool_error, describe_write_error
@@ -322,13 +322,6 @@ def load_onnx_backend(name: str, repo: tp.Optional[Path], onnx_dir: tp.Optional[
     return folder, pytorch_model, load_onnx_model(folder, device, pytorch_model)
 
 
-def max_allowed_segment(model) -> float:
-    """Longest segment in seconds a model (or bag) can be applied with."""
-    if isinstance(model, BagOfModels):
-        return model.max_allowed_segment
-    return leaf_max_segment(model)
-
-
 class Normalisation(tp.NamedTuple):
     """Per-track normalisation: mean and standard deviation of the mono mix."""
     mean: float
@@ -551,7 +544,7 @@ class Separator:
                  if key != "self" and value is not NotProvided}
         _check_settings(given)
         if "segment" in given and given["segment"] is not None:
-            limit = max_allowed_segment(self._model)
+            limit = max_segment(self._model)
             if given["segment"] > limit:
                 raise ValueError(f"segment {given['segment']} s is longer than model "
                                  f"{self._name} allows: at most {limit} s.")

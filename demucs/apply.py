@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import functools
 import heapq
 import itertools
-import math
 import random
 from threading import Lock
 import typing as tp
@@ -47,86 +46,17 @@ from torch.nn import functional as F
 import tqdm
 
 from . import allocator
+from .bag import BagOfModels, has_fixed_segment, Model  # noqa: F401  (Model: as in Demucs 4.1)
 from .demucs import Demucs  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .hdemucs import HDemucs  # noqa: F401  (importable from here, as in Demucs 4.1)
-from .htdemucs import HTDemucs
+from .htdemucs import HTDemucs  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .rounding import exact
 from .precision import warn_if_bf16_is_emulated
 from .utils import autocast, center_trim, check_amp, DummyPoolExecutor
 
-Model = nn.Module
 Callback = tp.Callable[[dict], None]
 # The shift trick delays the track by up to this much.
 MAX_SHIFT_SECONDS = 0.5
-
-
-def _is_htdemucs(model: nn.Module) -> bool:
-    """True for the transformer model, whose input length is fixed by its training segment
-    (and for its ONNX Runtime stand-in, `demucs.onnx_runtime.OnnxRuntimeModel`)."""
-    return isinstance(model, HTDemucs) or getattr(model, "processes_training_segment", False)
-
-
-def leaf_max_segment(model: nn.Module) -> float:
-    """Longest segment (seconds) a single model can be applied with: a transformer's training
-    segment, an ONNX Runtime model's longest graph, otherwise unlimited."""
-    if isinstance(model, HTDemucs):
-        return float(model.segment)
-    return float(getattr(model, "max_segment", math.inf))
-
-
-class BagOfModels(nn.Module):
-    """Several separation models whose estimates are averaged, with one weight per model and source.
-
-    Args:
-        models: the member models; they must share `sources`, `samplerate` and `audio_channels`.
-        weights: one list of per-source weights for each model (default: all ones). A zero weight
-            removes a model's estimate of that source.
-        segment: segment length in seconds given to the non-transformer members whose own segment
-            is longer (transformer members keep the length they were trained on).
-    """
-
-    def __init__(self, models: tp.List[nn.Module],
-                 weights: tp.Optional[tp.List[tp.List[float]]] = None,
-                 segment: tp.Optional[float] = None):
-        super().__init__()
-        if not models:
-            raise ValueError("BagOfModels needs at least one model")
-        first = models[0]
-        for index, other in enumerate(models[1:], 1):
-            for attribute in ["sources", "samplerate", "audio_channels"]:
-                if getattr(other, attribute) != getattr(first, attribute):
-                    raise ValueError(
-                        f"model {index} of the bag has {attribute}={getattr(other, attribute)!r} "
-                        f"but model 0 has {getattr(first, attribute)!r}; all must agree")
-            if segment is not None and not _is_htdemucs(other) and segment <= other.segment:
-                other.segment = segment
-        if segment is not None and not _is_htdemucs(first) and segment <= first.segment:
-            first.segment = segment
-        self.audio_channels = first.audio_channels
-        self.samplerate = first.samplerate
-        self.sources = first.sources
-        self.models = nn.ModuleList(models)
-        if weights is None:
-            weights = [[1. for _ in first.sources] for _ in models]
-        self._check_weights(weights)
-        self.weights = weights
-
-    def _check_weights(self, weights: tp.List[tp.List[float]]) -> None:
-        if len(weights) != len(self.models):
-            raise ValueError(f"the bag has {len(self.models)} models but {len(weights)} "
-                             "weight lists")
-        for index, model_weights in enumerate(weights):
-            if len(model_weights) != len(self.sources):
-                raise ValueError(f"weights of model {index} have {len(model_weights)} entries, "
-                                 f"expected one per source {self.sources}")
-
-    @property
-    def max_allowed_segment(self) -> float:
-        """Longest segment (seconds) usable with every member: the shortest transformer segment."""
-        return min(map(leaf_max_segment, self.models))
-
-    def forward(self, x):
-        raise NotImplementedError("a BagOfModels is applied with demucs.apply.apply_model")
 
 
 class TensorChunk:
@@ -192,7 +122,7 @@ def tensor_chunk(tensor_or_chunk) -> TensorChunk:
 
 def leaf_input_length(model: nn.Module, length: int, segment: tp.Optional[float]) -> int:
     """Number of samples fed to a single model for a chunk of `length` samples."""
-    if _is_htdemucs(model) and segment is not None:
+    if has_fixed_segment(model) and segment is not None:
         return int(segment * model.samplerate)
     if hasattr(model, "valid_length"):
         return model.valid_length(length)

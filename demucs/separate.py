@@ -17,8 +17,9 @@ import torch
 
 from .allocator import tune_malloc
 from .api import BACKENDS, LoadAudioError, LoadModelError, Separator, _default_device, \
-    check_backend, check_device, list_models, max_allowed_segment, onnx_dir_manifest
+    check_backend, check_device, list_models, onnx_dir_manifest
 from .audio import MP3_BITRATES, AudioFormat, AudioWriter
+from .bag import max_segment
 from .files import atomic_write, created_folders, describe_spool_error, describe_write_error, \
     remove_stale_partials, unwritable_reason
 from .pretrained import DEFAULT_MODEL, add_model_flags
@@ -380,7 +381,7 @@ def _make_separator(args: argparse.Namespace) -> Separator:
                               onnx_dir=args.onnx_dir, segment_batch=args.batch_segments)
     except (LoadModelError, ValueError, ImportError) as error:
         _fatal(str(error))
-    limit = max_allowed_segment(separator.model)
+    limit = max_segment(separator.model)
     if args.segment is not None and args.segment > limit:
         _fatal("Cannot use a Transformer model with a longer segment than it was trained for. "
                f"Maximum segment is: {limit}")

@@ -343,11 +343,11 @@ def test_separator_refuses_torch_only_options(backend_repo):
 
 def test_onnx_leaves_keep_the_segment_rules(exports):
     """An exported transformer keeps its training segment in a bag and limits the segment."""
-    from demucs.api import max_allowed_segment
+    from demucs.bag import max_segment
     folder = exports.bag("htdemucs_small", 3 * 44100, {"overlap": 0.25})
     bag = load_onnx_bag(folder, threads=2, segment=0.5)
     assert bag.models[0].segment == 1 and bag.max_allowed_segment == 1.0
-    assert max_allowed_segment(bag.models[0]) == 1.0
+    assert max_segment(bag.models[0]) == 1.0
 
 
 def test_command_line_backend(backend_repo, onnx_cache, tmp_path):

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("state", "optimizer", "history", "best_state")
 LOCK_NAME = "train.lock"
+CHECKPOINT_NAME = "checkpoint.th"  # the state a run resumes from, rewritten every epoch
+BEST_NAME = "best.th"  # the best state, the one `tools.export` packages
 GRAD_SCALER_KEY = "grad_scaler"  # the loss scaler of `optim.amp=fp16` training
 EMAs = tp.Dict[str, tp.List[ModelEMA]]
 
@@ -112,6 +114,13 @@ def remove_unfinished_writes(folder: tp.Union[str, Path]) -> tp.List[Path]:
     for leftover in leftovers:
         logger.warning("Removed %s, left by a checkpoint write that did not finish", leftover)
     return leftovers
+
+
+def holds_saved_state(folder: Path) -> bool:
+    """True when the XP folder holds a state a run saved (`checkpoint.th`, `best.th` or a
+    `save_every` copy): without one, a failed run saved nothing worth keeping, whatever else
+    (logs, tracker events) it wrote there."""
+    return any(any(folder.glob(pattern)) for pattern in ("checkpoint*.th", BEST_NAME))
 
 
 # ---------------------------------------------------------------- content

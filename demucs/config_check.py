@@ -6,16 +6,21 @@ can go wrong there into one message and exit status 2, without a Python tracebac
 - an override Hydra refuses (an unknown key such as `foo=1`, an unknown group option such as
   `dset=notadset`, a malformed override);
 - a value of the wrong type (`epochs=abc`, `optim.lr=abc`) or out of its range (`batch_size=0`,
-  `epochs=-1`), an unknown `model=` name, or `weights` of another length than `dset.sources`
-  (`check_config`).
+  `epochs=-1`), an unknown `model=` name, `weights` of another length than `dset.sources`, a
+  `batch_size` that does not split into the workers' batches and the remix groups, a `dset.shift`
+  that leaves nothing of `dset.segment`, or a `continue_from` / `continue_pretrained` that Hydra
+  read as something else than a name (`check_config`, one function per concern in `CHECKS`).
+All of this runs in `get_xp`, before Dora makes the XP folder: a refused config leaves nothing.
 It also silences Hydra's migration warnings and its working-directory warning, which concern
 Hydra's own future defaults and not anything a Demucs user can act on.
 
 Setting `HYDRA_FULL_ERROR=1` shows the full traceback of a composition error instead.
 """
 from contextlib import contextmanager
+from dataclasses import dataclass
 import math
 import os
+from pathlib import Path
 import re
 import sys
 import typing as tp
@@ -25,6 +30,8 @@ from dora.hydra import HydraMain
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .checkpoint import CHECKPOINT_NAME
 
 # Exit status of a call refused for its config (as argparse for a usage error).
 CONFIG_ERROR_STATUS = 2
@@ -54,6 +61,15 @@ _QUIET = (
 
 class ConfigError(ValueError):
     """A training config that cannot run; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What the checks know besides the config itself."""
+    base: DictConfig  # the defaults (conf/config.yaml with the chosen groups)
+    model_names: tp.Tuple[str, ...]  # the accepted values of `model`
+    world_size: int = 1  # training workers the batch is split over
+    xp_folder: tp.Optional[Path] = None  # the XP's own folder; its parent holds the other XPs
 
 
 @contextmanager
@@ -92,7 +108,7 @@ def _type_problems(cfg: tp.Any, base: tp.Any, path: str) -> tp.List[str]:
     return [f"{name}={cfg!r} must be {expected} (default: {base})"]
 
 
-def _range_problems(cfg: DictConfig) -> tp.List[str]:
+def _range_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
     problems = []
     for key, minimum in INTEGER_KEYS:
         value = OmegaConf.select(cfg, key)
@@ -116,7 +132,7 @@ def _range_problems(cfg: DictConfig) -> tp.List[str]:
     return problems
 
 
-def _weights_problems(cfg: DictConfig) -> tp.List[str]:
+def _weights_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
     """`weights` must give one loss weight per source of `dset.sources` (a shorter or longer
     list used to stop the first batch with a tensor size traceback)."""
     weights, sources = OmegaConf.select(cfg, "weights"), OmegaConf.select(cfg, "dset.sources")
@@ -129,14 +145,141 @@ def _weights_problems(cfg: DictConfig) -> tp.List[str]:
             f"per stem, e.g. weights=[{ones}]"]
 
 
-def check_config(cfg: DictConfig, base: DictConfig, model_names: tp.Iterable[str]) -> None:
-    """Raise `ConfigError` listing every value of `cfg` with the wrong type (against the
-    defaults in `base`), out of its range, naming an unknown model, or a `weights` list that
-    does not match `dset.sources`."""
-    problems = _type_problems(cfg, base, "") + _range_problems(cfg) + _weights_problems(cfg)
-    names = sorted(model_names)
+def _model_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
+    names = sorted(context.model_names)
     if "model" in cfg and cfg.model not in names:
-        problems.append(f"model={cfg.model} is not a model: use one of {', '.join(names)}")
+        return [f"model={cfg.model} is not a model: use one of {', '.join(names)}"]
+    return []
+
+
+def _whole_number(cfg: DictConfig, key: str) -> tp.Optional[int]:
+    """The value of `key` when it is a whole number of at least 1 (else None: absent, or a
+    problem `_type_problems` / `_range_problems` report)."""
+    value = OmegaConf.select(cfg, key)
+    if not _is_number(value) or value < 1 or (isinstance(value, float) and not value.is_integer()):
+        return None
+    return int(value)
+
+
+def _batch_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
+    """`batch_size` is split evenly over the workers, and each worker's batch into groups of
+    `augment.remix.group_size` when remixing (else the first batch stops in `Remix`)."""
+    batch_size, workers = _whole_number(cfg, "batch_size"), context.world_size
+    if batch_size is None:
+        return []
+    if batch_size % workers:
+        return [f"batch_size={batch_size} must be divisible by the number of workers "
+                f"({workers}): set batch_size to a multiple of {workers}"]
+    group = _whole_number(cfg, "augment.remix.group_size")
+    proba = OmegaConf.select(cfg, "augment.remix.proba")
+    per_worker = batch_size // workers
+    if group is None or not _is_number(proba) or proba <= 0 or per_worker % group == 0:
+        return []
+    each = f" ({per_worker} for each of {workers} workers)" if workers > 1 else ""
+    return [f"batch_size={batch_size}{each} is not a multiple of augment.remix.group_size="
+            f"{group}, the size of the groups whose stems are remixed: set batch_size to a "
+            f"multiple of {group * workers}, or augment.remix.group_size to a divisor of "
+            f"{per_worker}, or augment.remix.proba=0"]
+
+
+def _shift_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
+    """The random shift crops each training example to `dset.segment - dset.shift` seconds."""
+    segment, shift = OmegaConf.select(cfg, "dset.segment"), OmegaConf.select(cfg, "dset.shift")
+    if not (_is_number(segment) and _is_number(shift)) or shift < segment:
+        return []
+    return [f"dset.shift={shift} must be smaller than dset.segment={segment}: the random shift "
+            "augmentation cuts training examples to segment - shift seconds, which would leave "
+            "nothing to train on; lower dset.shift or raise dset.segment"]
+
+
+def _as_number(name: str) -> tp.Optional[float]:
+    """`name` as Hydra reads a number of digits with at most one `e`, else None."""
+    if not name or not set(name) <= set("0123456789e") or name.count("e") > 1 \
+            or name.startswith("e") or name.endswith("e"):
+        return None
+    return float(name)
+
+
+def xp_signature(value: tp.Any, xps_folder: Path) -> str:
+    """The XP signature meant by `continue_from=value`. Hydra reads a signature of digits with
+    one `e` (e.g. 955717e8, the released htdemucs) as a float and one of digits alone as an
+    integer: such a value is matched against the XP folders of `xps_folder` read the same way.
+    A string is returned as it is."""
+    if isinstance(value, str):
+        return value
+    if not _is_number(value):
+        raise ValueError(f"continue_from={value!r} is not an XP signature: give the signature "
+                         "of the XP to start from")
+    matches = sorted(folder.name for folder in xps_folder.glob("*")
+                     if folder.is_dir() and _as_number(folder.name) == value)
+    if len(matches) == 1:
+        return matches[0]
+    found = (f"XP folders {', '.join(matches)} all match it" if matches
+             else "no XP folder matches it")
+    raise FileNotFoundError(
+        f"continue_from was read as the number {value!r} (Hydra parses signatures such as "
+        f"955717e8 as numbers) and {found} in {xps_folder}: quote the signature, e.g. "
+        f"continue_from=\"'955717e8'\"")
+
+
+def continued_signature(value: tp.Any, xp_folder: Path) -> tp.Optional[str]:
+    """The signature of the XP that `continue_from=value` starts the XP in `xp_folder` from, or
+    None. A number is matched with `xp_signature`; one that matches nothing is only an error
+    when the XP starts afresh (with a checkpoint of its own it resumes, and `continue_from`
+    is not used)."""
+    if value is None or value == "":
+        return None
+    try:
+        return xp_signature(value, xp_folder.parent)
+    except FileNotFoundError:
+        if (xp_folder / CHECKPOINT_NAME).exists():
+            return None
+        raise
+
+
+def _continue_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
+    """`continue_pretrained` names a model and `continue_from` an XP: Hydra reads a signature
+    such as 955717e8 as a number, which only `continue_from` can match (against the XPs)."""
+    problems = []
+    pretrained = OmegaConf.select(cfg, "continue_pretrained")
+    if pretrained is not None and not isinstance(pretrained, str):
+        problems.append(
+            f"continue_pretrained={pretrained!r} was read as a {type(pretrained).__name__} "
+            "(Hydra parses signatures such as 955717e8 as numbers): quote the name, e.g. "
+            "continue_pretrained=\"'955717e8'\"")
+    value = OmegaConf.select(cfg, "continue_from")
+    if value is not None and not isinstance(value, str) and not _is_number(value):
+        problems.append(f"continue_from={value!r} is not an XP signature: give the signature "
+                        "of the XP to start from")
+    elif _is_number(value) and context.xp_folder is not None:
+        try:
+            continued_signature(value, context.xp_folder)
+        except FileNotFoundError as error:
+            problems.append(str(error))
+    return problems
+
+
+def _types_against_base(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
+    return _type_problems(cfg, context.base, "")
+
+
+# Every check of a training config, each giving the problems of one concern (one line each,
+# naming the key, its value and what to do). A new group of keys adds its function here.
+Check = tp.Callable[[DictConfig, CheckContext], tp.List[str]]
+CHECKS: tp.Tuple[Check, ...] = (
+    _types_against_base, _range_problems, _weights_problems, _model_problems, _batch_problems,
+    _shift_problems, _continue_problems)
+
+
+def check_config(cfg: DictConfig, base: DictConfig, model_names: tp.Iterable[str],
+                 world_size: int = 1, xp_folder: tp.Optional[Path] = None) -> None:
+    """Raise `ConfigError` listing every problem that `CHECKS` find in `cfg`: values of the
+    wrong type (against the defaults in `base`) or out of range, an unknown model (not in
+    `model_names`), a `batch_size` that `world_size` workers or the remix groups cannot split,
+    a signature Hydra read as a number that matches no XP next to `xp_folder`, ..."""
+    context = CheckContext(base=base, model_names=tuple(model_names), world_size=world_size,
+                           xp_folder=xp_folder)
+    problems = [problem for check in CHECKS for problem in check(cfg, context)]
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -157,9 +300,16 @@ def _refuse(message: str) -> tp.NoReturn:
     raise SystemExit(CONFIG_ERROR_STATUS)
 
 
+def _world_size() -> int:
+    """The number of training workers, as Dora will start them (1 outside `dora run -d`)."""
+    from dora.distrib import get_distrib_spec
+    return get_distrib_spec().world_size
+
+
 class CheckedHydraMain(HydraMain):
     """Dora's Hydra entry point, with the config checked when an XP is made from its argv
-    (`check_config`) and Hydra's warnings about its future defaults silenced."""
+    (`check_config`, before Dora makes its folder) and Hydra's warnings about its future
+    defaults silenced."""
 
     model_names: tp.Sequence[str] = ()
     _last_base: tp.Optional[DictConfig] = None  # the base config the last `get_xp` composed
@@ -173,7 +323,8 @@ class CheckedHydraMain(HydraMain):
             _refuse(_composition_message(error))
         assert self._last_base is not None
         try:
-            check_config(xp.cfg, self._last_base, self.model_names)
+            check_config(xp.cfg, self._last_base, self.model_names, _world_size(),
+                         Path(xp.folder))
         except ConfigError as error:
             _refuse(str(error))
         return xp

@@ -1,8 +1,10 @@
 """Training entry point (`dora run`, `dora grid`): turns the config into the objects of a training
 run (model, optimizer, loaders, quantizer, augmentation, EMAs) and the Solver's settings.
 
-This is the only module that reads the training config to build things: the Solver gets the
-objects (`TrainingParts`) and the scalar settings (`TrainingSettings`) it needs.
+This module and `training_data` (datasets and loaders) are the only ones that read the training
+config to build things: the Solver gets the objects (`TrainingParts`) and the scalar settings
+(`TrainingSettings`) it needs. The config has been checked by then (`config_check`, run by Dora's
+entry point before the XP folder exists).
 
 The Hydra configuration lives in `conf/config.yaml`; every experiment (XP) is identified by the
 signature Dora computes from its config delta. The solver (and through it the evaluation, musdb and
@@ -26,22 +28,23 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset
 
 from . import distrib
 from .allocator import tune_malloc
-from .augment import AugmentedExamples, augmentation_from_config, example_augmentations
-from .checkpoint import CheckpointError
-from .config_check import checked_hydra_main
+from .augment import augmentation_from_config
+from .checkpoint import CheckpointError, holds_saved_state
+from .config_check import checked_hydra_main, continued_signature
 from .demucs import Demucs
 from .ema import ModelEMA
 from .hdemucs import HDemucs
 from .htdemucs import HTDemucs
 from .precision import warn_if_bf16_is_emulated
-from .repitch import RepitchedWrapper, RepitchError, SoundstretchMissingError
+from .repitch import RepitchError, SoundstretchMissingError
 from .states import capture_init, get_quantizer
-from .utils import INTERRUPT_STATUS, Terminated, check_amp, random_subset
-from .wav import DatasetError, MIXTURE, check_tracks, get_musdb_wav_datasets, get_wav_datasets
+from .training_data import get_datasets  # noqa: F401  (importable from here, as in Demucs 4.1)
+from .training_data import get_loaders, log_missing_test_set
+from .utils import INTERRUPT_STATUS, Terminated, check_amp
+from .wav import DatasetError
 
 if tp.TYPE_CHECKING:
     from .solver import Solver, TrainingParts, TrainingSettings
@@ -132,154 +135,9 @@ def get_optimizer(model: nn.Module, args: DictConfig) -> torch.optim.Optimizer:
         weight_decay=args.optim.weight_decay)
 
 
-def _is_toy_dataset(args: DictConfig) -> bool:
-    """True for `dset=toy` (the generated toy MusDB), whose config has a `dset.toy` section."""
-    return args.dset.get("toy") is not None
-
-
-def _ensure_toy_dataset(args: DictConfig) -> None:
-    """Generate the toy MusDB at `dset.musdb` with the `dset.toy` settings when it is missing
-    (by worker 0, the others wait)."""
-    from .toy_musdb import ensure_toy_musdb
-    settings = OmegaConf.to_container(args.dset.toy, resolve=True)
-    if not isinstance(settings, dict):
-        raise ValueError(f"dset.toy must hold the toy generation settings, got {settings!r}")
-    if distrib.rank == 0:
-        ensure_toy_musdb(Path(args.dset.musdb), **settings)
-    distrib.barrier()
-
-
-def _check_soundstretch(args: DictConfig) -> None:
-    if args.augment.repitch.proba and shutil.which("soundstretch") is None:
-        raise RuntimeError(
-            f"augment.repitch.proba={args.augment.repitch.proba} needs the `soundstretch` program "
-            "(SoundTouch), which is not on PATH. Install it (e.g. `apt-get install soundstretch`) "
-            "or disable pitch/tempo augmentation with augment.repitch.proba=0.")
-
-
-def _wav2_datasets(args: DictConfig):
-    """Train and valid sets of the `dset.wav2` folder (read like `dset.wav`)."""
-    return get_wav_datasets(OmegaConf.merge(args.dset, {"wav": args.dset.wav2}))
-
-
-def _collect(problems: tp.List[str], build: tp.Callable, *args) -> tp.Any:
-    """`build(*args)`; on a `DatasetError`, None, its problems appended to `problems` (so that the
-    problems of every dataset are reported together)."""
-    try:
-        return build(*args)
-    except DatasetError as error:
-        problems.extend(error.problems)
-        return None
-
-
-def missing_test_set(args: DictConfig) -> tp.Optional[str]:
-    """Why the config has no test set (None when it has one): `dset.musdb`/test is missing or
-    holds no song. A `test.nonhq` folder is always taken as given (it is checked apart)."""
-    if args.test.nonhq is not None:
-        return None
-    root = Path(args.dset.musdb) / "test"
-    if not root.is_dir():
-        return f"{root} does not exist"
-    if not any(path.is_dir() for path in root.iterdir()):
-        return f"{root} holds no song folder"
-    return None
-
-
-def musdb_test_problems(args: DictConfig) -> tp.List[str]:
-    """Problems of the test set that `evaluate` reads at the end of training (headers only, and
-    their sample rate against `dset.musdb_samplerate`), so that a broken test track is reported
-    before training rather than after it. [] when there is no test set (`missing_test_set`)."""
-    if args.test.nonhq is not None:
-        if not Path(args.test.nonhq).is_dir():
-            return [f"test.nonhq={args.test.nonhq}: folder does not exist; set it to the MusDB "
-                    "(non-HQ) folder, or leave test.nonhq empty to test on dset.musdb/test"]
-        return []
-    if missing_test_set(args) is not None:
-        return []
-    return check_tracks(Path(args.dset.musdb) / "test", [MIXTURE] + list(args.dset.sources),
-                        samplerate=args.dset.musdb_samplerate)
-
-
-def _log_missing_test_set(args: DictConfig) -> bool:
-    """Say, once before training, that there is no test set; True when there is one."""
-    reason = missing_test_set(args)
-    if reason is not None:
-        logger.warning(
-            "No test set: %s. Training goes on without the test scores; to get them, set "
-            "dset.musdb to a folder whose test/ holds songs as test/<song>/<stem>.wav (or score "
-            "the exported model with tools.test_pretrained).", reason)
-    return reason is None
-
-
-def _add_wav2(args: DictConfig, train_set, valid_set, extra_train, extra_valid):
-    """Append the `dset.wav2` datasets; the main train set is repeated so that wav2 gets the
-    fraction `wav2_weight` of the examples."""
-    weight = args.dset.get("wav2_weight")
-    repeats = 1
-    if weight is not None:
-        repeats = max(1, round(len(extra_train) / len(train_set) * (1 / weight - 1)))
-    train_set = ConcatDataset([train_set] * repeats + [extra_train])
-    if args.dset.get("wav2_valid"):
-        if weight is not None:
-            kept = int(round(weight * len(valid_set) / (1 - weight)))
-            extra_valid = random_subset(extra_valid, kept)
-        valid_set = ConcatDataset([valid_set, extra_valid])
-    return train_set, valid_set
-
-
-def get_datasets(args: DictConfig, check_test_set: bool = False):
-    """Train and valid datasets: MusDB (if `dset.use_musdb`), plus `dset.wav`/`dset.wav2` folders,
-    the train set wrapped for pitch/tempo augmentation when `augment.repitch.proba` > 0.
-
-    Every track of every folder is checked first (and the MusDB test set when `check_test_set`):
-    all problems are raised together in one `DatasetError`, before any training.
-    """
-    _check_soundstretch(args)
-    if _is_toy_dataset(args):
-        _ensure_toy_dataset(args)
-    problems: tp.List[str] = []
-    musdb = _collect(problems, get_musdb_wav_datasets, args.dset) if args.dset.use_musdb else None
-    wav = _collect(problems, get_wav_datasets, args.dset) if args.dset.wav else None
-    wav2 = _collect(problems, _wav2_datasets, args) if args.dset.get("wav2") else None
-    if check_test_set:
-        problems += musdb_test_problems(args)
-    if problems:
-        raise DatasetError(problems, context="the training data")
-    train_set: tp.Any = []
-    valid_set: tp.Any = []
-    if musdb is not None:
-        train_set, valid_set = musdb
-    if wav is not None:
-        extra_train, extra_valid = wav
-        if len(args.dset.sources) <= 4:
-            train_set = ConcatDataset([train_set, extra_train])
-            valid_set = ConcatDataset([valid_set, extra_valid])
-        else:
-            train_set, valid_set = extra_train, extra_valid
-    if wav2 is not None:
-        train_set, valid_set = _add_wav2(args, train_set, valid_set, *wav2)
-    if args.dset.valid_samples is not None:
-        valid_set = random_subset(valid_set, args.dset.valid_samples)
-    if len(train_set) == 0:
-        raise ValueError(f"No training data: dset.use_musdb={args.dset.use_musdb} and "
-                         f"dset.wav={args.dset.wav}: set dset.wav=FOLDER (with train/ and "
-                         "valid/ subfolders) or dset.use_musdb=true with dset.musdb=FOLDER.")
-    if args.augment.repitch.proba:
-        sources = list(args.dset.sources)
-        vocals = [sources.index("vocals")] if "vocals" in sources else []
-        if not vocals:
-            logger.warning("No vocals source, repitch will not use the speech mode for any source.")
-        repitch = OmegaConf.to_container(args.augment.repitch, resolve=True)
-        assert isinstance(repitch, dict)
-        train_set = RepitchedWrapper(train_set, vocals=vocals, **repitch)
-    transforms = example_augmentations(args)
-    if transforms:
-        train_set = AugmentedExamples(train_set, transforms)
-    return train_set, valid_set
-
-
-def _show_model(model: nn.Module, args: DictConfig) -> None:
-    """Log the model, its size and receptive field (`misc.show`)."""
+def show_model(args: DictConfig) -> None:
+    """Log the model of `args`, its size and receptive field (`misc.show`)."""
+    model = get_model(args)
     logger.info("Model:\n%s", model)
     size_mb = sum(p.numel() for p in model.parameters()) * 4 / 2 ** 20
     logger.info("Size: %.1f MB", size_mb)
@@ -354,86 +212,22 @@ def training_settings(args: DictConfig,
         valid_split=args.test.split, test_every=args.test.every, test_sdr=bool(args.test.sdr),
         test_best=bool(args.test.best), metric=args.test.metric,
         train_valid=bool(args.dset.train_valid), save_every=args.save_every,
-        continue_from=args.continue_from, continue_best=bool(args.continue_best),
+        continue_from=_continue_from(args), continue_best=bool(args.continue_best),
         continue_opt=bool(args.continue_opt), continue_pretrained=args.continue_pretrained,
         pretrained_repo=args.pretrained_repo, log_params_without_grad=args.flag == "uns",
         tensorboard=bool(args.misc.get("tensorboard", False)),
         wandb_project=args.misc.get("wandb_project") if args.misc.get("wandb") else None)
 
 
-def _check_shift_fits_segment(args: DictConfig) -> None:
-    if args.dset.segment is not None and args.dset.shift >= args.dset.segment:
-        raise ValueError(
-            f"dset.shift={args.dset.shift} must be smaller than dset.segment="
-            f"{args.dset.segment}: the random shift augmentation cuts training examples to "
-            "segment - shift seconds, which would leave nothing to train on.")
-
-
-def _empty_valid_set_hint(args: DictConfig) -> str:
-    if args.dset.use_musdb and not args.dset.wav:
-        return (f"dset.musdb={args.dset.musdb} holds none of the 14 MusDB validation tracks "
-                "(musdb's list, e.g. 'Actions - One Minute Smile', in its train/ folder). For "
-                "your own songs, pick some for validation with dset.valid_tracks=N (or a list "
-                "of song names), or train without validation with dset.valid_tracks=0, or put "
-                "them in a folder with train/ and valid/ subfolders and train with "
-                "dset.wav=FOLDER dset.use_musdb=false")
-    return f"add songs to the valid/ subfolder of dset.wav={args.dset.wav}"
-
-
-def _without_validation(args: DictConfig, valid_size: int) -> bool:
-    """True when the run trains without validation: an empty valid set asked for with
-    `dset.valid_tracks=0`."""
-    return valid_size == 0 and args.dset.get("valid_tracks") == 0 \
-        and isinstance(args.dset.get("valid_tracks"), int)
-
-
-def _loader_size_problems(args: DictConfig, train_size: int, valid_size: int) -> tp.List[str]:
-    """Why the loaders would give no batch: fewer examples than one batch per worker (drop_last
-    drops the rest), or an empty valid set (unless `_without_validation`). `args.batch_size` is
-    already per worker here."""
-    workers = distrib.world_size
-    batch_size = args.batch_size * workers
-    where = f" over {workers} workers" if workers > 1 else ""
-    more = (" (dset=toy: more songs with dset.toy.tracks=N after deleting "
-            f"{args.dset.musdb})") if _is_toy_dataset(args) else ""
-    problems = []
-    if train_size // workers < args.batch_size:
-        problems.append(f"the train set has {train_size} examples{where}, fewer than "
-                        f"batch_size={batch_size}: set a smaller batch_size or add songs{more}")
-    if _without_validation(args, valid_size):
-        pass
-    elif valid_size == 0:
-        problems.append(f"the valid set is empty: {_empty_valid_set_hint(args)}")
-    elif valid_size // workers < (1 if args.dset.full_cv else args.batch_size):
-        needed = workers if args.dset.full_cv else batch_size
-        problems.append(f"the valid set has {valid_size} examples, fewer than {needed} (one "
-                        f"batch for each of the {workers} workers)")
-    return problems
-
-
-def get_loaders(args: DictConfig) -> tp.Dict[str, tp.Optional[torch.utils.data.DataLoader]]:
-    """The train loader (shuffled, full batches) and the valid loader (whole tracks one by one
-    with `dset.full_cv`; None when training without validation, `dset.valid_tracks=0`), each
-    worker reading its own shard."""
-    train_set, valid_set = get_datasets(args, check_test_set=True)
-    logger.info("train/valid set size: %d %d", len(train_set), len(valid_set))
-    problems = _loader_size_problems(args, len(train_set), len(valid_set))
-    if problems:
-        raise DatasetError(problems, context="the training data")
-    num_workers = distrib.loader_workers(args.misc.num_workers)
-    train_loader = distrib.loader(train_set, batch_size=args.batch_size, shuffle=True,
-                                  num_workers=num_workers, drop_last=True)
-    if _without_validation(args, len(valid_set)):
-        logger.warning("No validation (dset.valid_tracks=0): every epoch's state is kept as the "
-                       "best one, and the history has no valid metrics.")
-        return {"train": train_loader, "valid": None}
-    if args.dset.full_cv:
-        valid_loader = distrib.loader(valid_set, batch_size=1, shuffle=False,
-                                      num_workers=num_workers)
-    else:
-        valid_loader = distrib.loader(valid_set, batch_size=args.batch_size, shuffle=False,
-                                      num_workers=num_workers, drop_last=True)
-    return {"train": train_loader, "valid": valid_loader}
+def _continue_from(args: DictConfig) -> tp.Optional[str]:
+    """The signature `continue_from` names. Hydra reads one such as 955717e8 as a number, which
+    is matched against the XP folders next to the current XP's (`config_check` refused the
+    config before its folder was made when nothing matches)."""
+    value = args.continue_from
+    if value is None or isinstance(value, str):
+        return value or None
+    from dora import get_xp
+    return continued_signature(value, Path(get_xp().folder))
 
 
 def get_training_parts(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -463,25 +257,18 @@ def get_solver(args: DictConfig, model_only: bool = False) -> "Solver":
     distrib.init()
     seed_everything(args.seed)
     model = get_model(args)
-    if args.misc.show:
-        _show_model(model, args)
-        sys.exit(0)
     device = training_device()
     if device.type == "cuda":
         model.cuda()
     optimizer = get_optimizer(model, args)
-    if args.batch_size % distrib.world_size:
-        raise ValueError(f"batch_size={args.batch_size} must be divisible by the number of "
-                         f"workers ({distrib.world_size}).")
-    args.batch_size //= distrib.world_size
+    args.batch_size //= distrib.world_size  # divisible: checked with the config (config_check)
     settings = training_settings(args, device)
     loaders = None
     if model_only:  # export, evaluation: no events (they would make an empty TensorBoard run)
         settings = dataclasses.replace(settings, tensorboard=False, wandb_project=None)
     else:
-        _check_shift_fits_segment(args)
         loaders = get_loaders(args)
-        settings = dataclasses.replace(settings, test_set=_log_missing_test_set(args))
+        settings = dataclasses.replace(settings, test_set=log_missing_test_set(args))
     return Solver(loaders, get_training_parts(model, optimizer, args), settings, args)
 
 
@@ -524,11 +311,6 @@ def _lock_xp():
     return lock
 
 
-# Files of an XP folder that a run writes before its first checkpoint: a run that fails before
-# writing anything else leaves no folder behind.
-_BOOKKEEPING_FILES = frozenset({"train.lock", "train.log", ".argv.json", ".hydra"})
-
-
 def _reported_errors() -> tp.Tuple[tp.Type[BaseException], ...]:
     """Errors whose message says what went wrong and what to do: `main` shows them as one line
     (set HYDRA_FULL_ERROR=1 for the traceback)."""
@@ -537,15 +319,22 @@ def _reported_errors() -> tp.Tuple[tp.Type[BaseException], ...]:
             SoundstretchMissingError, ValueError)
 
 
-def _remove_if_untouched(folder: Path) -> None:
-    """Delete the XP folder of a run that failed before it saved anything."""
-    if folder.is_dir() and {path.name for path in folder.iterdir()} <= _BOOKKEEPING_FILES:
-        shutil.rmtree(folder, ignore_errors=True)
+def remove_if_nothing_saved(xp: tp.Any) -> bool:
+    """Delete the folder of the Dora XP `xp` after a failed run that saved no state
+    (`checkpoint.holds_saved_state`), whatever else it wrote there: logs, TensorBoard or W&B
+    events, a history without checkpoint. Kept when it holds the job logs of a scheduler
+    (Dora's submitit folder, the only record of a Slurm job's failure) or Dora's code copy
+    (`--git_save`). True when removed."""
+    folder = Path(xp.folder)
+    keep = holds_saved_state(folder) or Path(xp.submitit).exists() or \
+        (xp.dora.git_save and Path(xp.code_folder).exists())
+    if keep or not folder.is_dir():
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
-def _stop(message: str, status: int, folder: tp.Optional[Path]) -> tp.NoReturn:
-    if folder is not None and distrib.rank == 0:
-        _remove_if_untouched(folder)
+def _stop(message: str, status: int) -> tp.NoReturn:
     print(f"demucs.train: {message}", file=sys.stderr)
     raise SystemExit(status)
 
@@ -616,18 +405,20 @@ def _quiet_unraisable(unraisable: tp.Any) -> None:
 
 
 def _interrupted(error: tp.Optional[BaseException],
-                 signum: tp.Optional[int] = None) -> tp.Tuple[str, int, bool]:
+                 signum: tp.Optional[int] = None) -> tp.Tuple[str, int]:
     """The failure of a run stopped by the signal `signum` (else by the interruption `error`)."""
     terminated = signum == signal.SIGTERM if signum is not None else \
         isinstance(error, Terminated)
     name = "terminated (SIGTERM)" if terminated else "interrupted"
     return (f"{name}; the last saved checkpoint is kept: run the same command to resume.",
-            INTERRUPT_STATUS[Terminated if terminated else KeyboardInterrupt], False)
+            INTERRUPT_STATUS[Terminated if terminated else KeyboardInterrupt])
 
 
-def _train_xp(args: DictConfig, stops: StopSignals) -> tp.Optional[tp.Tuple[str, int, bool]]:
-    """Train the XP under its lock; (message, exit status, remove the XP folder if untouched)
-    of a failure, None on success. After a stop signal, any error is reported as the stop."""
+def _train_xp(args: DictConfig, stops: StopSignals) -> tp.Optional[tp.Tuple[str, int]]:
+    """Train the XP under its lock; (message, exit status) of a failure, None on success. After
+    a stop signal, any error is reported as the stop. A failure that saved nothing removes the
+    XP folder while the lock is still held (`remove_if_nothing_saved`)."""
+    from dora import get_xp
     lock = _lock_xp()
     try:
         solver = get_solver(args)
@@ -643,7 +434,9 @@ def _train_xp(args: DictConfig, stops: StopSignals) -> tp.Optional[tp.Tuple[str,
         if not isinstance(error, _reported_errors()) or \
                 os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        return (str(error), 1, True)
+        if distrib.rank == 0:
+            remove_if_nothing_saved(get_xp())
+        return (str(error), 1)
     finally:
         if lock is not None:
             lock.release()
@@ -655,12 +448,13 @@ def _train_xp(args: DictConfig, stops: StopSignals) -> tp.Optional[tp.Tuple[str,
 def main(args: DictConfig) -> None:
     """Train the XP described by `args` (resuming from its checkpoint when there is one).
 
-    A failure with a known cause (data, config values, checkpoint, disk) ends with one line on
-    stderr and status 1; Ctrl-C with status 130 and SIGTERM with 143, keeping the last
+    A config that cannot work never gets here: `config_check` refused it with status 2 before
+    Dora made the XP folder. A failure with a known cause (data, checkpoint, disk) ends with one
+    line on stderr and status 1; Ctrl-C with status 130 and SIGTERM with 143, keeping the last
     checkpoint, however many signals follow (`StopSignals`). A run that failed before saving
-    anything leaves no XP folder behind.
+    any state leaves no XP folder behind (`remove_if_nothing_saved`). `misc.show=true` logs
+    the model (`show_model`) and trains nothing.
     """
-    from dora import get_xp
     tune_malloc()
     _absolutize_paths(args)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -669,6 +463,9 @@ def main(args: DictConfig) -> None:
         logger.setLevel(logging.DEBUG)
     logger.info("For logs, checkpoints and samples check %s", os.getcwd())
     logger.debug(args)
+    if args.misc.show:
+        show_model(args)
+        return
     stops = StopSignals().install()
     try:
         try:
@@ -676,8 +473,7 @@ def main(args: DictConfig) -> None:
         except (KeyboardInterrupt, Terminated) as error:  # outside training (taking the lock)
             failure = _interrupted(error, stops.received)
         if failure is not None:
-            message, status, clean_up = failure
-            _stop(message, status, Path(get_xp().folder) if clean_up else None)
+            _stop(*failure)
     finally:
         stops.restore()  # unless a signal stopped the run: later ones stay ignored
 

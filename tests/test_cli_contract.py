@@ -189,11 +189,11 @@ def test_default_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, e
     RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)")])
 def test_out_of_memory_stops_with_one_message_saying_what_to_change(
         repo, track, tmp_path, caplog, monkeypatch, error):
-    from demucs import apply as apply_module
+    from demucs import runner as runner_module
 
     def run_out_of_memory(*args, **kwargs):
         raise error
-    monkeypatch.setattr(apply_module, "run_model", run_out_of_memory)
+    monkeypatch.setattr(runner_module, "run_model", run_out_of_memory)
     second = track.parent / "second.wav"
     second.write_bytes(track.read_bytes())
     assert _separate(repo, tmp_path / "out", "--batch-segments", "4", track, second) == 1
@@ -447,10 +447,10 @@ def test_custom_musdb_folder_without_valid_tracks_stops_before_training(tmp_path
 
 def test_too_few_examples_for_the_batch(tiny_musdb):
     from omegaconf import OmegaConf
-    from demucs.train import _loader_size_problems
+    from demucs.training_data import loader_size_problems
     dset = {"full_cv": True, "musdb": str(tiny_musdb), "use_musdb": True, "wav": None}
     args = OmegaConf.create({"batch_size": 64, "dset": dset})
-    problems = _loader_size_problems(args, 42, 2)
+    problems = loader_size_problems(args, 42, 2)
     assert problems == ["the train set has 42 examples, fewer than batch_size=64: set a smaller "
                         "batch_size or add songs"]
 

@@ -209,23 +209,31 @@ def test_missing_soundstretch_fails_before_loading_data(monkeypatch, tmp_path):
 
 
 def test_toy_dataset_is_generated_when_missing(monkeypatch, tmp_path):
-    from demucs import toy_musdb, train
+    from demucs import toy_musdb, training_data
     calls = []
     monkeypatch.setattr(toy_musdb, "ensure_toy_musdb",
                         lambda path, **kwargs: calls.append((path, kwargs)))
     args = _config("dset=toy", f"dset.musdb={tmp_path / 'toy'}", "dset.toy.tracks=3")
-    assert train._is_toy_dataset(args)
-    train._ensure_toy_dataset(args)
+    assert training_data._is_toy_dataset(args)
+    training_data._ensure_toy_dataset(args)
     assert calls[0][0] == tmp_path / "toy" and calls[0][1]["tracks"] == 3
-    assert not train._is_toy_dataset(_config())
+    assert not training_data._is_toy_dataset(_config())
 
 
-def test_misc_show_logs_model_size_and_exits(caplog):
-    from demucs.train import get_solver
+def test_misc_show_logs_model_size_and_trains_nothing(caplog, tmp_path, dora_dir):
+    """`misc.show` is handled by the entry point (`main`), which returns: no library function
+    exits the process."""
+    from demucs.train import main, show_model
     args = _config("model=demucs", *TINY_MODELS["demucs"], "misc.show=true")
-    with caplog.at_level("INFO"), pytest.raises(SystemExit):
-        get_solver(args)
+    with caplog.at_level("INFO"):
+        show_model(args)
     assert "Size:" in caplog.text and "Field:" in caplog.text
+    argv = base_argv(tmp_path / "nowhere") + ["misc.show=true"]
+    xp = main.get_xp(argv)
+    main.init_xp(xp)
+    with xp.enter():
+        main.main(xp.cfg)  # returns: no data read (there is none), no lock, no checkpoint
+    assert not (Path(xp.folder) / "checkpoint.th").exists()
 
 
 def test_dset_toy_generates_the_missing_set_and_trains(tmp_path, dora_dir):

@@ -28,8 +28,10 @@ from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, conver
     convert_audio_channels, save_audio
 from .files import describe_spool_error, describe_write_error
 from .htdemucs import HTDemucs  # noqa: F401  (importable from here, as in Demucs 4.1)
-from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, _parse_remote_files, get_model
-from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo
+from .catalogue import ModelCatalogue, ModelListing
+from .pretrained import DEFAULT_MODEL, REMOTE_ROOT, get_model  # noqa: F401  (REMOTE_ROOT: 4.1)
+# The repositories are importable from here, as in Demucs 4.1.
+from .repo import BagOnlyRepo, LocalRepo, ModelLoadingError, ModelOnlyRepo, RemoteRepo  # noqa: F401
 from .states import ModelPackageError
 from .utils import DummyPoolExecutor, fatal  # noqa: F401  (fatal: as in Demucs 4.1)
 
@@ -676,18 +678,13 @@ def compile_leaves(model: nn.Module) -> None:
         model.compile()
 
 
-def list_models(repo: tp.Optional[Path] = None) -> tp.Dict[str, tp.Dict[str, tp.Union[str, Path]]]:
-    """Available models: `{"single": {sig: location}, "bag": {name: yaml}}`."""
-    model_repo: ModelOnlyRepo
-    if repo is None:
-        model_repo = RemoteRepo(_parse_remote_files(REMOTE_ROOT / "files.txt"))
-        bag_repo = BagOnlyRepo(REMOTE_ROOT, model_repo)
-    else:
-        if not Path(repo).is_dir():
-            raise LoadModelError(f"model repository {repo} must exist and be a directory.")
-        model_repo = LocalRepo(Path(repo))
-        bag_repo = BagOnlyRepo(Path(repo), model_repo)
-    return {"single": model_repo.list_model(), "bag": bag_repo.list_model()}
+def list_models(repo: tp.Optional[Path] = None) -> ModelListing:
+    """Available models: `{"single": {sig: location}, "bag": {name: yaml}}`, of the release, or
+    of the folder `repo`; `LoadModelError` when `repo` is not a folder or cannot be listed."""
+    try:
+        return ModelCatalogue(repo).list_models()
+    except ModelLoadingError as error:
+        raise LoadModelError(str(error)) from None
 
 
 if __name__ == "__main__":

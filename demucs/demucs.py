@@ -13,9 +13,8 @@ from torch.nn import functional as F
 
 from .precision import lstm_needs_float32
 from .rounding import fast_cpu_inference
-from .states import capture_init
 from .transformer import LayerScale
-from .utils import center_trim, unfold
+from .utils import capture_init, center_trim, unfold
 
 
 class BLSTM(nn.Module):

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from .demucs import DConv, conv_transpose_polyphase, polyphase_applies, rescale_module
 from .rounding import fast_cpu_inference
 from .spec import ispectro, spectro
-from .states import capture_init
+from .utils import capture_init
 from .wiener import wiener
 
 WIENER_WINDOW_FRAMES = 300

@@ -15,8 +15,8 @@ from pathlib import Path
 import typing as tp
 
 from . import network
-from .apply import BagOfModels, Model
-from .repo import ModelLoadingError, _read_bag
+from .bag import BagOfModels, Model
+from .repo import ModelLoadingError, build_bag, read_bag
 from .states import load_model, load_safetensors
 
 DEFAULT_NAMESPACE = "adefossez"
@@ -153,11 +153,7 @@ def get_hf_model(name: str) -> BagOfModels:
     namespace, short = split_hub_name(name)
     repo_id = f"{namespace}/{hf_repo_name(short)}"
     bag_file = _fetch(repo_id, [f"{short}.yaml"])[f"{short}.yaml"]
-    bag = _read_bag(bag_file)
+    bag = read_bag(bag_file)
     filenames = [f"{sig}.safetensors" for sig in bag["models"]]
     files = _fetch(repo_id, filenames)
-    models = [load_safetensors_model(files[filename]) for filename in filenames]
-    try:
-        return BagOfModels(models, bag.get("weights"), bag.get("segment"))
-    except ValueError as error:
-        raise ModelLoadingError(f"invalid bag {bag_file}: {error}") from error
+    return build_bag(bag_file, bag, [load_safetensors_model(files[name]) for name in filenames])

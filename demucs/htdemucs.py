@@ -20,7 +20,7 @@ from .hdemucs import HybridSpectrogramMixin, HybridUNetMixin
 from .hdemucs import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding, pad1d  # noqa: F401
 from .spec import ispectro, spectro  # noqa: F401
 from .wiener import wiener  # noqa: F401
-from .states import capture_init
+from .utils import capture_init
 from .transformer import CrossTransformerEncoder
 
 Segment = tp.Union[int, float, Fraction]

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from . import network
-from .apply import BagOfModels, Model
+from .bag import BagOfModels, Model
 from .files import atomic_write
 from .states import CorruptPackageError, load_model
 
@@ -99,7 +99,7 @@ class RemoteRepo(ModelOnlyRepo):
         logger.info("downloading %s to %s", url, path)
         with atomic_write(path) as partial:
             _download(sig, url, partial)
-            _verify_download(url, partial, _split_signature(path.stem)[1])
+            _verify_download(url, partial, split_signature(path.stem)[1])
             try:
                 model = load_model(partial)
             except CorruptPackageError as error:
@@ -142,7 +142,7 @@ def _load_cached(path: Path) -> Model:
     not match the checksum in its name, a warning says so and the file is used anyway (as the
     official Demucs does, which checks the hash only when it downloads).
     """
-    checksum = _split_signature(path.stem)[1]
+    checksum = split_signature(path.stem)[1]
     if checksum is not None:
         actual = _sha256_prefix(path, len(checksum))
         if actual != checksum:
@@ -156,8 +156,10 @@ def _load_cached(path: Path) -> Model:
                                 "delete it to download the released file again.") from error
 
 
-def _split_signature(stem: str) -> tp.Tuple[str, tp.Optional[str]]:
-    """`SIG-HASH8` -> (SIG, HASH8); a stem without a checksum suffix is the signature itself."""
+def split_signature(stem: str) -> tp.Tuple[str, tp.Optional[str]]:
+    """`SIG-HASH8` -> (SIG, HASH8); a stem without a checksum suffix is the signature itself.
+
+    The naming rule of model files, shared by the repositories and `tools.export_hf`."""
     if "-" in stem:
         sig, suffix = stem.rsplit("-", 1)
         if _CHECKSUM.match(suffix):
@@ -181,7 +183,7 @@ class LocalRepo(ModelOnlyRepo):
         for file in sorted(self.root.iterdir()):
             if file.suffix not in MODEL_SUFFIXES:
                 continue
-            sig, checksum = _split_signature(file.stem)
+            sig, checksum = split_signature(file.stem)
             if sig in self._models:
                 raise ModelLoadingError(
                     f"duplicate pre-trained models for signature {sig} in {self.root}: "
@@ -207,9 +209,12 @@ class LocalRepo(ModelOnlyRepo):
         return dict(self._models)
 
 
-def _read_bag(yaml_file: Path) -> dict:
+def read_bag(yaml_file: Path) -> dict:
     """The content of a bag file, checked: `models` a list of signatures, optional `weights`
-    (one list of numbers per model) and `segment` (a positive number)."""
+    (one list of numbers per model) and `segment` (a positive number).
+
+    Every bag yaml (a `--repo` folder, the release, a hub download) is read here, so that a bag is
+    refused with the same message wherever it comes from; `ModelLoadingError` names the file."""
     try:
         bag = yaml.safe_load(yaml_file.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as error:
@@ -234,6 +239,16 @@ def _read_bag(yaml_file: Path) -> dict:
         raise ModelLoadingError(f"{yaml_file}: `segment` must be a positive number of seconds, "
                                 f"got {segment!r}")
     return bag
+
+
+def build_bag(yaml_file: Path, bag: dict, models: tp.List[Model]) -> BagOfModels:
+    """The `BagOfModels` of `models`, the members `bag` (read from `yaml_file` by `read_bag`)
+    names, with its weights and segment; `ModelLoadingError` naming the file when the members do
+    not fit together (other sources, sample rate or channels)."""
+    try:
+        return BagOfModels(models, bag.get("weights"), bag.get("segment"))
+    except ValueError as error:
+        raise ModelLoadingError(f"invalid bag {yaml_file}: {error}") from error
 
 
 def _is_number(value: tp.Any) -> bool:
@@ -262,12 +277,8 @@ class BagOnlyRepo:
         except KeyError:
             raise ModelLoadingError(f"{name} is neither a single pre-trained model nor a bag of "
                                     f"models (looked in {self.root}).")
-        bag = _read_bag(yaml_file)
-        models = [self.model_repo.get_model(sig) for sig in bag["models"]]
-        try:
-            return BagOfModels(models, bag.get("weights"), bag.get("segment"))
-        except ValueError as error:
-            raise ModelLoadingError(f"invalid bag {yaml_file}: {error}") from error
+        bag = read_bag(yaml_file)
+        return build_bag(yaml_file, bag, [self.model_repo.get_model(sig) for sig in bag["models"]])
 
     def list_model(self) -> tp.Dict[str, tp.Union[str, Path]]:
         return dict(self._bags)

@@ -10,7 +10,6 @@ of saved metrics, diffq quantizer classes) may appear in them.
 """
 import argparse
 from contextlib import contextmanager
-import functools
 import hashlib
 import importlib
 import inspect
@@ -28,7 +27,9 @@ import torch
 from torch import nn
 
 from .files import atomic_open, atomic_write
-from .utils import fatal  # noqa: F401  (importable from here in Demucs 4.1)
+# capture_init lives with the models' helpers (the models sit below this module); both names are
+# importable from here, as in Demucs 4.1.
+from .utils import capture_init, fatal  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -72,22 +73,8 @@ class CorruptPackageError(ModelPackageError):
     """A package file cannot be parsed: truncated, corrupted, or not a model package at all."""
 
 
-def capture_init(init):
-    """Decorate a model's `__init__` so the model remembers its constructor arguments.
-
-    They are stored as `model._init_args_kwargs = (args, kwargs)`, from which a package can rebuild
-    the model (`serialize_model` / `load_model`).
-    """
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        self._init_args_kwargs = (args, kwargs)
-        init(self, *args, **kwargs)
-
-    __init__.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
-    return __init__
-
-
-def _check_diffq() -> None:
+def check_diffq() -> None:
+    """Raise an `ImportError` saying what to install when diffq (quantized models) is missing."""
     try:
         import diffq  # noqa: F401
     except ImportError as exc:
@@ -99,14 +86,14 @@ def get_quantizer(model: nn.Module, args: tp.Any,
     """Quantizer from the `quant` config section: DiffQ when `args.diffq` (a penalty weight),
     uniform quantization-aware training with `args.qat` bits, else None."""
     if args.diffq:
-        _check_diffq()
+        check_diffq()
         from diffq import DiffQuantizer
         quantizer = DiffQuantizer(model, min_size=args.min_size, group_size=args.group_size)
         if optimizer is not None:
             quantizer.setup_optimizer(optimizer)
         return quantizer
     if args.qat:
-        _check_diffq()
+        check_diffq()
         from diffq import UniformQuantizer
         return UniformQuantizer(model, bits=args.qat, min_size=args.min_size)
     return None
@@ -130,7 +117,7 @@ def set_state(model: nn.Module, state: dict, quantizer: tp.Any = None) -> dict:
         if quantizer is not None:
             quantizer.restore_quantized_state(state)
         else:
-            _check_diffq()
+            check_diffq()
             from diffq import restore_quantized_state
             restore_quantized_state(model, state)
     else:

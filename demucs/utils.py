@@ -2,6 +2,8 @@
 from collections import defaultdict
 import contextlib
 from contextlib import contextmanager
+import functools
+import inspect
 import math
 import os
 import signal
@@ -74,6 +76,23 @@ def EMA(beta: float = 1) -> tp.Callable[..., tp.Dict[str, float]]:
         return {key: total / weights[key] for key, total in totals.items()}
 
     return update
+
+
+def capture_init(init: tp.Callable[..., None]) -> tp.Callable[..., None]:
+    """Decorate a model's `__init__` so the model remembers its constructor arguments.
+
+    They are stored as `model._init_args_kwargs = (args, kwargs)`, from which a package can rebuild
+    the model (`states.serialize_model` / `states.load_model`). It lives here, below the models,
+    so that the models need nothing of the package layer; `demucs.states.capture_init` is the same
+    function.
+    """
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        self._init_args_kwargs = (args, kwargs)
+        init(self, *args, **kwargs)
+
+    __init__.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
+    return __init__
 
 
 def fatal(*args: tp.Any) -> tp.NoReturn:

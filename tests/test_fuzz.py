@@ -15,7 +15,7 @@ import torch
 from demucs.apply import BagOfModels
 from demucs.audio import AudioFile, AudioReadError
 from demucs.demucs import Demucs
-from demucs.pretrained import ROOT_URL, _parse_remote_files
+from demucs.catalogue import ROOT_URL, read_release_list
 from demucs.repo import BagOnlyRepo, ModelLoadingError, ModelOnlyRepo
 from demucs.wav import DatasetError, Wavset, cached_metadata
 
@@ -204,7 +204,7 @@ def test_bag_yaml_long(tmp_path_factory, content: bytes):
 
 
 # ---------------------------------------------------------------------------------------------
-# files.txt (pretrained._parse_remote_files)
+# files.txt (catalogue.read_release_list)
 
 
 VALID_FILES = ("root: mdx_final/\n0d19c1c6-0f06f20e.th\n5d2d6c55-db83574e.th\n"
@@ -222,7 +222,7 @@ def _check_files_txt(tmp_path_factory, content: bytes) -> None:
     path = tmp_path_factory.mktemp("files") / "files.txt"
     path.write_bytes(content)
     try:
-        models = _parse_remote_files(path)
+        models = read_release_list(path)
     except ModelLoadingError as error:
         assert "files.txt" in str(error)
         return

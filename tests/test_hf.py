@@ -25,7 +25,7 @@ from demucs.htdemucs import HTDemucs
 from demucs.pretrained import get_model
 from demucs.repo import ModelLoadingError
 from demucs.states import serialize_model
-from tools.export_hf import FolderSource, export_model, install_in_hf_cache, main as export_main
+from tools.export_hf import CatalogueSource, export_model, install_in_hf_cache, main as export_main
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = Path.home() / ".cache" / "demucs-peer" / "bin" / "python"
@@ -52,7 +52,7 @@ def _htdemucs_hub_folder(out: Path, **kwargs) -> Path:
     package = serialize_model(HTDemucs(SOURCES, **kwargs), None, half=True)
     torch.save(package, models / f"{HTDEMUCS_SIG}.th")
     (models / "htdemucs.yaml").write_text(f"models: ['{HTDEMUCS_SIG}']\n")
-    return export_model(FolderSource(models), "htdemucs", out / "hub")
+    return export_model(CatalogueSource(models), "htdemucs", out / "hub")
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ import yaml
 from demucs import states
 from demucs.files import atomic_open, atomic_write
 from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
-from demucs.pretrained import REMOTE_ROOT, _parse_remote_files
-from demucs.repo import LocalRepo, ModelLoadingError, _read_bag, _split_signature, check_checksum
+from demucs.catalogue import ModelCatalogue
+from demucs.repo import ModelLoadingError, check_checksum, split_signature
 
 logger = logging.getLogger("tools.export_hf")
 
@@ -63,65 +63,50 @@ class ExportError(Exception):
     """A model cannot be exported."""
 
 
-class PackageSource(tp.Protocol):
-    def bag(self, name: str) -> dict: ...
+class CatalogueSource:
+    """The models and bags of the official release (`repo` None; `.th` files downloaded into
+    `cache`, by default the torch hub cache) or of a local folder `repo`, as the model catalogue
+    (`demucs.catalogue.ModelCatalogue`) lists them."""
 
-    def package(self, sig: str) -> dict: ...
-
-
-class ReleaseSource:
-    """The official release: bag yamls shipped with demucs, `.th` files downloaded into `cache`."""
-
-    def __init__(self, cache: Path):
-        self.cache = cache
-        self.urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
+    def __init__(self, repo: tp.Optional[Path] = None, cache: tp.Optional[Path] = None):
+        self.catalogue = ModelCatalogue(repo)
+        self.cache = cache or Path(torch.hub.get_dir()) / "checkpoints"
 
     def names(self) -> tp.List[str]:
-        return sorted(file.stem for file in REMOTE_ROOT.glob("*.yaml"))
+        """The bags, exported when no `--models` are given."""
+        return sorted(self.catalogue.list_models()["bag"])
 
     def bag(self, name: str) -> dict:
-        bag_file = REMOTE_ROOT / f"{name}.yaml"
-        if bag_file.is_file():
-            return _read_bag(bag_file)
-        if name in self.urls:
-            return {"models": [name]}
-        raise ExportError(f"{name} is not a released model; choose from {self.names()}")
+        """The checked bag `name` stands for (a single model is a bag of one)."""
+        return self.catalogue.bag(name)
 
     def package(self, sig: str) -> dict:
-        url = self.urls[sig]
+        """The package of model `sig`, its file's checksum checked when its name has one."""
+        location = self.catalogue.location(sig)
+        if isinstance(location, Path):
+            _check_named_checksum(location)
+            return states.load_package(location)
+        return states.load_package(self._downloaded(location))
+
+    def _downloaded(self, url: str) -> Path:
+        """The file of `url` in the cache, downloaded (and checked) first when it is not there;
+        a download that fails its checksum is not kept."""
         path = self.cache / url.rsplit("/", 1)[-1]
         if not path.exists():
             logger.info("downloading %s", url)
             self.cache.mkdir(parents=True, exist_ok=True)
             with atomic_write(path) as partial:
                 torch.hub.download_url_to_file(url, str(partial), progress=True)
-                check_checksum(partial, tp.cast(str, _split_signature(path.stem)[1]))
-        return states.load_package(path)
+                _check_named_checksum(partial, path.stem)
+        return path
 
 
-class FolderSource:
-    """A local model folder, as `--repo` reads it: `SIG[-HASH8].th|.safetensors`, `NAME.yaml`."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.models = LocalRepo(root)
-
-    def names(self) -> tp.List[str]:
-        return sorted(file.stem for file in self.root.glob("*.yaml"))
-
-    def bag(self, name: str) -> dict:
-        bag_file = self.root / f"{name}.yaml"
-        if bag_file.is_file():
-            return _read_bag(bag_file)
-        if self.models.has_model(name):
-            return {"models": [name]}
-        raise ExportError(f"{name} is neither a bag ({name}.yaml) nor a model in {self.root}")
-
-    def package(self, sig: str) -> dict:
-        path = Path(self.models.list_model()[sig])
-        if path.suffix == ".th" and _split_signature(path.stem)[1]:
-            check_checksum(path, tp.cast(str, _split_signature(path.stem)[1]))
-        return states.load_package(path)
+def _check_named_checksum(path: Path, stem: tp.Optional[str] = None) -> None:
+    """`ModelLoadingError` unless `path` matches the checksum of its name (`stem`, by default the
+    file's own: `SIG-HASH8`); a name without one is not checked."""
+    checksum = split_signature(stem or path.stem)[1]
+    if checksum is not None:
+        check_checksum(path, checksum)
 
 
 def _sidecar_default(value: tp.Any) -> tp.Any:
@@ -158,7 +143,7 @@ def check_model(package: dict, weights: Path) -> None:
             raise ExportError(f"{weights}: {key} differs from the original package")
 
 
-def export_model(source: PackageSource, name: str, out: Path, check: bool = False) -> Path:
+def export_model(source: CatalogueSource, name: str, out: Path, check: bool = False) -> Path:
     """Write the hub folder `out/name` of the named model `name`; returns it."""
     bag = source.bag(name)
     folder = out / name
@@ -222,12 +207,10 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _source(args: argparse.Namespace) -> tp.Union[ReleaseSource, FolderSource]:
-    if args.repo is not None:
-        if not args.repo.is_dir():
-            raise ExportError(f"--repo {args.repo} must be an existing folder")
-        return FolderSource(args.repo)
-    return ReleaseSource(args.cache or Path(torch.hub.get_dir()) / "checkpoints")
+def _source(args: argparse.Namespace) -> CatalogueSource:
+    if args.repo is not None and not args.repo.is_dir():
+        raise ExportError(f"--repo {args.repo} must be an existing folder")
+    return CatalogueSource(args.repo, args.cache)
 
 
 def _hf_cache_dir(option: tp.Union[Path, bool]) -> Path:

@@ -120,7 +120,7 @@ def place_model(home: Path) -> None:
     import torch
     from demucs.htdemucs import HTDemucs
     from demucs.states import serialize_model
-    from tools.export_hf import FolderSource, export_model, install_in_hf_cache
+    from tools.export_hf import CatalogueSource, export_model, install_in_hf_cache
     torch.manual_seed(0)
     package = serialize_model(HTDemucs(SOURCES, **RELEASED_HTDEMUCS), None, half=True)
     checkpoints = home / ".cache" / "torch" / "hub" / "checkpoints"
@@ -130,7 +130,7 @@ def place_model(home: Path) -> None:
     models.mkdir(exist_ok=True)
     shutil.copyfile(checkpoints / HTDEMUCS_FILE, models / f"{HTDEMUCS_SIG}.th")
     (models / "htdemucs.yaml").write_text(f"models: ['{HTDEMUCS_SIG}']\n")
-    folder = export_model(FolderSource(models), "htdemucs", home / "hub_folders")
+    folder = export_model(CatalogueSource(models), "htdemucs", home / "hub_folders")
     install_in_hf_cache(folder, "adefossez/HTDemucs", home / ".cache" / "huggingface" / "hub")
 
 

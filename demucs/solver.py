@@ -31,17 +31,18 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from . import augment  # noqa: F401  (importable from here, as in Demucs 4.1)
-from . import distrib, pretrained, states
+from . import distrib, states
 from .apply import apply_model
-from .checkpoint import (CheckpointError, CheckpointWriteError, checkpoint_package,
-                         load_checkpoint, remove_unfinished_writes, restore_checkpoint,
-                         restore_grad_scaler, save_atomic, XPLockedError)
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, CheckpointWriteError,
+                         checkpoint_package, load_checkpoint, remove_unfinished_writes,
+                         restore_checkpoint, save_atomic, XPLockedError)
 from .ema import ModelEMA
 from .evaluate import evaluate, new_sdr
 from .rounding import upstream_rounding
 from .svd import svd_penalty
-from .tracking import EpochTracker
+from .tracking import EpochTracker, log_summary, SUMMARY_STAGES
 from .utils import autocast, EMA, pull_metric
+from .warm_start import continue_from_xp, load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class TrainingSettings:
     metric: str  # selects the best state: "loss" (lower) or "nsdr*" (higher) [test.metric]
     train_valid: bool  # every epoch's state is the best [dset.train_valid]
     save_every: tp.Optional[int]  # [save_every]
-    continue_from: tp.Optional[str] = None  # [continue_from]
+    continue_from: tp.Optional[str] = None  # an XP signature [continue_from, matched if numeric]
     continue_best: bool = True  # [continue_best]
     continue_opt: bool = False  # [continue_opt]
     continue_pretrained: tp.Optional[str] = None  # [continue_pretrained]
@@ -104,31 +105,6 @@ class TrainingParts:
         default_factory=lambda: {"batch": [], "epoch": []})
     parallel_model: tp.Optional[torch.nn.Module] = None  # `model` wrapped for DDP, if it is
     scaler: tp.Optional[torch.amp.GradScaler] = None  # loss scaler of fp16 training, else None
-
-
-# ---------------------------------------------------------------- logs
-TRAIN_FORMATS = {"loss": ".4f", "reco": ".4f", "grad": ".4f", "ms": ".2f", "penalty": ".4f"}
-VALID_FORMATS = {"loss": ".4f", "reco": ".4f", "ms": ".2f", "penalty": ".4f", "best": ".4f",
-                 "nsdr": ".3f"}
-TEST_FORMATS = {"sdr": ".3f", "sdr_med": ".3f", "nsdr": ".3f", "si_sdr": ".3f"}
-FORMATS = {"Train": TRAIN_FORMATS, "Valid": VALID_FORMATS, "Test": TEST_FORMATS}
-
-
-def _format(metrics: tp.Dict[str, tp.Any], formats: tp.Dict[str, str]) -> tp.Dict[str, str]:
-    """Keep the metrics named in `formats` (plus `nsdr*`), formatted for the logs."""
-    out = {}
-    for key, value in metrics.items():
-        fmt = formats.get(key, ".3f" if key.startswith("nsdr") else None)
-        if fmt is not None and isinstance(value, (int, float)):
-            out[key] = format(value, fmt)
-    return out
-
-
-def _log_summary(stage: str, epoch: int, metrics: tp.Dict[str, tp.Any]) -> None:
-    """Log `Train|Valid|Test Summary | Epoch N | Key=value | ...`."""
-    text = " | ".join(f"{key.capitalize()}={value}"
-                      for key, value in _format(metrics, FORMATS[stage]).items())
-    logger.info("%s Summary | Epoch %d | %s", stage, epoch + 1, text)
 
 
 def _grad_norm(grads: tp.List[torch.Tensor]) -> float:
@@ -187,35 +163,6 @@ class _EpochMeter:
         return True
 
 
-def xp_signature(value: tp.Any, xps_folder: Path) -> str:
-    """The XP signature meant by `continue_from=value`. Hydra reads a signature of digits with
-    one `e` (e.g. 955717e8, the released htdemucs) as a float and one of digits alone as an
-    integer: such a value is matched against the XP folders of `xps_folder` read the same way.
-    A string is returned as it is."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"continue_from={value!r} is not an XP signature")
-    matches = sorted(folder.name for folder in xps_folder.glob("*")
-                     if folder.is_dir() and _as_number(folder.name) == value)
-    if len(matches) == 1:
-        return matches[0]
-    found = (f"XP folders {', '.join(matches)} all match it" if matches
-             else "no XP folder matches it")
-    raise FileNotFoundError(
-        f"continue_from was read as the number {value!r} (Hydra parses signatures such as "
-        f"955717e8 as numbers) and {found} in {xps_folder}: quote the signature, e.g. "
-        f"continue_from=\"'955717e8'\"")
-
-
-def _as_number(name: str) -> tp.Optional[float]:
-    """`name` as Hydra reads a number of digits with at most one `e`, else None."""
-    if not name or not set(name) <= set("0123456789e") or name.count("e") > 1 \
-            or name.startswith("e") or name.endswith("e"):
-        return None
-    return float(name)
-
-
 class Solver:
     """Trains `parts.model` on `loaders['train']` and validates it on `loaders['valid']`.
 
@@ -242,8 +189,8 @@ class Solver:
                                     device=self.device)
         xp = get_xp()
         self.folder = Path(xp.folder)
-        self.checkpoint_file = self.folder / "checkpoint.th"
-        self.best_file = self.folder / "best.th"
+        self.checkpoint_file = self.folder / CHECKPOINT_NAME
+        self.best_file = self.folder / BEST_NAME
         self.link = xp.link
         self.history = self.link.history
         self.best_state: tp.Optional[dict] = None
@@ -285,9 +232,11 @@ class Solver:
             logger.info("Loading checkpoint %s", self.checkpoint_file)
             self._resume(load_checkpoint(self.checkpoint_file))
         elif settings.continue_pretrained:
-            self._load_pretrained(settings.continue_pretrained, settings.pretrained_repo)
-        elif settings.continue_from not in (None, ""):
-            self._continue_from(xp_signature(settings.continue_from, self.folder.parent))
+            load_pretrained(self.model, settings.continue_pretrained, settings.pretrained_repo)
+        elif settings.continue_from:
+            self.best_state = continue_from_xp(
+                self.folder.parent / settings.continue_from, self.model, settings.continue_best,
+                self.optimizer if settings.continue_opt else None, self.scaler)
 
     def _resume(self, package: dict) -> None:
         self.link.update_history(package["history"])
@@ -295,44 +244,15 @@ class Solver:
         restore_checkpoint(package, self.model, self.optimizer, self.emas, self.checkpoint_file,
                            self.scaler)
 
-    def _load_pretrained(self, name: tp.Any, repo: tp.Optional[str]) -> None:
-        if not isinstance(name, str):
-            raise ValueError(
-                f"continue_pretrained was read as the number {name!r} (Hydra parses signatures "
-                f"such as 955717e8 as numbers): quote the name, e.g. "
-                f"continue_pretrained=\"'955717e8'\"")
-        logger.info("Starting from the pretrained model %s", name)
-        model = pretrained.get_model(name=name, repo=Path(repo) if repo else None)
-        models = getattr(model, "models", [model])
-        if len(models) != 1:
-            raise ValueError(f"continue_pretrained={name} is a bag of {len(models)} models; "
-                             "fine-tuning needs a single model.")
-        self.model.load_state_dict(models[0].state_dict())
-
-    def _continue_from(self, sig: str) -> None:
-        path = self.folder.parent / sig / "checkpoint.th"
-        if not path.exists():
-            raise FileNotFoundError(f"continue_from={sig}: no checkpoint at {path}. Train that XP "
-                                    "first (or check the signature with `dora info -f SIG`).")
-        best = self.settings.continue_best
-        logger.info("Starting from XP %s (%s state)", sig, "best" if best else "last")
-        package = load_checkpoint(path)
-        self.best_state = package["best_state"]
-        self.model.load_state_dict(package["best_state"] if best else package["state"],
-                                   strict=False)
-        if self.settings.continue_opt:
-            self.optimizer.load_state_dict(package["optimizer"])
-            restore_grad_scaler(package, self.scaler, path)
-
     # ---------------------------------------------------------------- epochs
     def train(self) -> None:
         """Run the remaining epochs (all of them on a fresh XP)."""
         if self.history:
             logger.info("Replaying metrics from the previous run")
             for epoch, metrics in enumerate(self.history):
-                for stage in FORMATS:
+                for stage in SUMMARY_STAGES:
                     if stage.lower() in metrics:
-                        _log_summary(stage, epoch, metrics[stage.lower()])
+                        log_summary(stage, epoch, metrics[stage.lower()])
         try:
             for epoch in range(len(self.history), self.settings.epochs):
                 self._run_epoch(epoch)
@@ -344,10 +264,10 @@ class Solver:
         settings = self.settings
         begin = time.time()
         metrics = {"train": self._train_epoch(epoch)}
-        _log_summary("Train", epoch, metrics["train"])
+        log_summary("Train", epoch, metrics["train"])
         if self._validates():
             metrics["valid"], best_candidate = self._validate(epoch)
-            _log_summary("Valid", epoch, metrics["valid"])
+            log_summary("Valid", epoch, metrics["valid"])
             if metrics["valid"][settings.metric] == metrics["valid"]["best"] \
                     or settings.train_valid:
                 logger.info("New best valid %s %.4f", settings.metric,
@@ -360,7 +280,7 @@ class Solver:
         is_last = epoch == settings.epochs - 1
         if settings.test_set and ((epoch + 1) % settings.test_every == 0 or is_last):
             metrics["test"] = self._test(compute_sdr=settings.test_sdr and is_last)
-            _log_summary("Test", epoch, metrics["test"])
+            log_summary("Test", epoch, metrics["test"])
         self.link.push_metrics(metrics)
         self.tracker.log_epoch(epoch, metrics, self.optimizer.param_groups[0]["lr"],
                                time.time() - begin)

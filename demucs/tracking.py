@@ -1,5 +1,5 @@
-"""Experiment tracking: each epoch's metrics as TensorBoard events in the XP folder, and
-optionally in Weights & Biases.
+"""Experiment tracking: each epoch's metrics as one summary line per stage in the logs, as
+TensorBoard events in the XP folder, and optionally in Weights & Biases.
 
 `tensorboard --logdir outputs/xps` then shows every XP side by side (one run per signature). The
 events hold every number of `history.json` (`train/loss`, `valid/nsdr_vocals`, `test/si_sdr`, ...),
@@ -18,6 +18,32 @@ import typing as tp
 logger = logging.getLogger(__name__)
 
 EVENTS_FOLDER = "tensorboard"
+
+# The metrics each stage's summary line shows, and their formats.
+TRAIN_FORMATS = {"loss": ".4f", "reco": ".4f", "grad": ".4f", "ms": ".2f", "penalty": ".4f"}
+VALID_FORMATS = {"loss": ".4f", "reco": ".4f", "ms": ".2f", "penalty": ".4f", "best": ".4f",
+                 "nsdr": ".3f"}
+TEST_FORMATS = {"sdr": ".3f", "sdr_med": ".3f", "nsdr": ".3f", "si_sdr": ".3f"}
+FORMATS = {"Train": TRAIN_FORMATS, "Valid": VALID_FORMATS, "Test": TEST_FORMATS}
+SUMMARY_STAGES = tuple(FORMATS)  # also the history keys, lower-cased
+
+
+def _format(metrics: tp.Dict[str, tp.Any], formats: tp.Dict[str, str]) -> tp.Dict[str, str]:
+    """Keep the metrics named in `formats` (plus `nsdr*`), formatted for the logs."""
+    out = {}
+    for key, value in metrics.items():
+        fmt = formats.get(key, ".3f" if key.startswith("nsdr") else None)
+        if fmt is not None and isinstance(value, (int, float)):
+            out[key] = format(value, fmt)
+    return out
+
+
+def log_summary(stage: str, epoch: int, metrics: tp.Dict[str, tp.Any]) -> None:
+    """Log `Train|Valid|Test Summary | Epoch N | Key=value | ...` (`stage` is one of
+    `SUMMARY_STAGES`, `epoch` 0-based) for the logs and the console."""
+    text = " | ".join(f"{key.capitalize()}={value}"
+                      for key, value in _format(metrics, FORMATS[stage]).items())
+    logger.info("%s Summary | Epoch %d | %s", stage, epoch + 1, text)
 
 
 def _wandb_run(folder: Path, project: str, config: tp.Any) -> tp.Any:

@@ -41,10 +41,14 @@ from .htdemucs import HTDemucs
 from .precision import warn_if_bf16_is_emulated
 from .repitch import RepitchError, SoundstretchMissingError
 from .states import capture_init, get_quantizer
-from .training_data import get_datasets  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .training_data import get_loaders, log_missing_test_set
 from .utils import INTERRUPT_STATUS, Terminated, check_amp
 from .wav import DatasetError
+# importable from here, as in Demucs 4.1
+from .repitch import RepitchedWrapper  # noqa: F401
+from .training_data import get_datasets  # noqa: F401
+from .utils import random_subset  # noqa: F401
+from .wav import get_musdb_wav_datasets, get_wav_datasets  # noqa: F401
 
 if tp.TYPE_CHECKING:
     from .solver import Solver, TrainingParts, TrainingSettings

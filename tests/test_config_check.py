@@ -1,13 +1,20 @@
 """demucs.config_check: the checks a training config goes through before `dora run` starts."""
+from pathlib import Path
+import subprocess
+import sys
+
 from omegaconf import OmegaConf
 import pytest
 
-from demucs.config_check import ConfigError, check_config, quiet_hydra
+from demucs.config_check import ConfigError, check_config, quiet_hydra, xp_signature
+from tests.training_helpers import ROOT, dora_env
 
 BASE = OmegaConf.create({
     "epochs": 360, "batch_size": 64, "seed": 42, "model": "demucs", "weights": [1., 1.],
-    "optim": {"lr": 3e-4, "amp": None}, "augment": {"flip": True, "scale": {"proba": 1.0}},
-    "dset": {"wav": None, "segment": 11, "shift": 1}})
+    "optim": {"lr": 3e-4, "amp": None},
+    "augment": {"flip": True, "scale": {"proba": 1.0}, "remix": {"proba": 1.0, "group_size": 4}},
+    "dset": {"wav": None, "segment": 11, "shift": 1},
+    "continue_from": None, "continue_pretrained": None})
 MODELS = ["demucs", "htdemucs"]
 
 
@@ -72,3 +79,96 @@ def test_weights_must_give_one_weight_per_source(weights, sources):
         f"weights={weights} has {len(weights)} value(s) but dset.sources=[{','.join(sources)}] "
         f"has {len(sources)} stem(s): give one loss weight per stem, e.g. weights=[{ones}]")
     check_config(_with(weights=[1.] * len(sources), dset__sources=sources), BASE, MODELS)
+
+
+def _problem(cfg, **context) -> str:
+    with pytest.raises(ConfigError) as error:
+        check_config(cfg, BASE, MODELS, **context)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("batch_size,workers,message", [
+    (2, 1, "batch_size=2 is not a multiple of augment.remix.group_size=4, the size of the groups "
+           "whose stems are remixed: set batch_size to a multiple of 4, or "
+           "augment.remix.group_size to a divisor of 2, or augment.remix.proba=0"),
+    (6, 4, "batch_size=6 must be divisible by the number of workers (4): set batch_size to a "
+           "multiple of 4"),
+    (8, 4, "batch_size=8 (2 for each of 4 workers) is not a multiple of "
+           "augment.remix.group_size=4, the size of the groups whose stems are remixed: set "
+           "batch_size to a multiple of 16"),
+])
+def test_batch_size_must_split_into_the_workers_and_the_remix_groups(batch_size, workers,
+                                                                     message):
+    """Issue 27: batch_size=2 with the default remix groups of 4 passed the check, then stopped
+    after the first batch in `Remix`."""
+    assert _problem(_with(batch_size=batch_size), world_size=workers).startswith(message)
+
+
+def test_batch_sizes_that_split_pass():
+    check_config(_with(batch_size=16), BASE, MODELS, world_size=4)
+    check_config(_with(batch_size=2, augment__remix__proba=0), BASE, MODELS)  # no remixing
+    check_config(_with(batch_size=6, augment__remix__group_size=3), BASE, MODELS, world_size=2)
+
+
+def test_shift_must_leave_some_of_the_segment():
+    """Such examples are cropped to nothing: without the check, training ran on empty tensors."""
+    assert _problem(_with(dset__shift=11)) == (
+        "dset.shift=11 must be smaller than dset.segment=11: the random shift augmentation cuts "
+        "training examples to segment - shift seconds, which would leave nothing to train on; "
+        "lower dset.shift or raise dset.segment")
+    check_config(_with(dset__shift=10.5), BASE, MODELS)
+    check_config(_with(dset__segment=None), BASE, MODELS)  # whole tracks
+
+
+def test_numeric_looking_signatures_are_found_among_the_xps(tmp_path, monkeypatch):
+    """Hydra reads 955717e8 (the released htdemucs's signature) as a float: the XP folder it
+    stands for is found among the XPs, read the same way."""
+    from demucs.train import main
+    monkeypatch.setattr(main.dora, "dir", tmp_path)
+    names = ["955717e8", "12345678", "1e400000", "0badcafe"]
+    for name in names:
+        (tmp_path / "xps" / name).mkdir(parents=True)
+    parsed = {name: main.get_xp([f"continue_from={name}"]).cfg.continue_from for name in names}
+    assert isinstance(parsed["955717e8"], float)
+    assert {name: xp_signature(value, tmp_path / "xps")
+            for name, value in parsed.items()} == {name: name for name in parsed}
+    with pytest.raises(FileNotFoundError, match=r"read as the number 1200000000.0 .* no XP "
+                                                r"folder matches it .* quote the signature"):
+        xp_signature(12e8, tmp_path / "xps")
+
+
+def test_a_numeric_continue_from_must_match_one_xp_unless_the_xp_resumes(tmp_path):
+    xps = tmp_path / "xps"
+    (xps / "955717e8").mkdir(parents=True)
+    own = xps / "ab12cd34"
+    check_config(_with(continue_from=955717e8), BASE, MODELS, xp_folder=own)
+    problem = _problem(_with(continue_from=12e8), xp_folder=own)
+    assert problem.startswith("continue_from was read as the number 1200000000.0 (Hydra parses "
+                              "signatures such as 955717e8 as numbers) and no XP folder matches "
+                              f"it in {xps}: quote the signature")
+    own.mkdir()
+    (own / "checkpoint.th").write_bytes(b"")  # it resumes: continue_from is not used
+    check_config(_with(continue_from=12e8), BASE, MODELS, xp_folder=own)
+    assert "continue_from=True is not an XP signature" in _problem(_with(continue_from=True))
+
+
+def test_a_numeric_continue_pretrained_says_to_quote_it():
+    assert _problem(_with(continue_pretrained=955717e8)) == (
+        "continue_pretrained=95571700000000.0 was read as a float (Hydra parses signatures such "
+        "as 955717e8 as numbers): quote the name, e.g. continue_pretrained=\"'955717e8'\"")
+
+
+def test_dora_run_with_a_batch_the_remix_groups_cannot_split_stops_before_training(tmp_path):
+    """The issue 27 story: `dora run dset=toy model=htdemucs htdemucs.channels=8 batch_size=2`
+    (remix groups of 4) started training, failed after the first batch and left its XP folder.
+    It now stops with status 2 before anything is made: no XP folder, no toy dataset."""
+    outputs, toy = tmp_path / "outputs", tmp_path / "toy"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dora", "run", "dset=toy", f"dset.musdb={toy}", "model=htdemucs",
+         "htdemucs.channels=8", "batch_size=2"], cwd=ROOT, env=dora_env(outputs),
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("demucs.train: invalid config: batch_size=2 is not a multiple "
+                                  "of augment.remix.group_size=4")
+    assert "Traceback" not in proc.stderr
+    assert not Path(outputs, "xps").exists() and not toy.exists()

@@ -353,10 +353,15 @@ def test_every_data_problem_is_reported_at_once_before_training(tmp_path, dora_d
     assert not (Path(xp.folder) / "checkpoint.th").exists()
 
 
-def test_shift_as_long_as_the_segment_is_refused_before_training(make_solver):
-    """Such examples are cropped to nothing: without the check, training runs on empty tensors."""
-    with pytest.raises(ValueError, match="dset.shift=1 must be smaller than dset.segment=1"):
-        make_solver("dset.shift=1")
+def test_shift_as_long_as_the_segment_is_refused_before_training(tmp_path, dora_dir, capsys):
+    """Such examples are cropped to nothing: without the check, training runs on empty tensors.
+    The config is refused when Dora makes the XP (status 2), before its folder exists."""
+    from demucs.train import main
+    with pytest.raises(SystemExit) as exit_:
+        main.get_xp(base_argv(tmp_path / "musdb") + ["dset.shift=1"])
+    assert exit_.value.code == 2
+    assert "dset.shift=1 must be smaller than dset.segment=1" in capsys.readouterr().err
+    assert not (dora_dir / "xps").exists()
 
 
 # ------------------------------------------------------------------ one run per XP

@@ -349,26 +349,6 @@ def test_fp16_scaler_state_is_saved_and_resumed(make_solver):
     assert resumed.scaler.state_dict()["_growth_tracker"] == 3
 
 
-def test_numeric_looking_signatures_are_found_among_the_xps(tmp_path):
-    from demucs.train import main
-    for name in ["955717e8", "12345678", "1e400000", "0badcafe"]:
-        (tmp_path / name).mkdir()
-    parsed = {name: main.get_xp([f"continue_from={name}"]).cfg.continue_from
-              for name in ["955717e8", "12345678", "1e400000", "0badcafe"]}
-    assert isinstance(parsed["955717e8"], float)  # how Hydra reads the released htdemucs's
-    assert {name: solver_module.xp_signature(value, tmp_path)
-            for name, value in parsed.items()} == {name: name for name in parsed}
-    with pytest.raises(FileNotFoundError, match=r"read as the number 1200000000.0 .* no XP "
-                                                r"folder matches it .* quote the signature"):
-        solver_module.xp_signature(12e8, tmp_path)
-
-
-def test_a_numeric_continue_pretrained_says_to_quote_it(make_solver):
-    with pytest.raises(ValueError, match=r"read as the number 95571700000000.0 .* quote the "
-                                         r"name, e.g. continue_pretrained=\"'955717e8'\""):
-        make_solver("continue_pretrained=955717e8")
-
-
 def test_continue_opt_takes_the_parents_loss_scale(make_solver):
     parent = _fp16_solver(make_solver, "epochs=1", "max_batches=1", "test.every=10")
     parent.scaler.load_state_dict(dict(parent.scaler.state_dict(), scale=1024.))

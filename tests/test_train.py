@@ -11,6 +11,7 @@ from pathlib import Path
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 import typing as tp
 
 import numpy as np
@@ -139,6 +140,37 @@ def test_continue_from_unknown_sig_is_reported(finished_xp, monkeypatch):
     xp = main.get_xp(argv + ["continue_from=deadbeef"])
     with xp.enter(), pytest.raises(FileNotFoundError, match="continue_from=deadbeef"):
         get_solver(xp.cfg, model_only=True)
+
+
+def test_a_run_failing_after_its_trackers_started_leaves_no_xp_folder(tiny_musdb, dora_dir):
+    """The Solver starts its TensorBoard events before it loads `continue_from`; the "nothing
+    saved" cleanup used to know a list of file names, and left such a folder behind."""
+    argv = base_argv(tiny_musdb) + ["continue_from=deadbeef"]
+    proc = dora_run(dora_dir, argv, check=False, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "demucs.train: continue_from=deadbeef: no checkpoint at" in proc.stdout
+    assert list((dora_dir / "xps").iterdir()) == []
+
+
+def _fake_xp(folder: Path, git_save: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(folder=folder, submitit=folder / "submitit",
+                           code_folder=folder / "code", dora=SimpleNamespace(git_save=git_save))
+
+
+@pytest.mark.parametrize("kept", [None, "checkpoint.th", "best.th", "checkpoint_4.th",
+                                  "submitit/log.out", "code/train.py"])
+def test_a_failed_run_keeps_its_folder_only_when_it_saved_something(tmp_path, kept):
+    from demucs.train import remove_if_nothing_saved
+    folder = tmp_path / "xps" / "ab12cd34"
+    for name in ["train.log", "train.lock", ".argv.json", ".hydra/config.yaml",
+                 "tensorboard/events.out.tfevents.1", "wandb/run/files.json", "history.json",
+                 kept or "a-new-trackers-file"]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("")
+    removed = remove_if_nothing_saved(_fake_xp(folder, git_save=True))
+    assert removed == (kept is None) and folder.exists() == (kept is not None)
+    if kept == "code/train.py":  # Dora's code copy matters only under --git_save
+        assert remove_if_nothing_saved(_fake_xp(folder))
 
 
 @pytest.mark.slow

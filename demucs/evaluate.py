@@ -4,6 +4,7 @@ Each worker separates its share of the MusDB test tracks; the scores are compute
 (`test.workers`) and gathered on every worker.
 """
 from concurrent import futures
+from dataclasses import dataclass
 import logging
 import multiprocessing
 from pathlib import Path
@@ -27,6 +28,28 @@ logger = logging.getLogger(__name__)
 
 # Scores of one track: {source: {metric: [value per frame (or one value for nsdr)]}}.
 TrackScores = tp.Dict[str, tp.Dict[str, tp.List[float]]]
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Where the test set is and how it is separated and scored, read once from the training
+    config by `from_config` (config keys in brackets)."""
+    musdb: str  # MusDB HQ folder whose test/ is scored [dset.musdb]
+    samplerate: int  # rate the test tracks are read at [dset.musdb_samplerate]
+    nonhq: tp.Optional[str] = None  # MusDB (non-HQ, stems.mp4) folder used instead [test.nonhq]
+    shifts: int = 1  # random shifts of `apply_model` [test.shifts]
+    split: bool = True  # separate in segments [test.split]
+    overlap: float = 0.25  # [test.overlap]
+    workers: int = 2  # scoring processes, 0: in this process [test.workers]
+    save: bool = False  # write the separated tracks as mp3 in the XP folder [test.save]
+
+    @classmethod
+    def from_config(cls, args: tp.Any) -> "EvaluationSettings":
+        """The settings of the training config `args` (`dset.musdb*`, `test.*`)."""
+        test = args.test
+        return cls(musdb=str(args.dset.musdb), samplerate=int(args.dset.musdb_samplerate),
+                   nonhq=test.nonhq, shifts=test.shifts, split=bool(test.split),
+                   overlap=test.overlap, workers=test.workers, save=bool(test.save))
 
 
 def new_sdr(references: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
@@ -99,44 +122,45 @@ def musdb_setup(sources: tp.Sequence[str]) -> dict:
             "targets": {source: {source: 1} for source in sources}}
 
 
-def _test_set(args, sources: tp.Sequence[str]) -> musdb.DB:
+def _test_set(settings: EvaluationSettings, sources: tp.Sequence[str]) -> musdb.DB:
     """The test tracks, read with musdb: MusDB HQ (`dset.musdb`) or MusDB (`test.nonhq`); a
     folder of other stems than MusDB's is read through `musdb_setup(sources)`."""
-    if args.test.nonhq is not None:
-        return musdb.DB(args.test.nonhq, subsets=["test"], is_wav=False)
+    if settings.nonhq is not None:
+        return musdb.DB(settings.nonhq, subsets=["test"], is_wav=False)
     if set(sources) <= MUSDB_STEMS:
-        return musdb.DB(args.dset.musdb, subsets=["test"], is_wav=True)
+        return musdb.DB(settings.musdb, subsets=["test"], is_wav=True)
     with tempfile.TemporaryDirectory() as folder:
         setup = Path(folder) / "setup.yaml"
         setup.write_text(yaml.safe_dump(musdb_setup(sources)))
-        return musdb.DB(args.dset.musdb, setup_file=str(setup), subsets=["test"], is_wav=True)
+        return musdb.DB(settings.musdb, setup_file=str(setup), subsets=["test"], is_wav=True)
 
 
-def problems_of_test_set(args, sources: tp.Sequence[str]) -> tp.List[str]:
-    """Why the test set of the config `args` cannot score a model separating `sources` ([] when
-    it can): no such folder, or songs lacking some of the model's stems (e.g. a six-stem model
-    on a four-stem set), unreadable or at another rate than `dset.musdb_samplerate`. Reads
-    headers only, so that a test set that cannot work is refused before any separation."""
-    if args.test.nonhq is not None:
-        if Path(args.test.nonhq).is_dir():
+def problems_of_test_set(settings: EvaluationSettings, sources: tp.Sequence[str]) -> tp.List[str]:
+    """Why the test set of `settings` cannot score a model separating `sources` ([] when it
+    can): no such folder, or songs lacking some of the model's stems (e.g. a six-stem model on
+    a four-stem set), unreadable or at another rate than `dset.musdb_samplerate`. Reads headers
+    only, so that a test set that cannot work is refused before any separation."""
+    if settings.nonhq is not None:
+        if Path(settings.nonhq).is_dir():
             return []
-        return [f"test.nonhq={args.test.nonhq}: folder does not exist"]
-    root = Path(args.dset.musdb) / "test"
+        return [f"test.nonhq={settings.nonhq}: folder does not exist"]
+    root = Path(settings.musdb) / "test"
     if not root.is_dir():
         return [f"{root}: folder does not exist; set dset.musdb to a folder whose test/ holds "
                 "songs as test/<song>/<stem>.wav"]
     advice = (f"the model separates {', '.join(sources)}: set dset.musdb to a folder whose "
               "test/ songs hold one wav per stem of the model")
-    return check_tracks(root, [MIXTURE] + list(sources), samplerate=args.dset.musdb_samplerate,
+    return check_tracks(root, [MIXTURE] + list(sources), samplerate=settings.samplerate,
                         advice=advice)
 
 
-def _separate_track(model: torch.nn.Module, track, args, device: torch.device,
+def _separate_track(model: torch.nn.Module, track, settings: EvaluationSettings,
+                    device: torch.device,
                     amp: tp.Optional[str] = None) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """Separate one MusDB track with `model` on `device`, with the `test.*` options and the
-    `dset.musdb_samplerate` of the training config `args` (in the precision `amp` selects, see
-    `apply_model`); returns (references, estimates), both `[S, C, T]`."""
-    src_rate = args.dset.musdb_samplerate
+    """Separate one MusDB track with `model` on `device`, with the shifts, split and overlap of
+    `settings`, read at its sample rate (in the precision `amp` selects, see `apply_model`);
+    returns (references, estimates), both `[S, C, T]`."""
+    src_rate = settings.samplerate
     mix = torch.from_numpy(track.audio).t().float()
     if mix.dim() == 1:
         mix = mix[None]
@@ -146,8 +170,8 @@ def _separate_track(model: torch.nn.Module, track, args, device: torch.device,
     # upstream divides by the std itself; the floor only keeps a silent track finite
     mix = (mix - mean) / std.clamp_min(1e-8)
     mix = convert_audio(mix, src_rate, model.samplerate, model.audio_channels)
-    estimates = apply_model(model, mix[None], shifts=args.test.shifts, split=args.test.split,
-                            overlap=args.test.overlap, amp=amp)[0]
+    estimates = apply_model(model, mix[None], shifts=settings.shifts, split=settings.split,
+                            overlap=settings.overlap, amp=amp)[0]
     estimates = (estimates * std + mean).cpu()
     references = torch.stack(
         [torch.from_numpy(track.targets[name].audio).t().float() for name in model.sources])
@@ -227,29 +251,29 @@ def evaluate(solver, compute_sdr: bool = False, amp: tp.Optional[str] = None
     (`nsdr*` and `si_sdr*` always, `sdr*`, `isr*`, `sir*`, `sar*` when `compute_sdr`). `amp`
     runs the model in mixed precision (see `apply_model`); training tests keep float32.
 
-    Of the solver, only `model`, `device`, `folder` (where `test.save` writes) and `args` (the
-    training config: `test.*`, `dset.musdb*`) are read. A test set that cannot score the model
-    (`problems_of_test_set`) raises `DatasetError` before any separation.
+    Of the solver, only `model`, `device`, `folder` (where `test.save` writes) and
+    `settings.evaluation` (an `EvaluationSettings`) are read. A test set that cannot score the
+    model (`problems_of_test_set`) raises `DatasetError` before any separation.
     """
-    args = solver.args
+    settings: EvaluationSettings = solver.settings.evaluation
     model = solver.model
-    problems = problems_of_test_set(args, model.sources)
+    problems = problems_of_test_set(settings, model.sources)
     if problems:
         raise DatasetError(problems, context="the test set")
-    test_set = _test_set(args, model.sources)
+    test_set = _test_set(settings, model.sources)
     if len(test_set) == 0:
-        location = args.test.nonhq or args.dset.musdb
+        location = settings.nonhq or settings.musdb
         raise FileNotFoundError(f"No MusDB test tracks found under {location}/test: its "
                                 "songs go in test/<song>/<stem>.wav.")
     win = hop = int(1. * model.samplerate)
     indexes = range(distrib.rank, len(test_set), distrib.world_size)
     pendings = []
-    with _scoring_pool(args.test.workers) as pool:
+    with _scoring_pool(settings.workers) as pool:
         for index in tqdm(indexes, desc="Eval (separation)", disable=distrib.rank != 0,
                           leave=False):
             track = test_set.tracks[index]
-            references, estimates = _separate_track(model, track, args, solver.device, amp)
-            if args.test.save:
+            references, estimates = _separate_track(model, track, settings, solver.device, amp)
+            if settings.save:
                 _save_estimates(model, Path(solver.folder) / "wav" / track.name, estimates)
             pendings.append((track.name, pool.submit(_score_track, references, estimates,
                                                      win=win, hop=hop, compute_sdr=compute_sdr)))

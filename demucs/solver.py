@@ -37,7 +37,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, Checkpoint
                          checkpoint_package, load_checkpoint, remove_unfinished_writes,
                          restore_checkpoint, save_atomic, XPLockedError)
 from .ema import ModelEMA
-from .evaluate import evaluate, new_sdr
+from .evaluate import EvaluationSettings, evaluate, new_sdr
 from .rounding import upstream_rounding
 from .svd import svd_penalty
 from .tracking import EpochTracker, log_summary, SUMMARY_STAGES
@@ -83,6 +83,7 @@ class TrainingSettings:
     metric: str  # selects the best state: "loss" (lower) or "nsdr*" (higher) [test.metric]
     train_valid: bool  # every epoch's state is the best [dset.train_valid]
     save_every: tp.Optional[int]  # [save_every]
+    evaluation: EvaluationSettings  # the test set and how it is scored [test.*, dset.musdb*]
     continue_from: tp.Optional[str] = None  # an XP signature [continue_from, matched if numeric]
     continue_best: bool = True  # [continue_best]
     continue_opt: bool = False  # [continue_opt]

@@ -199,6 +199,7 @@ def training_settings(args: DictConfig,
                       device: tp.Optional[torch.device] = None) -> "TrainingSettings":
     """The scalar settings of the training loop on `device` (default: `training_device()`),
     checked once (see `TrainingSettings`)."""
+    from .evaluate import EvaluationSettings
     from .solver import TrainingSettings
     device = training_device() if device is None else device
     if args.optim.loss not in ("l1", "mse"):
@@ -219,6 +220,7 @@ def training_settings(args: DictConfig,
         continue_from=_continue_from(args), continue_best=bool(args.continue_best),
         continue_opt=bool(args.continue_opt), continue_pretrained=args.continue_pretrained,
         pretrained_repo=args.pretrained_repo, log_params_without_grad=args.flag == "uns",
+        evaluation=EvaluationSettings.from_config(args),
         tensorboard=bool(args.misc.get("tensorboard", False)),
         wandb_project=args.misc.get("wandb_project") if args.misc.get("wandb") else None)
 

@@ -1,16 +1,16 @@
 """new_sdr against a hand computation, museval scoring, aggregation, evaluate() on a tiny MusDB."""
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
 from hypothesis import given, settings, strategies as st
 import numpy as np
-from omegaconf import OmegaConf
 import pytest
 import soundfile as sf
 import torch
 from torch import nn
 
-from demucs.evaluate import eval_track, evaluate, new_sdr, si_sdr, summarize
+from demucs.evaluate import EvaluationSettings, eval_track, evaluate, new_sdr, si_sdr, summarize
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 RATE = 8000
@@ -111,14 +111,26 @@ def _write_test_set(root: Path) -> dict:
     return stems_by_track
 
 
-def _quarter_mix_solver(tmp_path, workers: int, save: bool) -> SimpleNamespace:
+def _solver(evaluation: EvaluationSettings, folder: Path) -> SimpleNamespace:
     """The parts of a Solver that `evaluate` uses, with the QuarterMix model."""
-    args = OmegaConf.create({
-        "dset": {"musdb": str(tmp_path / "musdb"), "musdb_samplerate": RATE},
-        "test": {"nonhq": None, "workers": workers, "shifts": 0, "split": False, "overlap": 0.25,
-                 "save": save}})
-    return SimpleNamespace(args=args, model=QuarterMix(), device=torch.device("cpu"),
-                           folder=tmp_path / "xp")
+    return SimpleNamespace(settings=SimpleNamespace(evaluation=evaluation), model=QuarterMix(),
+                           device=torch.device("cpu"), folder=folder)
+
+
+def _quarter_mix_solver(tmp_path, workers: int, save: bool) -> SimpleNamespace:
+    evaluation = EvaluationSettings(musdb=str(tmp_path / "musdb"), samplerate=RATE, shifts=0,
+                                    split=False, workers=workers, save=save)
+    return _solver(evaluation, tmp_path / "xp")
+
+
+def test_evaluation_settings_are_read_once_from_the_training_config():
+    from demucs.train import main
+    cfg = main.get_xp(["dset.musdb=/data/musdb", "dset.musdb_samplerate=8000", "test.shifts=2",
+                       "test.split=false", "test.overlap=0.5", "test.workers=0",
+                       "test.save=true", "test.nonhq=/data/nonhq"]).cfg
+    assert EvaluationSettings.from_config(cfg) == EvaluationSettings(
+        musdb="/data/musdb", samplerate=8000, nonhq="/data/nonhq", shifts=2, split=False,
+        overlap=0.5, workers=0, save=True)
 
 
 def test_evaluate_tiny_musdb_against_hand_nsdr(tmp_path):
@@ -163,10 +175,8 @@ def test_evaluate_scores_a_silent_track(tmp_path):
 
 def test_evaluate_reports_missing_test_set(tmp_path):
     (tmp_path / "test").mkdir()
-    args = OmegaConf.create({"dset": {"musdb": str(tmp_path), "musdb_samplerate": RATE},
-                             "test": {"nonhq": None, "workers": 0}})
-    solver = SimpleNamespace(args=args, model=QuarterMix(), device=torch.device("cpu"),
-                             folder=tmp_path)
+    solver = _solver(EvaluationSettings(musdb=str(tmp_path), samplerate=RATE, workers=0),
+                     tmp_path)
     with pytest.raises(FileNotFoundError, match="test tracks"):
         evaluate(solver)
 
@@ -178,9 +188,8 @@ def test_evaluate_scoring_workers_do_not_hang_after_parallel_torch_ops(tmp_path)
     torch.set_num_threads(2)
     assert float(torch.ones(1_000_000).mul(2).sum()) == 2_000_000  # starts the OpenMP threads
     solver = _quarter_mix_solver(tmp_path, workers=2, save=False)
-    args = solver.args
     in_pool = evaluate(solver, compute_sdr=False)
-    args.test.workers = 0
+    solver.settings.evaluation = dataclasses.replace(solver.settings.evaluation, workers=0)
     assert in_pool == pytest.approx(evaluate(solver, compute_sdr=False))
 
 
@@ -209,14 +218,14 @@ def test_a_test_set_without_the_model_stems_is_refused_before_separating(tmp_pat
 
 def test_a_missing_test_folder_and_another_rate_are_refused_before_separating(tmp_path):
     from demucs.evaluate import problems_of_test_set
-    solver = _quarter_mix_solver(tmp_path, workers=0, save=False)
-    assert problems_of_test_set(solver.args, SOURCES) == [
+    settings = _quarter_mix_solver(tmp_path, workers=0, save=False).settings.evaluation
+    assert problems_of_test_set(settings, SOURCES) == [
         f"{tmp_path / 'musdb' / 'test'}: folder does not exist; set dset.musdb to a folder whose "
         "test/ holds songs as test/<song>/<stem>.wav"]
     _write_test_set(tmp_path / "musdb")
-    assert problems_of_test_set(solver.args, SOURCES) == []
-    solver.args.dset.musdb_samplerate = 44100
-    (problem,) = problems_of_test_set(solver.args, SOURCES)
+    assert problems_of_test_set(settings, SOURCES) == []
+    settings = dataclasses.replace(settings, samplerate=44100)
+    (problem,) = problems_of_test_set(settings, SOURCES)
     assert f"{RATE} Hz, but the test set is read as dset.musdb_samplerate=44100 Hz" in problem
 
 

@@ -59,7 +59,8 @@ def run(name: tp.Optional[str], repo, overrides: tp.List[str], amp: tp.Optional[
         model = load_onnx_model(folder, "cpu", pytorch_model)
     else:
         model = pretrained.get_model_from_args(argparse.Namespace(name=name, repo=repo))
-    problems = evaluate.problems_of_test_set(xp.cfg, model.sources)
+    settings = evaluate.EvaluationSettings.from_config(xp.cfg)
+    problems = evaluate.problems_of_test_set(settings, model.sources)
     if problems:
         raise DatasetError(problems, context=f"the test set of {name or pretrained.DEFAULT_MODEL}")
     if compile_model:

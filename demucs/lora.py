@@ -9,8 +9,12 @@ wherever the module reads its weight: `nn.Linear` (also the attention's output p
 `nn.MultiheadAttention`'s packed `in_proj_weight` (a bare parameter, not a Linear: the query,
 key and value projections get one adapter over the three), and the convolutions. While adapted,
 the state dict names a weight `NAME.parametrizations.weight.original` and its adapter
-`...parametrizations.weight.0.lora_a` / `lora_b`; `merge_adapters` folds the adapters in and gives
-back the plain names, so the merged model is an ordinary model of its class.
+`...parametrizations.weight.0.lora_a` / `lora_b`; `merged_state_dict` folds the adapters in under
+the plain names, and `merge_adapters` loads that into a new, ordinary model of the same class.
+
+Neither removes the parametrizations in place: torch's `remove_parametrizations` edits the
+module's parametrized class, which `copy.deepcopy` shares between a module and its copies, so
+merging one copy in place would break the others.
 """
 import math
 import typing as tp
@@ -98,12 +102,33 @@ def has_adapters(model: nn.Module) -> bool:
     return next(_adapters(model), None) is not None
 
 
+def merged_state_dict(model: nn.Module) -> tp.Dict[str, torch.Tensor]:
+    """`model.state_dict()` with each adapted weight replaced by its adapted value under its
+    plain name (`NAME.weight`), and no adapter entries: the state of an ordinary model of
+    `model`'s class and arguments. `model` is left unchanged."""
+    state = model.state_dict()
+    for prefix, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        prefix = f"{prefix}." if prefix else ""
+        for tensor, chain in module.parametrizations.items():
+            if not any(isinstance(step, LowRankUpdate) for step in chain):
+                continue
+            inner = f"{prefix}parametrizations.{tensor}."
+            state = {key: value for key, value in state.items() if not key.startswith(inner)}
+            state[prefix + tensor] = getattr(module, tensor).detach()
+    return state
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the weights, in place, and return `model` as a plain model: the
-    original parameter names (loadable with a strict `load_state_dict` into a fresh model of the
-    same class and arguments), every parameter trainable again."""
-    for module, tensor in list(_adapters(model)):
-        parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
+    """A new model of `model`'s class and constructor arguments (`capture_init`), on CPU, whose
+    weights are `merged_state_dict(model)`; `model` is left unchanged, and so is the global
+    random generator (the new model's random initialisation is overwritten)."""
+    if not hasattr(model, "_init_args_kwargs"):
+        raise ValueError(f"cannot rebuild a {type(model).__name__}: its constructor arguments "
+                         "were not recorded (decorate its __init__ with capture_init)")
+    args, kwargs = model._init_args_kwargs
+    with torch.random.fork_rng(devices=[]):
+        plain = type(model)(*args, **kwargs)
+    plain.load_state_dict(merged_state_dict(model))
+    return plain

@@ -1,5 +1,6 @@
 """tools.export: release packages from a solver's best state (fp16 or quantized, segment,
 metrics)."""
+import copy
 from fractions import Fraction
 import os
 from pathlib import Path
@@ -14,12 +15,15 @@ import pytest
 import soundfile
 import torch
 
+from demucs.apply import BagOfModels, apply_model
 from demucs.augment import Shift
+from demucs.demucs import Demucs
 from demucs.htdemucs import HTDemucs
-from demucs.pretrained import SOURCES
+from demucs.lora import add_adapters, merge_adapters
+from demucs.pretrained import SOURCES, get_model
 from demucs.repo import LocalRepo
 from demucs.states import load_model
-from tools.export import ExportError, build_package, main, write_package
+from tools.export import ExportError, build_package, main, specialist_bag, write_package
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
@@ -170,3 +174,74 @@ def test_out_naming_a_file_is_refused_in_one_line(tmp_path: Path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"-o {existing} is a file, not a folder" in error
     assert existing.read_bytes() == b"not a folder"
+
+
+def test_adapters_are_merged_into_an_ordinary_package(tmp_path: Path):
+    solver = _solver()
+    torch.manual_seed(4)
+    add_adapters(solver.model, rank=2, targets=["linear", "attention", "conv"])
+    solver.best_state = {key: value + 0.01 if "lora_" in key else value
+                         for key, value in solver.model.state_dict().items()}
+    adapted = copy.deepcopy(solver.model)
+    adapted.load_state_dict(solver.best_state)
+    expected = merge_adapters(adapted).state_dict()
+    package = build_package(solver, "lora1")
+    assert package["klass"] is HTDemucs and "rank" not in package["kwargs"]
+    assert package["state"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(package["state"][key], value.half()), key
+    model = load_model(write_package(package, "lora1", tmp_path, sign=False))  # strict load
+    assert model.state_dict().keys() == HTDemucs(SOURCES, channels=4, depth=2, t_layers=1,
+                                                 t_heads=1, dconv_mode=0).state_dict().keys()
+
+
+def _specialist_solver(seed: int, weights: list):
+    """An XP of a tiny Demucs trained with the loss `weights`."""
+    solver = _solver()
+    solver.args.weights = weights
+    torch.manual_seed(seed)
+    solver.model = Demucs(SOURCES, channels=4, depth=2)
+    solver.best_state = solver.model.state_dict()
+    return solver
+
+
+SPECIALISTS = {"spec_d": [1, 0, 0, 0], "spec_o": [0.1, 0.1, 1, 0.1], "spec_b": [0, 1, 0, 0],
+               "spec_v": [0, 0, 0, 1]}
+
+
+def test_specialists_are_bagged_one_source_each(tmp_path: Path, monkeypatch):
+    solvers = {sig: _specialist_solver(index, weights)
+               for index, (sig, weights) in enumerate(SPECIALISTS.items())}
+    monkeypatch.setattr("demucs.train.get_solver_from_sig",
+                        lambda sig, model_only=False: solvers[sig])
+    main([*SPECIALISTS, "--specialists", "ft", "-o", str(tmp_path)])
+    bag = get_model("ft", repo=tmp_path)
+    assert isinstance(bag, BagOfModels)
+    assert bag.weights == [[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]]
+    torch.manual_seed(5)
+    mix = torch.randn(1, 2, 4000)
+    stems = apply_model(bag, mix, shifts=0, split=False)
+    owners = {"drums": "spec_d", "bass": "spec_b", "other": "spec_o", "vocals": "spec_v"}
+    for index, source in enumerate(SOURCES):
+        member = load_model(tmp_path / f"{owners[source]}.th")
+        alone = apply_model(member, mix, shifts=0, split=False)
+        assert torch.allclose(stems[:, index], alone[:, index], atol=1e-6), source
+
+
+def test_specialists_must_cover_each_source_once():
+    four = list(SOURCES)
+    with pytest.raises(ExportError, match="XP b was trained with weights=.1, 1, 0, 0."):
+        specialist_bag([("a", four, [1, 0, 0, 0]), ("b", four, [1, 1, 0, 0])])
+    with pytest.raises(ExportError, match="XPs a and b are both specialists of drums"):
+        specialist_bag([("a", four, [1, 0, 0, 0]), ("b", four, [2, 0, 0, 0])])
+    with pytest.raises(ExportError, match="no specialist for other, vocals"):
+        specialist_bag([("a", four, [1, 0, 0, 0]), ("b", four, [0, 1, 0, 0])])
+    with pytest.raises(ExportError, match="the specialists of a bag share their sources"):
+        specialist_bag([("a", four, [1, 0, 0, 0]), ("b", four[::-1], [0, 0, 0, 1])])
+
+
+def test_a_bag_name_that_is_a_member_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["abcd1234", "--specialists", "abcd1234"])
+    assert stop.value.code == 2
+    assert "--specialists 'abcd1234' must name the bag" in capsys.readouterr().err

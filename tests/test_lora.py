@@ -61,7 +61,7 @@ def test_only_adapters_train_and_base_weights_stay():
     base = _separate(model)
     _train_adapters(model)
     assert (_separate(model) - base).abs().max() > 1e-4
-    merged = merge_adapters(copy.deepcopy(model)).state_dict()
+    merged = merge_adapters(model).state_dict()
     for key in frozen:
         original = key.replace(".weight", ".parametrizations.weight.original").replace(
             ".in_proj_weight", ".parametrizations.in_proj_weight.original")
@@ -77,12 +77,23 @@ def test_merged_model_is_plain_and_separates_like_the_adapted_one(targets):
     _train_adapters(model)
     adapted = _separate(model)
     assert (adapted - _separate(_tiny())).abs().max() > 1e-4  # so that 1e-5 below means something
+    rng = torch.get_rng_state()
     merged = merge_adapters(model)
-    assert not has_adapters(merged)
-    assert all(param.requires_grad for param in merged.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert type(merged) is HTDemucs and not has_adapters(merged) and has_adapters(model)
     fresh = _tiny(seed=5)
     fresh.load_state_dict(merged.state_dict())  # strict: the original names, nothing else
     assert torch.allclose(_separate(fresh), adapted, atol=1e-5, rtol=0)
+    assert torch.equal(_separate(model), adapted)  # the adapted model still works
+
+
+def test_merging_a_copy_leaves_the_original_working():
+    """torch's in-place removal of a parametrization would break the deep copies of a model."""
+    model = _tiny()
+    add_adapters(model, rank=2, targets=["linear", "conv"])
+    before = _separate(model)
+    merge_adapters(copy.deepcopy(model))
+    assert torch.equal(_separate(model), before)
 
 
 def test_adapted_state_reloads_into_an_adapted_model():

@@ -3,7 +3,13 @@
 Each package is the XP's best state in half precision (or its quantized state when the XP was
 trained with DiffQ/QAT), with the training metrics attached. Transformer models trained with
 `use_train_segment` get, as their segment, the exact length of the augmented training examples.
-The file is `SIG.th`, or `SIG-HASH8.th` with `--sign` (HASH8 checked by `--repo` loading).
+Low-rank adapters (`lora.rank`) are merged into the weights: the package is an ordinary model of
+the base class and arguments. The file is `SIG.th`, or `SIG-HASH8.th` with `--sign` (HASH8
+checked by `--repo` loading).
+
+`--specialists NAME` also writes the bag `NAME.yaml` of the exported XPs, as htdemucs_ft was made:
+each XP was fine-tuned for one source (the one with the largest of its training `weights`), and the
+bag takes each source from its specialist only (one-hot per-source weights).
 """
 import argparse
 import glob
@@ -15,7 +21,9 @@ import typing as tp
 
 import torch
 
-from demucs import states
+import yaml
+
+from demucs import lora, states
 from demucs.files import atomic_write
 
 logger = logging.getLogger("tools.export")
@@ -60,6 +68,12 @@ def build_package(solver, sig: str) -> dict:
                        sig, len(solver.history), solver.args.epochs)
     model = solver.model
     model.load_state_dict(solver.best_state)
+    if lora.has_adapters(model):
+        if solver.quantizer is not None:
+            raise ExportError(f"XP {sig} combines low-rank adapters with quantization, which "
+                              "cannot be merged into one quantized model")
+        logger.info("Merging the low-rank adapters of %s into its weights.", sig)
+        model = lora.merge_adapters(model)
     package = states.serialize_model(model, solver.args, solver.quantizer, half=True)
     if getattr(model, "use_train_segment", False):
         package["kwargs"]["segment"] = Fraction(training_length(solver), model.samplerate)
@@ -93,12 +107,71 @@ def export(sig: str, out: Path, sign: bool = False) -> Path:
     return write_package(build_package(solver, sig), sig, out, sign)
 
 
+def _specialty(sig: str, sources: tp.Sequence[str], weights: tp.Sequence[float]) -> str:
+    """The source an XP was fine-tuned for: the one with the largest training weight."""
+    top = max(weights)
+    best = [source for source, weight in zip(sources, weights) if weight == top]
+    if len(weights) != len(sources) or len(best) != 1:
+        raise ExportError(f"XP {sig} was trained with weights={list(weights)} for the sources "
+                          f"{list(sources)}: a specialist is trained with one weight above the "
+                          "others, e.g. weights=[0,0,0,1] for the last source")
+    return best[0]
+
+
+Specialist = tp.Tuple[str, tp.List[str], tp.List[float]]
+
+
+def specialist_bag(members: tp.Sequence[Specialist]) -> dict:
+    """The bag (`models`, one-hot `weights`) taking each source from its specialist.
+
+    `members` are `(signature, sources, training weights)`; they must share their sources and
+    cover each source exactly once (ExportError otherwise).
+    """
+    sources = members[0][1]
+    owners: tp.Dict[str, str] = {}
+    for sig, member_sources, weights in members:
+        if list(member_sources) != list(sources):
+            raise ExportError(f"XP {sig} separates {list(member_sources)}, XP {members[0][0]} "
+                              f"{list(sources)}: the specialists of a bag share their sources")
+        source = _specialty(sig, sources, weights)
+        if source in owners:
+            raise ExportError(f"XPs {owners[source]} and {sig} are both specialists of {source}: "
+                              "give one specialist per source")
+        owners[source] = sig
+    missing = [source for source in sources if source not in owners]
+    if missing:
+        raise ExportError(f"no specialist for {', '.join(missing)}: give one XP per source")
+    rows = [[int(owners[source] == sig) for source in sources] for sig, _, _ in members]
+    return {"models": [sig for sig, _, _ in members], "weights": rows}
+
+
+def _specialist(sig: str, path: Path) -> Specialist:
+    """`(signature, sources, training weights)` of the package exported at `path`."""
+    package = states.load_package(path)
+    sources = package["kwargs"].get("sources") or package["args"][0]
+    weights = (package.get("training_args") or {}).get("weights")
+    if weights is None:
+        raise ExportError(f"{path} does not record its training weights: export it again")
+    return sig, list(sources), list(weights)
+
+
+def write_bag(bag: dict, name: str, out: Path) -> Path:
+    """Save `bag` as `out/NAME.yaml`, the bag file `demucs -n NAME --repo out` loads."""
+    path = out / f"{name}.yaml"
+    with atomic_write(path) as temporary:
+        temporary.write_text(yaml.safe_dump(bag, default_flow_style=None, sort_keys=False))
+    return path
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("tools.export", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", type=Path, default=Path("release_models"),
                         help="Folder receiving the model packages.")
     parser.add_argument("-s", "--sign", action="store_true",
                         help="Add the first 8 hex digits of the file's sha256 to its name.")
+    parser.add_argument("--specialists", metavar="NAME",
+                        help="Also write the bag NAME.yaml taking each source from the XP "
+                             "fine-tuned for it (its largest training weight).")
     parser.add_argument("xps", nargs="*", help="Signatures of the XPs to export.")
     return parser
 
@@ -112,18 +185,32 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"-o {args.out} is a file, not a folder: -o names the folder receiving "
                      "the packages (SIG.th), e.g. -o release_models")
+    name = args.specialists
+    if name is not None and (Path(name).name != name or name in args.xps or not name.strip()):
+        parser.error(f"--specialists {name!r} must name the bag: a file name without folder, "
+                     "other than the signatures of its models (the bag is written to -o)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    failures = 0
+    exported = []
     for sig in args.xps:
         try:
             path = export(sig, args.out, args.sign)
         except (ExportError, FileNotFoundError, RuntimeError) as error:
             logger.error("Cannot export %s: %s", sig, error)
-            failures += 1
             continue
         logger.info("Exported %s to %s", sig, path)
-    if failures:
+        exported.append((sig, path))
+    if len(exported) < len(args.xps):
+        if args.specialists:
+            logger.error("Bag %s not written: not every XP was exported.", args.specialists)
         sys.exit(1)
+    if args.specialists:
+        try:
+            bag = specialist_bag([_specialist(sig, path) for sig, path in exported])
+            path = write_bag(bag, args.specialists, args.out)
+        except ExportError as error:
+            logger.error("Cannot write the bag %s: %s", args.specialists, error)
+            sys.exit(1)
+        logger.info("Wrote the bag %s to %s", args.specialists, path)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import nn
 from . import distrib
 from .allocator import tune_malloc
 from .augment import augmentation_from_config
-from .checkpoint import CheckpointError, holds_saved_state
+from .checkpoint import CheckpointError, holds_saved_state, XPLockedError
 from .config_check import checked_hydra_main, continued_signature
 from .demucs import Demucs
 from .ema import ModelEMA
@@ -299,10 +299,10 @@ def _absolutize_paths(args: DictConfig) -> None:
 
 
 def _lock_xp():
-    """Take the XP folder's lock on worker 0 (`XPLock`); every worker exits with the holder's PID
-    and host when another run has it."""
+    """Take the XP folder's lock on worker 0 (`XPLock`); every worker raises `XPLockedError`,
+    naming the holder's PID and host, when another run has it."""
     from dora import get_xp
-    from .checkpoint import XPLock, XPLockedError
+    from .checkpoint import XPLock
     distrib.init()
     lock, refusal = None, None
     if distrib.rank == 0:
@@ -313,7 +313,7 @@ def _lock_xp():
             refusal = str(error)
     refusal = distrib.share(refusal)
     if refusal is not None:
-        raise SystemExit(f"demucs.train: {refusal}")
+        raise XPLockedError(refusal)
     return lock
 
 
@@ -478,6 +478,8 @@ def main(args: DictConfig) -> None:
             failure = _train_xp(args, stops)
         except (KeyboardInterrupt, Terminated) as error:  # outside training (taking the lock)
             failure = _interrupted(error, stops.received)
+        except XPLockedError as error:  # another run trains this XP: its folder is left alone
+            failure = (str(error), 1)
         if failure is not None:
             _stop(*failure)
     finally:

@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 
-from demucs import apply as apply_module
+from demucs import runner as runner_module
 from demucs.api import LoadAudioError, LoadModelError, Separator, list_models
 from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
@@ -162,13 +162,13 @@ def test_truncated_file_is_refused_in_both_modes(repo: Path, track: Path, tmp_pa
 
 def test_amp_is_passed_to_every_segment_and_checked(repo: Path, monkeypatch):
     seen = []
-    real_run_model = apply_module.run_model
+    real_run_model = runner_module.run_model
 
     def spy(model, mix, amp=None):
         seen.append(amp)
         return real_run_model(model, mix, amp)
 
-    monkeypatch.setattr(apply_module, "run_model", spy)
+    monkeypatch.setattr(runner_module, "run_model", spy)
     separator = Separator("duo", repo=repo, device="cpu", shifts=0, amp="bf16")
     wav = torch.randn(2, 30000, generator=torch.Generator().manual_seed(0))
     _, stems = separator.separate_tensor(wav)
@@ -183,13 +183,13 @@ def test_amp_is_passed_to_every_segment_and_checked(repo: Path, monkeypatch):
 def test_segment_batch_runs_segments_together_in_both_modes(
         repo: Path, track: Path, monkeypatch):
     batches = []
-    real_run_model = apply_module.run_model
+    real_run_model = runner_module.run_model
 
     def spy(model, mix, amp=None):
         batches.append(mix.shape[0])
         return real_run_model(model, mix, amp)
 
-    monkeypatch.setattr(apply_module, "run_model", spy)
+    monkeypatch.setattr(runner_module, "run_model", spy)
     separator = Separator("transformer", repo=repo, device="cpu", shifts=0, segment=0.5)
     _, expected = separator.separate_audio_file(track)
     assert set(batches) == {1}

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from demucs import apply as apply_module
+from demucs import runner as runner_module
+from demucs import streaming as streaming_module
 from demucs.apply import (ApplyOptions, BagOfModels, BagPlan, LeafPlan, TensorChunk, apply_model,
                           apply_model_streaming, make_plan, segment_weight, tensor_chunk)
 from demucs.rounding import upstream_rounding
@@ -459,7 +460,7 @@ def test_streaming_is_bitwise_in_memory_with_the_same_overlap_add(
                        transition_power=power)
     random.seed(seed)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(apply_module, "_add_product", apply_module._add_fused)
+        patch.setattr(streaming_module, "add_product", runner_module.add_fused)
         streamed = _streamed(bag, mix, shifts=shifts, overlap=overlap, transition_power=power,
                              block_seconds=block, num_workers=workers)
     assert torch.equal(streamed, expected)
@@ -650,11 +651,11 @@ def test_importing_apply_leaves_the_allocator_alone():
 @pytest.mark.parametrize("run", [apply_model, lambda *a, **k: list(apply_model_streaming(*a, **k))])
 def test_applying_on_cpu_tunes_the_allocator_once(monkeypatch, run):
     calls = []
-    monkeypatch.setattr(apply_module.allocator, "tune_malloc", lambda: calls.append(1) or True)
-    apply_module._tune_allocator_once.cache_clear()
+    monkeypatch.setattr(runner_module.allocator, "tune_malloc", lambda: calls.append(1) or True)
+    runner_module._tune_allocator_once.cache_clear()
     try:
         run(Scaler(1.), _mix(150), shifts=0)
         run(Scaler(1.), _mix(150), shifts=0)
     finally:
-        apply_module._tune_allocator_once.cache_clear()
+        runner_module._tune_allocator_once.cache_clear()
     assert calls == [1]

@@ -13,7 +13,10 @@ convolution of a branch gives `len(sources) * k` channels, source after source, 
 A transposed convolution computes each output channel from its own slice of the weight
 (`weight[:, o]`, `bias[o]`), so selecting these slices by source keeps each kept source's output
 as it was. No other parameter or buffer has a size that depends on the sources
-(tests/test_finetune.py checks it on all three families).
+(tests/test_finetune.py checks it on all three families). One exception to "as it was": a hybrid
+model without complex-as-channels that Wiener-filters its output (`cac=False`, `wiener_iters` >= 0)
+filters all its sources jointly, so its stems change with the set of sources even though every
+weight is carried over by name.
 """
 from dataclasses import dataclass, field
 import difflib

@@ -105,6 +105,11 @@ def test_heads_of_each_family():
         "decoder.2.layers.0.conv_tr", "decoder.2.layers.1.conv_tr", "tdecoder.2.conv_tr"]
 
 
+def test_other_model_classes_are_refused():
+    with pytest.raises(SourceRemapError, match="cannot remap the sources of a Linear"):
+        output_heads(nn.Linear(2, 2))
+
+
 def test_a_normalised_output_layer_is_refused():
     with pytest.raises(SourceRemapError, match="decoder.3 normalises its output"):
         output_heads(_model("hdemucs", FOUR, norm_starts=0))

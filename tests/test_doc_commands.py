@@ -200,13 +200,18 @@ def _dora_argv(command: str) -> tp.List[str]:
 
 
 @pytest.mark.parametrize("command", [c for c, kind in COMMANDS.items() if kind == CONFIG])
-def test_documented_dora_configs_are_valid(command: str):
+def test_documented_dora_configs_are_valid(command: str, tmp_path: Path, monkeypatch):
     """The config each documented `dora run` would train with composes and passes the checks
-    (`-f SIG` is looked up among the signatures of upstream's grids)."""
+    (`-f SIG` is looked up among the signatures of upstream's grids; the XP a `continue_from`
+    names is there, as after the user trained it: the check matches a numeric one against it)."""
     from demucs.grids._xps import checked_argv
     from demucs.grids.mmi_ft import PARENTS
     from demucs.train import main
     argv = _dora_argv(command)
+    monkeypatch.setattr(main.dora, "dir", tmp_path)
+    for word in argv:
+        if word.startswith("continue_from="):
+            (tmp_path / "xps" / word.split("=", 1)[1]).mkdir(parents=True)
     if argv[:1] == ["-f"]:  # an XP of upstream's grids: its overrides must give that signature
         argv = checked_argv(main, PARENTS[argv[1]][0], argv[1])
     assert main.get_xp(argv).sig

@@ -377,6 +377,18 @@ def test_training_settings_are_read_once_from_the_config():
         training_settings(_config("optim.loss=huber"))
 
 
+def test_a_signature_read_as_a_number_becomes_the_xp_it_names(dora_dir):
+    """`TrainingSettings.continue_from` holds a signature: 955717e8, which Hydra reads as a
+    float, is the XP folder of that name."""
+    from demucs.train import main, training_settings
+    (dora_dir / "xps" / "955717e8").mkdir(parents=True)
+    xp = main.get_xp(["continue_from=955717e8"])
+    assert isinstance(xp.cfg.continue_from, float)
+    with xp.enter():
+        assert training_settings(xp.cfg).continue_from == "955717e8"
+    assert training_settings(_config("continue_from=ab12cd34")).continue_from == "ab12cd34"
+
+
 def test_training_parts_follow_the_config():
     from demucs.train import get_model, get_optimizer, get_training_parts
     args = _config("model=demucs", *TINY_MODELS["demucs"], "ema.batch=[0.9,0.99]",

@@ -172,3 +172,17 @@ def test_dora_run_with_a_batch_the_remix_groups_cannot_split_stops_before_traini
                                   "of augment.remix.group_size=4")
     assert "Traceback" not in proc.stderr
     assert not Path(outputs, "xps").exists() and not toy.exists()
+
+
+def test_the_workers_of_dora_run_d_split_the_batch(monkeypatch, capsys):
+    """Each worker `dora run -d` starts composes the XP with WORLD_SIZE set: a batch that does
+    not split is refused there, before the XP folder is made."""
+    from demucs.train import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_:
+        main.get_xp(["batch_size=6", "augment.remix.group_size=2"])
+    assert exit_.value.code == 2
+    assert "batch_size=6 (3 for each of 2 workers) is not a multiple of " \
+        "augment.remix.group_size=2" in capsys.readouterr().err
+    main.get_xp(["batch_size=8", "augment.remix.group_size=2"])

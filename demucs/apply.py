@@ -22,7 +22,8 @@ The executors differ in their overlap-add arithmetic only: the in-memory one add
 computes the product and adds it (`runner.add_product`). The two round differently in the last
 bit, so each keeps its own formula and both stay bit-identical to what they gave before; with the
 same formula they agree bitwise, which tests/test_apply.py checks. Under
-`rounding.upstream_rounding()` both round the product first, as upstream's `apply_model` does.
+`rounding.upstream_rounding()` (read once per separation into `Evaluator.upstream_order`) both
+round the product first, as upstream's `apply_model` does.
 
 This module keeps every name Demucs 4.1's `demucs.apply` has.
 """
@@ -38,8 +39,8 @@ from .bag import BagOfModels, Model  # noqa: F401  (importable from here, as in 
 from .plan import (ApplyOptions, BagPlan, LeafPlan, Plan, ShiftedPass, TensorChunk,  # noqa: F401
                    forward_random_draws, make_plan, random_state_of_plan, read_padded,
                    segment_weight, tensor_chunk)
-from .runner import Callback, Evaluator, add_fused, average_shifts, owned_pool, prepare_device, \
-    run_model, weigh_members  # noqa: F401  (run_model: importable from here)
+from .runner import (Callback, Evaluator, add_fused, add_product, average_shifts,  # noqa: F401
+                     owned_pool, prepare_device, run_model, weigh_members)
 from .streaming import apply_model_streaming  # noqa: F401
 # Names Demucs 4.1's apply module makes importable from it.
 from .demucs import Demucs  # noqa: F401
@@ -84,11 +85,22 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
     Raises `ValueError` for invalid settings (see `ApplyOptions`) before any model runs.
     """
     options = ApplyOptions(shifts, split, overlap, transition_power, segment, amp, segment_batch)
+    return apply_with_options(model, mix, options, progress=progress, device=device,
+                              num_workers=num_workers, pool=pool, lock=lock, callback=callback,
+                              callback_arg=callback_arg)
+
+
+def apply_with_options(model: nn.Module, mix, options: ApplyOptions, progress: bool = False,
+                       device=None, num_workers: int = 0, pool=None, lock=None,
+                       callback: tp.Optional[Callback] = None,
+                       callback_arg: tp.Optional[dict] = None) -> torch.Tensor:
+    """`apply_model` with its separation settings already validated in `options` (what a
+    `demucs.api.Separator` holds); the other arguments are `apply_model`'s."""
     device = mix.device if device is None else torch.device(device)
     prepare_device(device)
     chunk = tensor_chunk(mix)
     plan = make_plan(model, options, chunk.length, chunk.device)
-    evaluator = Evaluator(device, amp, callback, dict(callback_arg or {}),
+    evaluator = Evaluator(device, options.amp, callback, dict(callback_arg or {}),
                           Lock() if lock is None else lock)
     with _segment_pool(pool, num_workers, device) as segment_pool, random_state_of_plan():
         executor = _InMemoryExecutor(chunk, options, evaluator, segment_pool, progress)
@@ -112,6 +124,7 @@ class _InMemoryExecutor:
         self.segment = options.segment
         self.segment_batch = options.segment_batch
         self.evaluate = evaluate
+        self.add = add_product if evaluate.upstream_order else add_fused
         self.pool = pool
         self.progress = progress
 
@@ -163,8 +176,7 @@ class _InMemoryExecutor:
                 for start, chunk_out in zip(starts, future.result()):
                     at, chunk_length = start - pass_.start, chunk_out.shape[-1]
                     weight = leaf.weight[:chunk_length]
-                    add_fused(out[..., at:at + chunk_length], weight,
-                              chunk_out.to(self.mix.device))
+                    self.add(out[..., at:at + chunk_length], weight, chunk_out.to(self.mix.device))
                     sum_weight[at:at + chunk_length] += weight
                 bar.update(len(starts))
         except BaseException:  # a failed segment or Ctrl-C: the others are not needed any more

@@ -12,6 +12,7 @@ of the track the segments are read from.
 import contextlib
 from dataclasses import dataclass
 import functools
+import numbers
 import random
 import typing as tp
 
@@ -119,6 +120,7 @@ class ApplyOptions:
     segment_batch: int = 1
 
     def __post_init__(self) -> None:
+        self._check_types()
         check_amp(self.amp)
         if isinstance(self.segment_batch, bool) or not isinstance(self.segment_batch, int) \
                 or self.segment_batch < 1:
@@ -135,6 +137,26 @@ class ApplyOptions:
         if self.segment is not None and not self.segment > 0:
             raise ValueError(f"segment must be a positive number of seconds (or None for the "
                              f"model's own), got {self.segment}")
+
+    def _check_types(self) -> None:
+        """`TypeError` naming the setting for a value of the wrong kind (e.g. `shifts=1.5`, or a
+        number given as a string), before the values are checked."""
+        expected = {"shifts": ("a whole number", _is_whole(self.shifts)),
+                    "overlap": ("a number", _is_real(self.overlap)),
+                    "transition_power": ("a number", _is_real(self.transition_power)),
+                    "segment": ("a number of seconds or None",
+                                self.segment is None or _is_real(self.segment))}
+        for name, (kind, valid) in expected.items():
+            if not valid:
+                raise TypeError(f"{name} must be {kind}, got {getattr(self, name)!r}")
+
+
+def _is_real(value: tp.Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_whole(value: tp.Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, eq=False)

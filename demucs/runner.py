@@ -25,13 +25,14 @@ Callback = tp.Callable[[dict], None]
 MIN_MODEL_INPUT = 1024
 
 
-def run_model(model: nn.Module, mix: torch.Tensor, amp: tp.Optional[str] = None) -> torch.Tensor:
+def run_model(model: nn.Module, mix: torch.Tensor, amp: tp.Optional[str] = None,
+              upstream_order: bool = False) -> torch.Tensor:
     """`model(mix)` without gradients, in the precision `amp` selects (see `apply_model`);
-    the output is always float32. Under `upstream_rounding()` the input is made contiguous: a
-    window read from a channel-last track (e.g. `torch.from_numpy(audio).t()`) keeps that layout,
-    with which the models round differently in the last bit than upstream, whose windows are
-    fresh copies (separation keeps the layout, and its recorded outputs)."""
-    if exact():
+    the output is always float32. With `upstream_order` the input is made contiguous: a window
+    read from a channel-last track (e.g. `torch.from_numpy(audio).t()`) keeps that layout, with
+    which the models round differently in the last bit than upstream, whose windows are fresh
+    copies (separation keeps the layout, and its recorded outputs)."""
+    if upstream_order:
         mix = mix.contiguous()
     length = mix.shape[-1]
     if length < MIN_MODEL_INPUT:
@@ -68,12 +69,19 @@ def _callback_info(base: dict, pass_: ShiftedPass, segment_offset: int, state: s
 
 
 class Evaluator:
-    """Runs a leaf model on one segment's input and reports it to the callback (thread safe)."""
+    """Runs a leaf model on one segment's input and reports it to the callback (thread safe).
+
+    `upstream_order` is the rounding mode of this separation, read once when it starts: True
+    inside `rounding.upstream_rounding()` (the solver's validation and tests), where the inputs
+    and the overlap-add round as upstream's `apply_model` does. The models read the same switch
+    themselves (see `demucs.rounding` for why it is process-wide).
+    """
 
     def __init__(self, device: torch.device, amp: tp.Optional[str],
                  callback: tp.Optional[Callback], callback_arg: dict, lock):
         self.device = device
         self.amp = amp
+        self.upstream_order = exact()
         warn_if_bf16_is_emulated(device, amp, "amp='bf16' (--amp bf16)")
         self.callback = callback
         self.callback_arg = callback_arg
@@ -87,7 +95,7 @@ class Evaluator:
         for start in starts:
             self._report(pass_, start - pass_.start, "start")
         mix = mixes[0] if len(mixes) == 1 else torch.cat(list(mixes))
-        out = run_model(pass_.leaf.model, mix.to(self.device), self.amp)
+        out = run_model(pass_.leaf.model, mix.to(self.device), self.amp, self.upstream_order)
         for start in starts:
             self._report(pass_, start - pass_.start, "end")
         return [center_trim(item, pass_.chunk_length(start))
@@ -100,13 +108,9 @@ class Evaluator:
 
 
 def add_fused(region: torch.Tensor, weight: torch.Tensor, chunk: torch.Tensor) -> None:
-    """`region += weight * chunk` in one fused, in-place step (the in-memory overlap-add); under
-    `upstream_rounding()` (the solver's validation and tests) the product is rounded before the
-    sum, as upstream does."""
-    if exact():
-        add_product(region, weight, chunk)
-    else:
-        region.addcmul_(weight, chunk)
+    """`region += weight * chunk` in one fused, in-place step (the in-memory overlap-add, but
+    for `Evaluator.upstream_order`, which takes `add_product` as upstream does)."""
+    region.addcmul_(weight, chunk)
 
 
 def add_product(region: torch.Tensor, weight: torch.Tensor, chunk: torch.Tensor) -> None:

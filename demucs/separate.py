@@ -16,10 +16,10 @@ import typing as tp
 import torch
 
 from .allocator import tune_malloc
-from .api import BACKENDS, LoadAudioError, LoadModelError, Separator, _default_device, \
-    check_backend, check_device, list_models, onnx_dir_manifest
+from .api import LoadAudioError, Separator, SegmentTooLongError
 from .audio import MP3_BITRATES, AudioFormat, AudioWriter
-from .bag import max_segment
+from .backends import BACKENDS, LoadModelError, check_backend, check_device, default_device, \
+    list_models, onnx_dir_manifest
 from .files import atomic_write, created_folders, describe_spool_error, describe_write_error, \
     remove_stale_partials, unwritable_reason
 from .pretrained import DEFAULT_MODEL, add_model_flags
@@ -62,7 +62,7 @@ def get_parser() -> argparse.ArgumentParser:
                              "\"{stem}\", \"{ext}\" to use variables of track name without "
                              "extension, track extension, stem name and default output file "
                              "extension. Default is \"{track}/{stem}.{ext}\".")
-    parser.add_argument("-d", "--device", default=_default_device(),
+    parser.add_argument("-d", "--device", default=default_device(),
                         help="Device to use, default is cuda if available, else mps, else cpu.")
     _add_separation_flags(parser)
     _add_output_format_flags(parser)
@@ -376,19 +376,14 @@ def _make_separator(args: argparse.Namespace) -> Separator:
     try:
         separator = Separator(model=args.name, repo=args.repo, device=args.device,
                               shifts=args.shifts, overlap=args.overlap, split=args.split,
-                              segment=None, jobs=args.jobs, progress=True, amp=args.amp,
+                              segment=args.segment, jobs=args.jobs, progress=True, amp=args.amp,
                               compile_model=args.compile, backend=args.backend,
                               onnx_dir=args.onnx_dir, segment_batch=args.batch_segments)
-    except (LoadModelError, ValueError, ImportError) as error:
-        _fatal(str(error))
-    limit = max_segment(separator.model)
-    if args.segment is not None and args.segment > limit:
+    except SegmentTooLongError as error:
         _fatal("Cannot use a Transformer model with a longer segment than it was trained for. "
-               f"Maximum segment is: {limit}")
-    try:
-        separator.update_parameter(segment=args.segment)
-    except ValueError as error:
-        _fatal(f"error: --segment: {error}")
+               f"Maximum segment is: {error.limit}")
+    except (LoadModelError, ValueError, TypeError, ImportError) as error:
+        _fatal(str(error))
     _warn_about_slow_options_on_cpu(args)
     if args.stem is not None and args.stem not in separator.model.sources:
         _fatal(f'error: stem "{args.stem}" is not in selected model. '

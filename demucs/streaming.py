@@ -152,13 +152,28 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
     of the bag, 1 for a lone model.
     """
     options = ApplyOptions(shifts, True, overlap, transition_power, segment, amp, segment_batch)
+    return stream_with_options(model, source, options, device=device, progress=progress,
+                               num_workers=num_workers, block_seconds=block_seconds,
+                               callback=callback, callback_arg=callback_arg)
+
+
+def stream_with_options(model: nn.Module, source, options: ApplyOptions, device=None,
+                        progress: bool = False, num_workers: int = 0, block_seconds: float = 30.,
+                        callback: tp.Optional[Callback] = None,
+                        callback_arg: tp.Optional[dict] = None
+                        ) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
+    """`apply_model_streaming` with its separation settings already validated in `options`
+    (which must split the track); the other arguments are `apply_model_streaming`'s."""
+    if not options.split:
+        raise ValueError("separating in blocks needs split=True")
     device = torch.device("cpu") if device is None else torch.device(device)
     prepare_device(device)
     plan = make_plan(model, options, source.shape[-1], torch.device("cpu"))
     for leaf in plan.leaves():
         leaf.model.to(device)
         leaf.model.eval()
-    evaluator = Evaluator(device, amp, callback, dict(callback_arg or {}, models=1), _STREAM_LOCK)
+    evaluator = Evaluator(device, options.amp, callback, dict(callback_arg or {}, models=1),
+                          _STREAM_LOCK)
     executor = _StreamingExecutor(plan, source, options, evaluator, num_workers,
                                   max(1, int(block_seconds * model.samplerate)))
     bar = tqdm.tqdm(total=source.shape[-1], unit_scale=1 / model.samplerate, ncols=120,

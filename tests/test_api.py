@@ -164,9 +164,9 @@ def test_amp_is_passed_to_every_segment_and_checked(repo: Path, monkeypatch):
     seen = []
     real_run_model = runner_module.run_model
 
-    def spy(model, mix, amp=None):
+    def spy(model, mix, amp=None, upstream_order=False):
         seen.append(amp)
-        return real_run_model(model, mix, amp)
+        return real_run_model(model, mix, amp, upstream_order)
 
     monkeypatch.setattr(runner_module, "run_model", spy)
     separator = Separator("duo", repo=repo, device="cpu", shifts=0, amp="bf16")
@@ -185,9 +185,9 @@ def test_segment_batch_runs_segments_together_in_both_modes(
     batches = []
     real_run_model = runner_module.run_model
 
-    def spy(model, mix, amp=None):
+    def spy(model, mix, amp=None, upstream_order=False):
         batches.append(mix.shape[0])
-        return real_run_model(model, mix, amp)
+        return real_run_model(model, mix, amp, upstream_order)
 
     monkeypatch.setattr(runner_module, "run_model", spy)
     separator = Separator("transformer", repo=repo, device="cpu", shifts=0, segment=0.5)
@@ -369,12 +369,12 @@ def test_model_typos_and_non_names(repo: Path):
 
 
 def test_released_name_typo_says_which_was_meant(monkeypatch):
-    from demucs import api
+    from demucs import backends
     from demucs.pretrained import ModelLoadingError
 
     def not_found(name, repo=None):
         raise ModelLoadingError(f"could not load model {name!r}. Looked in:\n- the hub: no")
-    monkeypatch.setattr(api, "get_model", not_found)
+    monkeypatch.setattr(backends, "get_model", not_found)
     with pytest.raises(LoadModelError) as error:
         Separator("htdemcus", device="cpu")
     assert str(error.value).splitlines()[0] == ("could not load model 'htdemcus' (did you mean "
@@ -391,8 +391,8 @@ def test_released_name_typo_says_which_was_meant(monkeypatch):
 ])
 def test_bad_settings_are_refused_before_the_model_is_loaded(monkeypatch, settings, error,
                                                              message):
-    from demucs import api
-    monkeypatch.setattr(api, "get_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    from demucs import backends
+    monkeypatch.setattr(backends, "get_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(error, match=message):
         Separator("tiny", device="cpu", **settings)
 
@@ -401,4 +401,4 @@ def test_update_parameter_refuses_bad_types_and_keeps_the_settings(repo: Path):
     separator = Separator("tiny", repo=repo, device="cpu", shifts=0)
     with pytest.raises(TypeError, match="segment must be a number of seconds or None"):
         separator.update_parameter(segment="1", shifts=2)
-    assert separator._shifts == 0 and separator._segment is None
+    assert separator._options.shifts == 0 and separator._options.segment is None

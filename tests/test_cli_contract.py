@@ -178,10 +178,10 @@ def test_mps_without_mps_says_so(repo, track, tmp_path, caplog, monkeypatch):
 @pytest.mark.parametrize("cuda,mps,expected", [
     (True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
 def test_default_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
-    from demucs.api import _default_device
+    from demucs.backends import default_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert _default_device() == expected
+    assert default_device() == expected
 
 
 @pytest.mark.parametrize("error", [

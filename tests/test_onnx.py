@@ -23,11 +23,10 @@ from demucs.apply import BagOfModels, apply_model  # noqa: E402
 from demucs.hdemucs import HDemucs  # noqa: E402
 from demucs.htdemucs import HTDemucs  # noqa: E402
 from demucs.onnx_export import (OnnxExportError, default_input_length, export_bag,  # noqa: E402
-                                export_model, real_istft, real_stft)
+                                export_model)
 from demucs.onnx_runtime import (OnnxExportCorruptError, OnnxManifestError,  # noqa: E402
                                  OnnxRuntimeModel, file_sha256, load_onnx_bag, make_session,
                                  read_manifest)
-from demucs.spec import ispectro, spectro  # noqa: E402
 from demucs.states import load_model  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -90,19 +89,6 @@ def exports(golden_dir, tmp_path_factory) -> GoldenExports:
 def run_graph(path: Path, mix: torch.Tensor) -> torch.Tensor:
     session = make_session(path, threads=2, providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {"mix": mix.numpy()})[0])
-
-
-def test_real_transforms_match_torch_stft():
-    """The real-valued STFT/iSTFT of the export equal demucs.spec's (PyTorch side)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5000)
-    z = spectro(x, 512, 128)
-    real = real_stft(x, 512, 128)
-    assert real.shape == (2, 3, 2, 257, z.shape[-1])
-    assert relative_error(real, torch.stack([z.real, z.imag], dim=2)) < 1e-6
-    back = real_istft(real, 128, 5000)
-    assert relative_error(back, ispectro(z, 128, 5000)) < 1e-6
-    assert relative_error(back, x) < 1e-5
 
 
 @pytest.mark.parametrize("case", EXPORTABLE)
@@ -696,10 +682,10 @@ def test_a_damaged_onnx_dir_is_refused_in_one_line(exports, tmp_path, track, cap
 
 def test_onnx_dir_without_manifest_is_refused_before_anything_is_loaded(
         exports, tmp_path, track, caplog, monkeypatch):
-    from demucs import api
+    from demucs import backends
     folder = _copy_of_export(exports, tmp_path)
     (folder / "manifest.json").unlink()
-    monkeypatch.setattr(api, "get_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(backends, "get_model", lambda *a, **k: pytest.fail("a model was loaded"))
     assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "-o", tmp_path / "out",
                    track) == 1
     assert _messages(caplog, "ERROR") == [
@@ -713,21 +699,22 @@ def test_onnx_dir_alone_needs_no_pytorch_model_for_a_transformer(
         exports, tmp_path, track, caplog, monkeypatch):
     """The manifest names the model; HTDemucs graphs process every input: nothing is looked
     up (no network), nothing said, and the Python API does the same."""
-    from demucs import api
+    from demucs import backends
+    from demucs.api import Separator
     folder = _export_of(exports)
-    monkeypatch.setattr(api, "get_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(backends, "get_model", lambda *a, **k: pytest.fail("a model was loaded"))
     caplog.set_level(logging.INFO)
     assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "-o", tmp_path / "out",
                    track) == 0
     assert not _messages(caplog, "WARNING")
     assert len(list((tmp_path / "out" / "htdemucs_small").rglob("*.wav"))) == 4
-    separator = api.Separator(backend="onnxruntime", onnx_dir=folder, device="cpu")
+    separator = Separator(backend="onnxruntime", onnx_dir=folder, device="cpu")
     assert separator.model.sources == ["drums", "bass", "other", "vocals"]
 
 
 def test_onnx_dir_alone_says_once_why_a_hybrid_model_is_looked_up(
         exports, tmp_path, track, caplog, monkeypatch):
-    from demucs import api
+    from demucs import backends
     from demucs.pretrained import ModelLoadingError
     folder = _export_of(exports, "hdemucs_cac")
     looked_up = []
@@ -735,7 +722,7 @@ def test_onnx_dir_alone_says_once_why_a_hybrid_model_is_looked_up(
     def not_found(name, repo=None):
         looked_up.append((name, repo))
         raise ModelLoadingError(f"could not load model {name!r}. Looked in:\n- nowhere.")
-    monkeypatch.setattr(api, "get_model", not_found)
+    monkeypatch.setattr(backends, "get_model", not_found)
     caplog.set_level(logging.INFO)
     assert _demucs("--backend", "onnxruntime", "--onnx-dir", folder, "-o", tmp_path / "out",
                    track) == 0

@@ -22,7 +22,7 @@ import torch
 
 from demucs import evaluate, pretrained, train
 from demucs.wav import DatasetError
-from demucs.api import BACKENDS, LoadModelError, check_backend, compile_leaves, \
+from demucs.backends import BACKENDS, LoadModelError, check_backend, compile_leaves, \
     find_or_export_onnx, load_onnx_model
 
 logger = logging.getLogger("tools.test_pretrained")

@@ -13,26 +13,9 @@ import pytest
 import soundfile
 import torch
 
-from demucs import wav
+from demucs import wav, wav_tracks
 from demucs.utils import random_subset
-
-SOURCES = ["drums", "bass", "other", "vocals"]
-SR = 8000
-
-
-def write_track(folder: Path, sources=SOURCES, samplerate=SR, seconds=2.0, channels=2, seed=0,
-                mixture=True):
-    """Write random stems (and their sum as mixture) into `folder`; return {name: [C, T] array}."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    length = int(seconds * samplerate)
-    stems = {source: (0.1 * rng.standard_normal((length, channels))).astype(np.float32)
-             for source in sources}
-    if mixture:
-        stems[wav.MIXTURE] = sum(stems[source] for source in sources)
-    for name, data in stems.items():
-        soundfile.write(str(folder / f"{name}.wav"), data, samplerate, subtype="FLOAT")
-    return {name: torch.from_numpy(data.T.copy()) for name, data in stems.items()}
+from tests.wav_helpers import SOURCES, SR, write_track
 
 
 def make_dset(tmp_path: Path, **overrides):
@@ -117,13 +100,6 @@ def test_mono_sources_and_mono_output(tmp_path):
     mono = wav.Wavset(tmp_path / "u", metadata, SOURCES, channels=1, samplerate=SR,
                       normalize=False)[0]
     assert mono.shape == (4, 1, 2 * SR)
-
-
-def test_missing_mixture_is_created_as_stem_sum(tmp_path):
-    stems = write_track(tmp_path / "t" / "song", mixture=False)
-    wav.build_metadata(tmp_path / "t", SOURCES)
-    mixture, _ = soundfile.read(str(tmp_path / "t" / "song" / "mixture.wav"), dtype="float32")
-    torch.testing.assert_close(torch.from_numpy(mixture.T.copy()), sum(stems.values()))
 
 
 def test_more_than_four_sources_end_to_end(tmp_path):
@@ -243,9 +219,9 @@ class Counter:
 
 
 def count_reads(monkeypatch):
-    headers, reads = Counter(wav._audio_info), Counter(wav._read_audio)
-    monkeypatch.setattr(wav, "_audio_info", headers)
-    monkeypatch.setattr(wav, "_read_audio", reads)
+    headers, reads = Counter(wav_tracks._audio_info), Counter(wav_tracks.read_frames)
+    monkeypatch.setattr(wav_tracks, "_audio_info", headers)
+    monkeypatch.setattr(wav_tracks, "read_frames", reads)
     return headers, reads
 
 
@@ -410,35 +386,6 @@ def test_one_song_trained_and_validated_on_says_so(tmp_path, caplog):
     assert "they are trained on too (dset.train_valid=true)" in caplog.text
     _, no_valid = wav.get_musdb_wav_datasets(make_dset(tmp_path, valid_tracks=0))
     assert len(no_valid) == 0
-
-
-def test_a_stem_no_song_has_is_one_problem(tmp_path):
-    """A typo in dset.sources (`vocal`) gave one line per song; now one line for the folder,
-    naming the stems its songs hold."""
-    for index in range(3):
-        write_track(tmp_path / "wav" / "train" / f"song{index}", seed=index)
-    with pytest.raises(wav.DatasetError) as error:
-        wav.build_metadata(tmp_path / "wav" / "train", ["drums", "bass", "other", "vocal"])
-    assert error.value.problems == [
-        f"{tmp_path / 'wav' / 'train'}: none of its 3 song folder(s) holds vocal.wav (its songs "
-        "hold bass, drums, mixture, other, vocals): check the spelling in dset.sources, or use "
-        "a folder made for these stems"]
-    assert wav.check_tracks(tmp_path / "wav" / "train", ["mixture", "vocal", "piano"]) == [
-        f"{tmp_path / 'wav' / 'train'}: none of its 3 song folder(s) holds vocal.wav, piano.wav "
-        "(its songs hold bass, drums, mixture, other, vocals): check the spelling in "
-        "dset.sources, or use a folder made for these stems"]
-
-
-def test_test_songs_at_another_rate_than_musdb_samplerate_are_named(tmp_path):
-    """A test set at 8 kHz read as dset.musdb_samplerate=44100 used to be scored on wrongly
-    pitched audio, silently."""
-    for index in range(2):
-        write_track(tmp_path / "test" / f"song{index}", seed=index)
-    assert wav.check_tracks(tmp_path / "test", ["mixture"] + SOURCES, samplerate=SR) == []
-    (problem,) = wav.check_tracks(tmp_path / "test", ["mixture"] + SOURCES, samplerate=44100)
-    assert problem.startswith(f"2 songs of {tmp_path / 'test'} (e.g. ")
-    assert f"{SR} Hz, but the test set is read as dset.musdb_samplerate=44100 Hz" in problem
-    assert f"set dset.musdb_samplerate={SR}" in problem
 
 
 def test_wav_folder_without_valid_subfolder_says_what_the_layout_is(tmp_path):

@@ -21,6 +21,7 @@ import torch
 
 from .allocator import tune_malloc
 from .apply import ApplyOptions, apply_with_options
+from .plan import stem_indices
 from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
     convert_audio_channels, save_audio
 from .backends import LoadModelError, check_backend, check_device, compile_leaves, \
@@ -235,6 +236,9 @@ class Separator:
             model its manifest names.
         segment_batch: segments of a track run in one forward (opt-in, for GPUs: see
             `demucs.apply.apply_model`); the output is the same up to float rounding.
+        stems: the stems to compute and return (e.g. `["vocals"]`), None for all: the models
+            of a bag whose weights are zero for all of them are not run, and the stems come out
+            bit for bit as in a full separation.
     """
 
     def __init__(self, model: tp.Optional[str] = None, repo: tp.Optional[Path] = None,
@@ -243,11 +247,13 @@ class Separator:
                  progress: bool = False, callback: tp.Optional[tp.Callable[[dict], None]] = None,
                  callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
                  compile_model: bool = False, backend: str = "torch",
-                 onnx_dir: tp.Optional[Path] = None, segment_batch: int = 1):
+                 onnx_dir: tp.Optional[Path] = None, segment_batch: int = 1,
+                 stems: tp.Optional[tp.Sequence[str]] = None):
         tune_malloc()
         # Everything is checked before the model is loaded (maybe downloaded).
         self._options = ApplyOptions(shifts=shifts, split=split, overlap=overlap,
-                                     segment=segment, amp=amp, segment_batch=segment_batch)
+                                     segment=segment, amp=amp, segment_batch=segment_batch,
+                                     stems=stems)
         check_jobs(jobs)
         check_device(device)
         check_backend(backend, device, amp, compile_model)
@@ -261,6 +267,7 @@ class Separator:
         self._device = device
         self._load_model()
         check_segment_fits(self._model, self._name, segment)
+        stem_indices(self._model.sources, self._options.stems)
         if compile_model:
             compile_leaves(self._model)
         self._jobs = jobs
@@ -274,15 +281,16 @@ class Separator:
                          segment: tp.Any = NotProvided, jobs: tp.Any = NotProvided,
                          progress: tp.Any = NotProvided, callback: tp.Any = NotProvided,
                          callback_arg: tp.Any = NotProvided, amp: tp.Any = NotProvided,
-                         segment_batch: tp.Any = NotProvided) -> None:
+                         segment_batch: tp.Any = NotProvided, stems: tp.Any = NotProvided) -> None:
         """Change some separation parameters; those not given keep their value. An invalid
         value raises before anything changes."""
         changes = {name: value for name, value in dict(
             shifts=shifts, overlap=overlap, split=split, segment=segment, amp=amp,
-            segment_batch=segment_batch).items() if value is not NotProvided}
+            segment_batch=segment_batch, stems=stems).items() if value is not NotProvided}
         options = dataclasses.replace(self._options, **changes)
         if "segment" in changes:
             check_segment_fits(self._model, self._name, options.segment)
+        stem_indices(self._model.sources, options.stems)
         if jobs is not NotProvided:
             check_jobs(jobs)
         new_device = self._device if device is NotProvided else device
@@ -369,7 +377,7 @@ class Separator:
                                  pool=self._pool, callback_arg=self._callback_arg_for(wav.shape[1]),
                                  **self._run_kwargs())
         out = norm.revert(out)
-        return wav, dict(zip(self._model.sources, out[0]))
+        return wav, dict(zip(self.stems, out[0]))
 
     def separate_audio_file(self, file: Path) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
         """Read `file` (any format ffmpeg knows) and separate it."""
@@ -394,7 +402,12 @@ class Separator:
             for start, out in blocks:
                 out = norm.revert(out)
                 origin = audio.read(start, start + out.shape[-1])
-                yield origin, dict(zip(self._model.sources, out[0]))
+                yield origin, dict(zip(self.stems, out[0]))
+
+    @property
+    def stems(self) -> tp.List[str]:
+        """The stems a separation returns: those asked for with `stems`, else every source."""
+        return list(self._options.stems or self._model.sources)
 
     @property
     def samplerate(self) -> int:

@@ -38,7 +38,7 @@ import tqdm
 from .bag import BagOfModels, Model  # noqa: F401  (importable from here, as in Demucs 4.1)
 from .plan import (ApplyOptions, BagPlan, LeafPlan, Plan, ShiftedPass, TensorChunk,  # noqa: F401
                    forward_random_draws, make_plan, random_state_of_plan, read_padded,
-                   segment_weight, tensor_chunk)
+                   segment_weight, stem_indices, tensor_chunk)
 from .runner import (Callback, Evaluator, add_fused, add_product, average_shifts,  # noqa: F401
                      owned_pool, prepare_device, run_model, weigh_members)
 from .streaming import apply_model_streaming  # noqa: F401
@@ -54,7 +54,8 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
                 device=None, num_workers: int = 0, segment: tp.Optional[float] = None,
                 pool=None, lock=None, callback: tp.Optional[Callback] = None,
                 callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
-                segment_batch: int = 1) -> torch.Tensor:
+                segment_batch: int = 1,
+                stems: tp.Optional[tp.Sequence[str]] = None) -> torch.Tensor:
     """Separate `mix` `[B, C, T]` into `[B, S, C, T]` with `model` (a model or a BagOfModels).
 
     Args:
@@ -81,10 +82,14 @@ def apply_model(model: nn.Module, mix, shifts: int = 1, split: bool = True,
             (opt-in: fewer, larger model calls keep a GPU busy; memory grows with it). The
             output equals the default's up to float rounding, and random shifts are drawn in
             the same order.
+        stems: only these sources (names, e.g. `["vocals"]`) are returned, in this order, as
+            `[B, len(stems), C, T]`; the members of a bag whose weights are zero for all of them
+            are not run. The stems come out bit for bit as in a full run. None: every source.
 
     Raises `ValueError` for invalid settings (see `ApplyOptions`) before any model runs.
     """
-    options = ApplyOptions(shifts, split, overlap, transition_power, segment, amp, segment_batch)
+    options = ApplyOptions(shifts, split, overlap, transition_power, segment, amp, segment_batch,
+                           stems)
     return apply_with_options(model, mix, options, progress=progress, device=device,
                               num_workers=num_workers, pool=pool, lock=lock, callback=callback,
                               callback_arg=callback_arg)
@@ -104,7 +109,9 @@ def apply_with_options(model: nn.Module, mix, options: ApplyOptions, progress: b
                           Lock() if lock is None else lock)
     with _segment_pool(pool, num_workers, device) as segment_pool, random_state_of_plan():
         executor = _InMemoryExecutor(chunk, options, evaluator, segment_pool, progress)
-        return executor.run(plan)
+        out = executor.run(plan)
+    indices = stem_indices(model.sources, options.stems)
+    return out if indices is None else out[:, indices]
 
 
 def _segment_pool(pool, num_workers: int, device: torch.device) -> tp.ContextManager:

@@ -118,10 +118,12 @@ class ApplyOptions:
     segment: tp.Optional[float] = None
     amp: tp.Optional[str] = None
     segment_batch: int = 1
+    stems: tp.Optional[tp.Tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         self._check_types()
         check_amp(self.amp)
+        self._check_stems()
         if isinstance(self.segment_batch, bool) or not isinstance(self.segment_batch, int) \
                 or self.segment_batch < 1:
             raise ValueError(f"segment_batch must be a whole number >= 1 (the segments run in "
@@ -149,6 +151,34 @@ class ApplyOptions:
         for name, (kind, valid) in expected.items():
             if not valid:
                 raise TypeError(f"{name} must be {kind}, got {getattr(self, name)!r}")
+
+    def _check_stems(self) -> None:
+        """`stems` as a tuple of distinct names (a list is accepted), or None for every stem."""
+        if self.stems is None:
+            return
+        if isinstance(self.stems, str) or not all(isinstance(stem, str) for stem in self.stems):
+            raise TypeError(f"stems must be a list of stem names (e.g. ['vocals']) or None, "
+                            f"got {self.stems!r}")
+        stems = tuple(self.stems)
+        if not stems:
+            raise ValueError("stems is empty: name at least one stem, or give None for all")
+        repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if repeated:
+            raise ValueError(f"stems names {', '.join(repeated)} more than once")
+        object.__setattr__(self, "stems", stems)
+
+
+def stem_indices(sources: tp.Sequence[str], stems: tp.Optional[tp.Sequence[str]]
+                 ) -> tp.Optional[tp.List[int]]:
+    """Indices in `sources` of the `stems` asked for, in their order (None: every stem);
+    `ValueError` naming an unknown stem and the model's."""
+    if stems is None:
+        return None
+    unknown = [stem for stem in stems if stem not in sources]
+    if unknown:
+        raise ValueError(f"stem {unknown[0]!r} is not a source of this model; its sources are "
+                         f"{', '.join(sources)}")
+    return [list(sources).index(stem) for stem in stems]
 
 
 def _is_real(value: tp.Any) -> bool:
@@ -275,8 +305,18 @@ def make_plan(model: nn.Module, options: ApplyOptions, length: int,
     run the forwards afterwards, inside `random_state_of_plan`. Raises `ValueError` when a leaf
     cannot be split with these options. The cross-fade weights are made on `weight_device`,
     where the executor adds the segments up.
+
+    With `options.stems`, bag members whose weights are zero for every stem asked for are left
+    out of the plan (their random draws are still made, so the other members get the shifts a
+    full run gives them): the stems asked for come out bit for bit as in a full run.
     """
-    return _plan_node(model, options, length, weight_device, None, None)
+    needed = stem_indices(model.sources, options.stems)
+    plan = _plan_node(model, options, length, weight_device, None, None,
+                      None if needed is None else frozenset(needed))
+    if plan is None:
+        raise ValueError(f"no model of the bag has a non-zero weight for "
+                         f"{', '.join(options.stems or ())}: there is nothing to compute")
+    return plan
 
 
 def forward_random_draws(model: nn.Module) -> tp.Tuple[int, ...]:
@@ -308,12 +348,20 @@ def random_state_of_plan() -> tp.Iterator[None]:
 
 
 def _plan_node(model: nn.Module, options: ApplyOptions, length: int, weight_device,
-               bag_index: tp.Optional[int], bag_size: tp.Optional[int]) -> Plan:
+               bag_index: tp.Optional[int], bag_size: tp.Optional[int],
+               needed: tp.Optional[tp.FrozenSet[int]]) -> tp.Optional[Plan]:
+    """The plan of `model`, or None for a bag none of whose members adds to a `needed` source
+    (None: every source is needed)."""
     if isinstance(model, BagOfModels):
-        members = tuple(_plan_node(member, options, length, weight_device,
-                                   index if bag_index is None else bag_index, len(model.models))
-                        for index, member in enumerate(model.models))
-        return BagPlan(model, members, model.weights)
+        members = [(_plan_node(member, options, length, weight_device,
+                               index if bag_index is None else bag_index, len(model.models),
+                               needed), weights)
+                   for index, (member, weights) in enumerate(zip(model.models, model.weights))]
+        kept = [(plan, weights) for plan, weights in members
+                if plan is not None and _adds_to(weights, needed)]
+        if not kept:
+            return None
+        return BagPlan(model, tuple(plan for plan, _ in kept), [weights for _, weights in kept])
     segment_length = stride = weight = None
     if options.split:
         segment_length = _segment_length(model, options.segment)
@@ -328,6 +376,11 @@ def _plan_node(model: nn.Module, options: ApplyOptions, length: int, weight_devi
         _draw_as_forwards(model, _pass_forwards(length, stride))
     return LeafPlan(model, segment_length, stride, weight, max_shift, tuple(offsets), length,
                     bag_index or 0, bag_size)
+
+
+def _adds_to(weights: tp.Sequence[float], needed: tp.Optional[tp.FrozenSet[int]]) -> bool:
+    """Whether a bag member with these per-source weights adds to a needed source."""
+    return needed is None or any(weights[index] != 0 for index in needed)
 
 
 def _pass_forwards(pass_length: int, stride: tp.Optional[int]) -> int:

@@ -86,6 +86,9 @@ def _add_separation_flags(parser: argparse.ArgumentParser) -> None:
                                   "graphic card.")
     parser.add_argument("--two-stems", dest="stem", metavar="STEM",
                         help="Only separate audio into {STEM} and no_{STEM}. ")
+    parser.add_argument("--stems", type=_stem_list, metavar="STEM[,STEM...]",
+                        help="Only compute and save these stems (e.g. vocals,drums); the models "
+                             "of a bag that do not weigh them are not run.")
     parser.add_argument("--other-method", dest="other_method", choices=["none", "add", "minus"],
                         default="add",
                         help="Decide how to get \"no_{STEM}\". \"none\" will not save "
@@ -150,6 +153,31 @@ def _output_format(args: argparse.Namespace, samplerate: int) -> AudioFormat:
     return AudioFormat(ext=ext, samplerate=samplerate, clip=args.clip_mode,
                        bits_per_sample=24 if args.int24 else 16, as_float=args.float32,
                        bitrate=args.mp3_bitrate, preset=args.mp3_preset)
+
+
+def _stem_list(text: str) -> tp.List[str]:
+    """`--stems a,b` as `["a", "b"]`."""
+    stems = [stem.strip() for stem in text.split(",")]
+    if not all(stems):
+        raise argparse.ArgumentTypeError(f"{text!r}: give stem names separated by commas, "
+                                         f"e.g. vocals,drums")
+    return stems
+
+
+def _needed_stems(args: argparse.Namespace, model: tp.Any) -> tp.Optional[tp.List[str]]:
+    """The stems the outputs need computed, None for all: `--stems`, or the `--two-stems` stem
+    when its complement is not the sum of the others (`--other-method minus` or `none`)."""
+    if args.stems is not None:
+        return args.stems
+    if args.stem is None:
+        return None
+    if args.other_method != "add":
+        return [args.stem]
+    if isinstance(model, BagOfModels):
+        logger.info("--two-stems %s adds up every other stem for no_%s, so every model of the "
+                    "bag runs; --other-method minus (the mixture minus %s) runs only the models "
+                    "that weigh %s.", args.stem, args.stem, args.stem, args.stem)
+    return None
 
 
 def _stem_names(sources: tp.List[str], stem: tp.Optional[str], other_method: str) -> tp.List[str]:
@@ -238,6 +266,9 @@ def _check_writable(folders: tp.Iterable[Path]) -> None:
 def _check_options(args: argparse.Namespace) -> None:
     """Everything that can be checked before the model is loaded: option values, the device,
     the input files and the output folder."""
+    if args.stems is not None and args.stem is not None:
+        raise UsageError("--stems and --two-stems both choose the stems: give one of them "
+                         "(--two-stems STEM also writes the rest as no_STEM or minus_STEM).")
     if args.batch_segments < 1:
         raise UsageError(f"--batch-segments {args.batch_segments}: give 1 or more segments "
                          "per forward.")
@@ -385,9 +416,14 @@ def _make_separator(args: argparse.Namespace) -> Separator:
     except (LoadModelError, ValueError, TypeError, ImportError) as error:
         _fatal(str(error))
     _warn_about_slow_options_on_cpu(args)
-    if args.stem is not None and args.stem not in separator.model.sources:
-        _fatal(f'error: stem "{args.stem}" is not in selected model. '
-               f"STEM must be one of {', '.join(separator.model.sources)}.")
+    for stem in [args.stem] if args.stems is None else args.stems:
+        if stem is not None and stem not in separator.model.sources:
+            _fatal(f'error: stem "{stem}" is not in selected model. '
+                   f"STEM must be one of {', '.join(separator.model.sources)}.")
+    try:
+        separator.update_parameter(stems=_needed_stems(args, separator.model))
+    except ValueError as error:
+        _fatal(f"error: --stems: {error}")
     return separator
 
 
@@ -431,7 +467,7 @@ def _separate_all(args: argparse.Namespace) -> None:
     separator = _make_separator(args)
     out = args.out / args.name
     fmt = _output_format(args, separator.samplerate)
-    names = _stem_names(separator.model.sources, args.stem, args.other_method)
+    names = _stem_names(separator.stems, args.stem, args.other_method)
     try:
         plan = plan_outputs(args.tracks, out, args.filename, names, fmt.ext)
         _check_writable(path.parent for paths in plan.values() for path in paths.values())

@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 import tqdm
 
-from .plan import ApplyOptions, BagPlan, Plan, ShiftedPass, make_plan, random_state_of_plan
+from .plan import ApplyOptions, BagPlan, Plan, ShiftedPass, make_plan, random_state_of_plan, \
+    stem_indices
 from .runner import Callback, Evaluator, add_product, average_shifts, owned_pool, \
     prepare_device, weigh_members
 
@@ -139,7 +140,8 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
                           num_workers: int = 0, block_seconds: float = 30.,
                           callback: tp.Optional[Callback] = None,
                           callback_arg: tp.Optional[dict] = None, amp: tp.Optional[str] = None,
-                          segment_batch: int = 1) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
+                          segment_batch: int = 1, stems: tp.Optional[tp.Sequence[str]] = None
+                          ) -> tp.Iterator[tp.Tuple[int, torch.Tensor]]:
     """Yield `(start, estimates [1, S, C, n])` blocks of `apply_model(model, mix, split=True, ...)`.
 
     `source` gives the mixture `[1, C, T]` lazily: it needs `shape` and slicing on the last
@@ -149,9 +151,11 @@ def apply_model_streaming(model: nn.Module, source, shifts: int = 1, overlap: fl
     drawn from `random` in the same order as `apply_model`, so both give the same result for the
     same seed (within the rounding of their overlap-adds). `callback` receives the same dicts as
     with `apply_model` (in processing order, interleaved between models); `models` is the size
-    of the bag, 1 for a lone model.
+    of the bag, 1 for a lone model. With `stems`, the blocks hold those stems only (see
+    `apply_model`).
     """
-    options = ApplyOptions(shifts, True, overlap, transition_power, segment, amp, segment_batch)
+    options = ApplyOptions(shifts, True, overlap, transition_power, segment, amp, segment_batch,
+                           stems)
     return stream_with_options(model, source, options, device=device, progress=progress,
                                num_workers=num_workers, block_seconds=block_seconds,
                                callback=callback, callback_arg=callback_arg)
@@ -178,8 +182,9 @@ def stream_with_options(model: nn.Module, source, options: ApplyOptions, device=
                                   max(1, int(block_seconds * model.samplerate)))
     bar = tqdm.tqdm(total=source.shape[-1], unit_scale=1 / model.samplerate, ncols=120,
                     unit="seconds", disable=not progress)
+    indices = stem_indices(model.sources, options.stems)
     with owned_pool(num_workers) as pool, random_state_of_plan():
         for start, block in executor.blocks(pool):
-            yield start, block
+            yield start, block if indices is None else block[:, indices]
             bar.update(block.shape[-1])
     bar.close()

@@ -402,3 +402,30 @@ def test_update_parameter_refuses_bad_types_and_keeps_the_settings(repo: Path):
     with pytest.raises(TypeError, match="segment must be a number of seconds or None"):
         separator.update_parameter(segment="1", shifts=2)
     assert separator._options.shifts == 0 and separator._options.segment is None
+
+
+def test_stems_returns_only_those_stems_bit_identical_to_a_full_separation(repo: Path, track):
+    full = Separator("duo", repo=repo, device="cpu", shifts=1)
+    only = Separator("duo", repo=repo, device="cpu", shifts=1, stems=["vocals", "drums"])
+    assert only.stems == ["vocals", "drums"]
+    wav = torch.randn(2, 30000, generator=torch.Generator().manual_seed(0))
+    for separate in ["separate_tensor", "separate_audio_file"]:
+        source = wav if separate == "separate_tensor" else track
+        random.seed(1)
+        _, expected = getattr(full, separate)(source)
+        random.seed(1)
+        _, stems = getattr(only, separate)(source)
+        assert list(stems) == ["vocals", "drums"]
+        for name, stem in stems.items():
+            assert torch.equal(stem, expected[name])
+    only.update_parameter(stems=None)
+    assert only.stems == SOURCES
+
+
+def test_stems_are_checked_against_the_model_before_anything_changes(repo: Path):
+    separator = Separator("tiny", repo=repo, device="cpu", stems=["bass"])
+    with pytest.raises(ValueError, match="stem 'guitar' is not a source of this model"):
+        separator.update_parameter(stems=["guitar"], shifts=3)
+    assert separator.stems == ["bass"] and separator._options.shifts == 1
+    with pytest.raises(ValueError, match="stem 'piano' is not a source"):
+        Separator("tiny", repo=repo, device="cpu", stems=["piano"])

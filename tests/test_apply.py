@@ -659,3 +659,88 @@ def test_applying_on_cpu_tunes_the_allocator_once(monkeypatch, run):
     finally:
         runner_module._tune_allocator_once.cache_clear()
     assert calls == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Only the stems asked for: bag members that do not weigh them are not run.
+
+
+class CountingSeparator(DrawingSeparator):
+    """A DrawingSeparator that counts its forwards."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.forwards = 0
+
+    def forward(self, mix):
+        self.forwards += 1
+        return super().forward(mix)
+
+
+def _specialists() -> BagOfModels:
+    """Four specialists, each weighing one source only (as htdemucs_ft), of other segments."""
+    models = [CountingSeparator(seed=seed, segment=segment)
+              for seed, segment in zip(range(4), [1., 0.6, 0.8, 0.7])]
+    weights = [[float(index == source) for source in range(4)] for index in range(4)]
+    return BagOfModels(models, weights)
+
+
+def _run_stems(run, bag, mix, seed, **kwargs) -> tp.Tuple[torch.Tensor, float]:
+    random.seed(seed)
+    out = run(bag, mix, **kwargs)
+    return out, random.random()
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(length=st.integers(30, 500), shifts=st.integers(0, 2), seed=st.integers(0, 100),
+       stems=st.sampled_from([["vocals"], ["drums"], ["vocals", "bass"], ["bass", "vocals"]]),
+       streaming=st.booleans())
+def test_stems_are_bit_identical_and_skip_the_members_that_do_not_weigh_them(
+        length, shifts, seed, stems, streaming):
+    run = _streamed if streaming else apply_model
+    mix = _mix(length, seed)
+    full, after_full = _run_stems(run, _specialists(), mix, seed, shifts=shifts)
+    bag = _specialists()
+    only, after_only = _run_stems(run, bag, mix, seed, shifts=shifts, stems=stems)
+    indices = [SOURCES.index(stem) for stem in stems]
+    assert torch.equal(only, full[:, indices])
+    assert after_only == after_full  # skipped members still made their random draws
+    ran = [model.forwards > 0 for model in bag.models]
+    assert ran == [source in indices for source in range(4)]
+
+
+def test_stems_of_a_single_model_are_its_outputs_for_them():
+    model, mix = ConvSeparator(seed=3), _mix(300)
+    full = _seeded(0, apply_model, model, mix, shifts=1)
+    only = _seeded(0, apply_model, model, mix, shifts=1, stems=["other", "drums"])
+    assert torch.equal(only, full[:, [2, 0]])
+
+
+def test_stems_skip_inside_nested_bags():
+    inner = _specialists()
+    outer = BagOfModels([inner, ConvSeparator(seed=9)], [[1.] * 4, [0., 0., 1., 0.]])
+    mix = _mix(250)
+    full = _seeded(3, apply_model, outer, mix, shifts=2)
+    for model in inner.models:
+        model.forwards = 0
+    only = _seeded(3, apply_model, outer, mix, shifts=2, stems=["vocals"])
+    assert torch.equal(only, full[:, [3]])
+    assert [model.forwards > 0 for model in inner.models] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("stems, error, message", [
+    (["guitar"], ValueError, "stem 'guitar' is not a source of this model; its sources are "
+                             "drums, bass, other, vocals"),
+    ([], ValueError, "stems is empty"),
+    (["bass", "bass"], ValueError, "stems names bass more than once"),
+    ("vocals", TypeError, "stems must be a list of stem names"),
+    ([3], TypeError, "stems must be a list of stem names")])
+def test_invalid_stems_are_refused(stems, error, message):
+    with pytest.raises(error, match=message):
+        apply_model(ConvSeparator(), _mix(100), stems=stems)
+
+
+def test_stems_no_member_weighs_are_refused():
+    bag = BagOfModels([ConvSeparator(seed=1)], [[1., 1., 1., 0.]])
+    with pytest.raises(ValueError, match="no model of the bag has a non-zero weight for vocals"):
+        apply_model(bag, _mix(100), stems=["vocals"])

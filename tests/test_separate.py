@@ -3,6 +3,7 @@ import logging
 import os
 from pathlib import Path
 import random
+import typing as tp
 import shutil
 import subprocess
 
@@ -30,6 +31,9 @@ def repo(tmp_path_factory) -> Path:
     torch.save(serialize_model(demucs_unittest(), {}), root / "tiny.th")
     torch.save(serialize_model(HTDemucs(SOURCES, channels=4, depth=2, t_layers=1, t_heads=1,
                                         segment=1, dconv_mode=0), {}), root / "transformer.th")
+    # Specialists, as htdemucs_ft: the transformer alone weighs the vocals.
+    (root / "specialists.yaml").write_text(
+        "models: ['tiny', 'transformer']\nweights: [[1, 1, 1, 0], [0, 0, 0, 1]]\n")
     return root
 
 
@@ -185,8 +189,43 @@ def test_missing_tracks_are_refused_before_any_work(repo, track, tmp_path, caplo
     assert not (tmp_path / "out").exists()
 
 
+def _forwards(monkeypatch) -> tp.List[str]:
+    """The class of each model the separation runs, in order."""
+    from demucs import runner
+    seen: tp.List[str] = []
+    real = runner.run_model
+
+    def spy(model, *args, **kwargs):
+        seen.append(type(model).__name__)
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(runner, "run_model", spy)
+    return seen
+
+
+@pytest.mark.parametrize("flags, written, models", [
+    (["--two-stems", "vocals", "--other-method", "minus"], ["minus_vocals", "vocals"],
+     {"HTDemucs"}),
+    (["--two-stems", "vocals", "--other-method", "none"], ["vocals"], {"HTDemucs"}),
+    (["--stems", "vocals"], ["vocals"], {"HTDemucs"}),
+    (["--stems", "drums,vocals"], ["drums", "vocals"], {"HDemucs", "HTDemucs"}),
+    (["--two-stems", "vocals"], ["no_vocals", "vocals"], {"HDemucs", "HTDemucs"})])
+def test_only_the_models_weighing_the_stems_asked_for_run(
+        repo, track, tmp_path, monkeypatch, flags, written, models):
+    fixed = ["--float32", "--clip-mode", "none", "--shifts", "2", str(track)]
+    _run(repo, tmp_path / "all", *fixed, name="specialists")
+    seen = _forwards(monkeypatch)
+    _run(repo, tmp_path / "some", *flags, *fixed, name="specialists")
+    assert set(seen) == models
+    folder, full = (tmp_path / name / "specialists" / "my song" for name in ["some", "all"])
+    assert sorted(path.stem for path in folder.iterdir()) == written
+    for stem in set(written) & set(SOURCES):  # bit-identical to the full separation
+        assert np.array_equal(_read(folder / f"{stem}.wav"), _read(full / f"{stem}.wav"))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--two-stems", "guitar"], 'stem "guitar" is not in selected model'),
+    (["--stems", "vocals,guitar"], 'stem "guitar" is not in selected model'),
+    (["--stems", "vocals", "--two-stems", "drums"], "--stems and --two-stems both choose"),
     (["-n", "transformer", "--segment", "2"], "Maximum segment is: 1"),
     (["-n", "unknown"], "unknown"),
     (["--filename", "{song}.{ext}"],

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoint import CHECKPOINT_NAME
+from .lora import TARGETS
 
 # Exit status of a call refused for its config (as argparse for a usage error).
 CONFIG_ERROR_STATUS = 2
@@ -42,7 +43,7 @@ INTEGER_KEYS: tp.Tuple[tp.Tuple[str, int], ...] = (
     ("dset.samplerate", 1), ("dset.musdb_samplerate", 1), ("dset.channels", 1),
     ("dset.valid_samples", 1), ("misc.num_workers", 0), ("misc.num_prints", 0),
     ("test.workers", 0), ("test.every", 1), ("test.shifts", 0), ("save_every", 1),
-    ("augment.remix.group_size", 1),
+    ("augment.remix.group_size", 1), ("lora.rank", 0),
 )
 # Keys that must hold a number greater than (strict) or at least (not strict) a bound.
 NUMBER_KEYS: tp.Tuple[tp.Tuple[str, float, bool], ...] = (
@@ -70,6 +71,10 @@ class CheckContext:
     model_names: tp.Tuple[str, ...]  # the accepted values of `model`
     world_size: int = 1  # training workers the batch is split over
     xp_folder: tp.Optional[Path] = None  # the XP's own folder; its parent holds the other XPs
+
+
+# The problems that only building the model shows (`train.model_problems`): (config, defaults).
+ModelCheck = tp.Callable[[DictConfig, DictConfig], tp.List[str]]
 
 
 @contextmanager
@@ -263,23 +268,74 @@ def _types_against_base(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
     return _type_problems(cfg, context.base, "")
 
 
+def _lora_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
+    """`lora.rank` a whole number (0: off), `lora.alpha` null or a positive number,
+    `lora.targets` kinds of layers `demucs.lora` adapts; adapters cannot be merged into a
+    quantized model (`quant.diffq`, `quant.qat`)."""
+    problems = []
+    rank, alpha = OmegaConf.select(cfg, "lora.rank"), OmegaConf.select(cfg, "lora.alpha")
+    if alpha is not None and (not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0):
+        problems.append(f"lora.alpha={alpha!r} must be a number greater than 0, or null for "
+                        "alpha = lora.rank")
+    targets = OmegaConf.select(cfg, "lora.targets")
+    if isinstance(targets, ListConfig) and (not targets or not set(targets) <= set(TARGETS)):
+        problems.append(f"lora.targets={list(targets)} must be a non-empty list of "
+                        f"{', '.join(TARGETS)}")
+    quantized = [key for key in ("quant.diffq", "quant.qat") if OmegaConf.select(cfg, key)]
+    if _is_number(rank) and rank > 0 and quantized:
+        problems.append(f"lora.rank={rank} cannot be combined with {quantized[0]}: adapters are "
+                        "merged into plain weights, which a quantized model does not have; "
+                        f"set lora.rank=0 or {quantized[0]}=null")
+    return problems
+
+
+def _finetune_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
+    """`optim.freeze` a list of parameter-name patterns; `continue_sources_init` a mapping of
+    new source -> checkpoint source, used with `continue_pretrained` only."""
+    problems = []
+    freeze = OmegaConf.select(cfg, "optim.freeze")
+    if isinstance(freeze, ListConfig) and not all(isinstance(item, str) for item in freeze):
+        problems.append(f"optim.freeze={list(freeze)} must list parameter-name patterns, e.g. "
+                        "optim.freeze=[encoder.*,crosstransformer.*]")
+    init = OmegaConf.select(cfg, "continue_sources_init")
+    if init is None:
+        return problems
+    if not isinstance(init, DictConfig) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in init.items()):
+        problems.append(f"continue_sources_init={init!r} must map each new source to the "
+                        "checkpoint source it starts from, e.g. "
+                        "continue_sources_init={guitar:other,piano:other}")
+    elif not OmegaConf.select(cfg, "continue_pretrained"):
+        problems.append("continue_sources_init is set without continue_pretrained: it says how "
+                        "the new sources of a released model start; name the model with "
+                        "continue_pretrained=NAME")
+    return problems
+
+
 # Every check of a training config, each giving the problems of one concern (one line each,
 # naming the key, its value and what to do). A new group of keys adds its function here.
 Check = tp.Callable[[DictConfig, CheckContext], tp.List[str]]
 CHECKS: tp.Tuple[Check, ...] = (
     _types_against_base, _range_problems, _weights_problems, _model_problems, _batch_problems,
-    _shift_problems, _continue_problems)
+    _shift_problems, _continue_problems, _lora_problems, _finetune_problems)
 
 
 def check_config(cfg: DictConfig, base: DictConfig, model_names: tp.Iterable[str],
-                 world_size: int = 1, xp_folder: tp.Optional[Path] = None) -> None:
+                 world_size: int = 1, xp_folder: tp.Optional[Path] = None,
+                 model_check: tp.Optional[ModelCheck] = None) -> None:
     """Raise `ConfigError` listing every problem that `CHECKS` find in `cfg`: values of the
     wrong type (against the defaults in `base`) or out of range, an unknown model (not in
     `model_names`), a `batch_size` that `world_size` workers or the remix groups cannot split,
-    a signature Hydra read as a number that matches no XP next to `xp_folder`, ..."""
+    a signature Hydra read as a number that matches no XP next to `xp_folder`, ...
+
+    When they find none, `model_check` (the training's `model_problems`) reports what only the
+    model shows: a released model that contradicts the config, freeze patterns matching
+    nothing... It runs last, on values known to be sound, as it may load and build a model."""
     context = CheckContext(base=base, model_names=tuple(model_names), world_size=world_size,
                            xp_folder=xp_folder)
     problems = [problem for check in CHECKS for problem in check(cfg, context)]
+    if not problems and model_check is not None:
+        problems = model_check(cfg, base)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -312,6 +368,7 @@ class CheckedHydraMain(HydraMain):
     defaults silenced."""
 
     model_names: tp.Sequence[str] = ()
+    model_check: tp.Optional[ModelCheck] = None
     _last_base: tp.Optional[DictConfig] = None  # the base config the last `get_xp` composed
 
     def get_xp(self, argv: tp.Sequence[str]):
@@ -324,7 +381,7 @@ class CheckedHydraMain(HydraMain):
         assert self._last_base is not None
         try:
             check_config(xp.cfg, self._last_base, self.model_names, _world_size(),
-                         Path(xp.folder))
+                         Path(xp.folder), self.model_check)
         except ConfigError as error:
             _refuse(str(error))
         return xp
@@ -349,12 +406,14 @@ class CheckedHydraMain(HydraMain):
 
 
 def checked_hydra_main(config_name: str, config_path: str, model_names: tp.Sequence[str],
+                       model_check: tp.Optional[ModelCheck] = None,
                        **kwargs: tp.Any) -> tp.Callable[[tp.Callable], CheckedHydraMain]:
     """Like `dora.hydra_main`, giving a `CheckedHydraMain` that accepts `model=` among
-    `model_names`."""
+    `model_names` and runs `model_check` last (see `check_config`)."""
     def decorate(main: tp.Callable) -> CheckedHydraMain:
         entry = CheckedHydraMain(main, config_name=config_name, config_path=config_path,
                                  **kwargs)
         entry.model_names = tuple(model_names)
+        entry.model_check = model_check
         return entry
     return decorate

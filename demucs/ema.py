@@ -9,7 +9,10 @@ from .states import swap_state
 
 
 class ModelEMA:
-    """Keep an exponential moving average of the float32 entries of `model.state_dict()`.
+    """Keep an exponential moving average of the float32 entries of `model.state_dict()`, frozen
+    parameters (`requires_grad=False` when the EMA is made) left out: they keep their exact value
+    in the model, and swapping the average in leaves them alone, where averaging an unchanged
+    value could still move it by a rounding.
 
     With `unbias`, the weight of a new value is `1 / count` with `count <- count * decay + 1`, which
     removes the bias toward the initial weights early in training; otherwise it is `1 - decay`.
@@ -23,13 +26,15 @@ class ModelEMA:
         self.unbias = unbias
         self.device = device
         self.count = 0.
+        self._frozen = frozenset(name for name, param in model.named_parameters()
+                                 if not param.requires_grad)
         self.state: tp.Dict[str, torch.Tensor] = {}
         for key, value in self._float_entries():
             self.state[key] = value.detach().to(self._device_for(value), copy=True)
 
     def _float_entries(self) -> tp.Iterator[tp.Tuple[str, torch.Tensor]]:
         for key, value in self.model.state_dict().items():
-            if value.dtype == torch.float32:
+            if value.dtype == torch.float32 and key not in self._frozen:
                 yield key, value
 
     def _device_for(self, value: torch.Tensor) -> tp.Union[str, torch.device]:

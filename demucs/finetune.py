@@ -34,6 +34,14 @@ from .htdemucs import HTDemucs
 
 # The checkpoint's source a new source starts from when the caller names none.
 DEFAULT_INIT_SOURCE = "other"
+# Constructor arguments that shape no weight and follow the fine-tuning config rather than the
+# checkpoint: the segment (set by the training) and training-only regularisation and optimizer
+# settings of the transformer.
+TRAINING_KEYS = frozenset({"segment", "t_dropout", "t_lr", "t_weight_decay"})
+# Constructor arguments that may differ between a checkpoint and the fine-tuning config: the
+# sources (remapped), `TRAINING_KEYS`, and what only shapes the random initialisation (replaced
+# by the checkpoint's weights).
+FREE_KEYS = frozenset({"sources", "rescale", "dconv_init", "emb_smooth"}) | TRAINING_KEYS
 
 
 class SourceRemapError(ValueError):
@@ -176,29 +184,39 @@ def remap_state(state: tp.Mapping[str, torch.Tensor], heads: tp.Sequence[OutputH
     return remapped
 
 
-def _with_sources(model: nn.Module, sources: tp.List[str]) -> tp.Tuple[list, dict]:
-    """The constructor arguments of `model` (from `capture_init`) with `sources` replaced."""
+def _constructor(model: nn.Module, sources: tp.List[str],
+                 changes: tp.Mapping[str, tp.Any]) -> tp.Tuple[list, dict]:
+    """The constructor arguments of `model` (from `capture_init`) with `sources` and the keyword
+    arguments of `changes` replaced."""
     args, kwargs = model._init_args_kwargs
     args, kwargs = list(args), dict(kwargs)
     if "sources" in kwargs or not args:
         kwargs["sources"] = list(sources)
     else:
         args[0] = list(sources)
+    kwargs.update(changes)
     return args, kwargs
 
 
 def remap_sources(model: nn.Module, sources: tp.Sequence[str],
-                  init: tp.Optional[tp.Mapping[str, str]] = None
+                  init: tp.Optional[tp.Mapping[str, str]] = None,
+                  changes: tp.Optional[tp.Mapping[str, tp.Any]] = None
                   ) -> tp.Tuple[nn.Module, SourceRemap]:
     """A new model of `model`'s class and constructor arguments, for `sources`.
 
     Every weight is `model`'s; the output channels of a source `model` has are its own, those
     of a new source are copied from its initialisation source (`plan_sources`), and those of a
-    source left out are dropped. `model` is left unchanged.
+    source left out are dropped. `changes` replaces constructor arguments that shape no weight
+    (`TRAINING_KEYS`: the segment, training-only settings). `model` is left unchanged.
     """
+    changes = dict(changes or {})
+    shaping = sorted(set(changes) - TRAINING_KEYS)
+    if shaping:
+        raise SourceRemapError(f"remap_sources may only change {sorted(TRAINING_KEYS)}, not "
+                               f"{shaping}: these shape the checkpoint's weights")
     plan = plan_sources(list(model.sources), list(sources), init)
     state = remap_state(model.state_dict(), output_heads(model), list(model.sources), plan)
-    args, kwargs = _with_sources(model, list(sources))
+    args, kwargs = _constructor(model, list(sources), changes)
     package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": state}
     return states.load_model(package), plan
 
@@ -208,14 +226,6 @@ def remap_package(package: states.Package, sources: tp.Sequence[str],
                   ) -> tp.Tuple[nn.Module, SourceRemap]:
     """`remap_sources` of the model a package (as `states.load_package` reads it) holds."""
     return remap_sources(states.load_model(package), sources, init)
-
-
-# Constructor arguments that may differ between a checkpoint and the fine-tuning config: the
-# sources (remapped), the segment (set by the training), what only shapes the random
-# initialisation (replaced by the checkpoint's weights), and training-only regularisation and
-# optimizer settings.
-FREE_KEYS = frozenset({"sources", "segment", "rescale", "dconv_init", "emb_smooth", "t_dropout",
-                       "t_lr", "t_weight_decay"})
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from .rounding import upstream_rounding
 from .svd import svd_penalty
 from .tracking import EpochTracker, log_summary, SUMMARY_STAGES
 from .utils import autocast, EMA, pull_metric
-from .warm_start import continue_from_xp, load_pretrained
+from .warm_start import continue_from_xp
 
 logger = logging.getLogger(__name__)
 
@@ -225,15 +225,17 @@ class Solver:
             save_atomic(package, self.folder / f"checkpoint_{epoch + 1}.th")
 
     def _reset(self) -> None:
-        """Resume from this XP's checkpoint, or start from a pretrained model / another XP."""
+        """Resume from this XP's checkpoint, or start from another XP (a pretrained model gave
+        the model its weights when it was built)."""
         settings = self.settings
         if distrib.rank == 0:
             remove_unfinished_writes(self.folder)
         if self.checkpoint_file.exists():
             logger.info("Loading checkpoint %s", self.checkpoint_file)
             self._resume(load_checkpoint(self.checkpoint_file))
-        elif settings.continue_pretrained:
-            load_pretrained(self.model, settings.continue_pretrained, settings.pretrained_repo)
+        elif settings.continue_pretrained:  # its weights came with the model (train.build_model)
+            logger.info("Fine-tuning %s: the model starts with its weights",
+                        settings.continue_pretrained)
         elif settings.continue_from:
             self.best_state = continue_from_xp(
                 self.folder.parent / settings.continue_from, self.model, settings.continue_best,

@@ -36,13 +36,17 @@ from .checkpoint import CheckpointError, holds_saved_state, XPLockedError
 from .config_check import checked_hydra_main, continued_signature
 from .demucs import Demucs
 from .ema import ModelEMA
+from .finetune import architecture_conflicts, freeze_parameters, TRAINING_KEYS
 from .hdemucs import HDemucs
 from .htdemucs import HTDemucs
+from .lora import add_adapters
 from .precision import warn_if_bf16_is_emulated
 from .repitch import RepitchError, SoundstretchMissingError
+from .repo import ModelLoadingError
 from .states import capture_init, get_quantizer
 from .training_data import get_loaders, log_missing_test_set
 from .utils import INTERRUPT_STATUS, Terminated, check_amp
+from .warm_start import pretrained_base, start_from_pretrained
 from .wav import DatasetError
 # importable from here, as in Demucs 4.1
 from .repitch import RepitchedWrapper  # noqa: F401
@@ -116,9 +120,130 @@ def get_model(args: DictConfig) -> nn.Module:
     return classes[args.model](**extra, **kwargs)
 
 
+def _model_section(klass: type) -> str:
+    """The name of `klass` among the `model=` choices, which is also its config section."""
+    for name, model_class in _model_classes().items():
+        if model_class is klass:
+            return name
+    raise ValueError(f"a {klass.__name__} cannot be trained: the models are "
+                     f"{', '.join(_model_classes())}")
+
+
+def pretrained_repo(args: DictConfig) -> tp.Optional[Path]:
+    """The folder `pretrained_repo` names, a relative one taken from where `dora run` was
+    started (Hydra's original working directory; the current one outside Hydra), not from the
+    XP folder the run works in."""
+    if not args.pretrained_repo:
+        return None
+    return Path(hydra.utils.to_absolute_path(str(args.pretrained_repo)))
+
+
+def _training_changes(args: DictConfig, base: nn.Module) -> tp.Dict[str, tp.Any]:
+    """The constructor arguments of a model fine-tuned from `base` that follow the config
+    (`finetune.TRAINING_KEYS`): its segment, as `get_model` sets it, and the training-only
+    settings of the checkpoint's config section."""
+    section = args[_model_section(type(base))]
+    changes = {"segment": args.model_segment or 4 * args.dset.segment}
+    for key in sorted(TRAINING_KEYS - {"segment"}):
+        if key in section:
+            changes[key] = OmegaConf.to_object(section[key]) \
+                if OmegaConf.is_config(section[key]) else section[key]
+    return changes
+
+
+def _sources_init(args: DictConfig) -> tp.Dict[str, str]:
+    value = args.continue_sources_init
+    return {} if value is None else {str(new): str(old) for new, old in value.items()}
+
+
+def build_model(args: DictConfig, pretrained: tp.Optional[nn.Module] = None) -> nn.Module:
+    """The model an XP trains, on CPU.
+
+    With `continue_pretrained`, the released model (`pretrained`, when the caller loaded it)
+    gives the class, the constructor arguments and the weights, remapped by name to
+    `dset.sources` (new sources start from `continue_sources_init`, else `other`); otherwise
+    `get_model(args)`. Then `lora.rank > 0` adds low-rank adapters (everything else frozen) and
+    `optim.freeze` freezes the parameters its patterns match; the log gives the trainable count.
+    Built the same way to start, resume and export an XP, so its checkpoints always fit.
+    """
+    if args.continue_pretrained:
+        name = str(args.continue_pretrained)
+        base = pretrained if pretrained is not None else \
+            pretrained_base(name, pretrained_repo(args))
+        model = start_from_pretrained(base, name, list(args.dset.sources), _sources_init(args),
+                                      _training_changes(args, base))
+    else:
+        model = get_model(args)
+    if args.lora.rank:
+        adapted = add_adapters(model, args.lora.rank, args.lora.alpha, list(args.lora.targets))
+        logger.info("Low-rank adapters of rank %d on %d weights (%s)", args.lora.rank,
+                    len(adapted), ", ".join(args.lora.targets))
+    if args.optim.freeze or args.lora.rank:
+        report = freeze_parameters(model, list(args.optim.freeze))
+        logger.info(report.describe())
+        if not report.trainable:
+            raise ValueError(f"optim.freeze={list(args.optim.freeze)} leaves no parameter to "
+                             "train: freeze fewer parts")
+    return model
+
+
+def _architecture_conflicts(cfg: DictConfig, base_cfg: DictConfig,
+                            pretrained: nn.Module) -> tp.List[str]:
+    """What the config sets against the released model's architecture: a `model=` of another
+    class, keys of its config section set away from their defaults to another value than the
+    checkpoint's, and a sample rate or channel count of the data other than the model's."""
+    name, klass = cfg.continue_pretrained, type(pretrained)
+    section = _model_section(klass)
+    problems = []
+    if cfg.model != base_cfg.model and cfg.model != section:
+        problems.append(f"model={cfg.model}: continue_pretrained={name} is a {klass.__name__} "
+                        f"(model={section}); leave model out or set model={section}")
+    requested = {key: OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+                 for key, value in cfg[section].items() if base_cfg[section].get(key) != value}
+    requested.update(samplerate=cfg.dset.samplerate, audio_channels=cfg.dset.channels)
+    keys = {"samplerate": "dset.samplerate", "audio_channels": "dset.channels"}
+    for conflict in architecture_conflicts(klass, pretrained._init_args_kwargs[1], requested):
+        key = keys.get(conflict.key, f"{section}.{conflict.key}")
+        problems.append(f"{key}={conflict.config!r} contradicts continue_pretrained={name}, "
+                        f"whose {conflict.key} is {conflict.checkpoint!r}: leave {key} out "
+                        "(the model keeps the checkpoint's architecture)")
+    return problems
+
+
+# Errors of building the model that come from the config (a model that cannot be found or
+# loaded, sources, adapters or freeze patterns that do not fit it).
+_MODEL_ERRORS = (ValueError, OSError, ModelLoadingError, ImportError)
+
+
+def model_problems(cfg: DictConfig, base_cfg: DictConfig) -> tp.List[str]:
+    """The config problems that only the model shows, for `config_check` (before the XP folder
+    exists): a `continue_pretrained` model that cannot be loaded, is a bag or contradicts the
+    config (`_architecture_conflicts`), sources it cannot be remapped to, adapters or freeze
+    patterns that do not fit it. Builds the model (`build_model`) only when
+    `continue_pretrained`, `optim.freeze` or `lora.rank` is set."""
+    if not (cfg.continue_pretrained or cfg.optim.freeze or cfg.lora.rank):
+        return []
+    pretrained = None
+    try:
+        if cfg.continue_pretrained:
+            pretrained = pretrained_base(str(cfg.continue_pretrained), pretrained_repo(cfg))
+            conflicts = _architecture_conflicts(cfg, base_cfg, pretrained)
+            if conflicts:
+                return conflicts
+        with torch.random.fork_rng(devices=[]):
+            build_model(cfg, pretrained)
+    except _MODEL_ERRORS as error:
+        where = f"continue_pretrained={cfg.continue_pretrained}: " \
+            if cfg.continue_pretrained else ""
+        return [where + str(error).splitlines()[0]]
+    return []
+
+
 def get_optimizer(model: nn.Module, args: DictConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW over the model, with one param group per submodule that defines
-    `make_optim_group()` (e.g. the transformer's own weight decay / lr) and group 0 for the rest."""
+    """Adam or AdamW over the trainable parameters of the model (`requires_grad`: frozen ones
+    and the weights under low-rank adapters are left out), with one param group per submodule
+    that defines `make_optim_group()` (e.g. the transformer's own weight decay / lr) and group 0
+    for the rest. A submodule's group left without trainable parameters is dropped."""
     seen: tp.Set[nn.Parameter] = set()
     groups = []
     for name, module in model.named_modules():
@@ -128,8 +253,10 @@ def get_optimizer(model: nn.Module, args: DictConfig) -> torch.optim.Optimizer:
             if not params.isdisjoint(seen):
                 raise RuntimeError(f"Parameters of {name} already belong to another optim group.")
             seen |= params
-            groups.append(group)
-    others = [param for param in model.parameters() if param not in seen]
+            group["params"] = [param for param in group["params"] if param.requires_grad]
+            if group["params"]:
+                groups.append(group)
+    others = [param for param in model.parameters() if param not in seen and param.requires_grad]
     groups.insert(0, {"params": others})
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if args.optim.optim not in optimizers:
@@ -141,7 +268,7 @@ def get_optimizer(model: nn.Module, args: DictConfig) -> torch.optim.Optimizer:
 
 def show_model(args: DictConfig) -> None:
     """Log the model of `args`, its size and receptive field (`misc.show`)."""
-    model = get_model(args)
+    model = build_model(args)
     logger.info("Model:\n%s", model)
     size_mb = sum(p.numel() for p in model.parameters()) * 4 / 2 ** 20
     logger.info("Size: %.1f MB", size_mb)
@@ -262,7 +389,7 @@ def get_solver(args: DictConfig, model_only: bool = False) -> "Solver":
     from .solver import Solver
     distrib.init()
     seed_everything(args.seed)
-    model = get_model(args)
+    model = build_model(args)
     device = training_device()
     if device.type == "cuda":
         model.cuda()
@@ -450,7 +577,7 @@ def _train_xp(args: DictConfig, stops: StopSignals) -> tp.Optional[tp.Tuple[str,
 
 
 @checked_hydra_main(config_path="../conf", config_name="config", version_base="1.1",
-                    model_names=list(_model_classes()))
+                    model_names=list(_model_classes()), model_check=model_problems)
 def main(args: DictConfig) -> None:
     """Train the XP described by `args` (resuming from its checkpoint when there is one).
 

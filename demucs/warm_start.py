@@ -2,9 +2,13 @@
 (`continue_pretrained`, looked up like `demucs -n NAME`) or another XP's checkpoint
 (`continue_from`, its best or last state, optionally with its optimizer and loss scale).
 
-The Solver calls these once, when it starts an XP afresh; a run that resumes from its own
-checkpoint never does. The signature of `continue_from` was matched and checked with the config
-(`config_check`), so that a bad one is refused before the XP folder exists.
+A released model gives the XP its architecture too: `train.build_model` builds the model from
+the checkpoint's class and constructor arguments (`pretrained_base`), for the config's sources
+(`start_from_pretrained`), every time the XP's model is built (also to resume it or export it,
+so that an adapted or remapped model always has the same parameters). `continue_from` loads
+weights into the model the config describes: the Solver calls it once, when it starts an XP
+afresh; a run that resumes from its own checkpoint never does. Both were checked with the
+config (`config_check`), so that a bad one is refused before the XP folder exists.
 """
 import logging
 from pathlib import Path
@@ -14,20 +18,35 @@ import torch
 
 from .catalogue import ModelCatalogue
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_grad_scaler
+from .finetune import remap_sources
 
 logger = logging.getLogger(__name__)
 
 
-def load_pretrained(model: torch.nn.Module, name: str, repo: tp.Optional[str]) -> None:
-    """Load the weights of the released single model `name` (from `repo`, a local folder, when
-    given) into `model`; a bag of models is refused."""
-    logger.info("Starting from the pretrained model %s", name)
-    loaded = ModelCatalogue(Path(repo) if repo else None).get_model(name)
+def pretrained_base(name: str, repo: tp.Optional[Path]) -> torch.nn.Module:
+    """The released single model `name` (from the folder `repo` when given, else looked up like
+    `demucs -n NAME`), on CPU, as it was built: its class and constructor arguments. A bag of
+    models is refused (ValueError): fine-tuning starts from one model."""
+    loaded = ModelCatalogue(repo).get_model(name)
     models = getattr(loaded, "models", [loaded])
     if len(models) != 1:
         raise ValueError(f"continue_pretrained={name} is a bag of {len(models)} models; "
-                         "fine-tuning needs a single model.")
-    model.load_state_dict(models[0].state_dict())
+                         "fine-tuning starts from a single model: name one of its members "
+                         "(`demucs --list-models` shows them)")
+    return models[0]
+
+
+def start_from_pretrained(base: torch.nn.Module, name: str, sources: tp.Sequence[str],
+                          init: tp.Optional[tp.Mapping[str, str]],
+                          changes: tp.Mapping[str, tp.Any]) -> torch.nn.Module:
+    """The model a fine-tuning from the released model `base` (named `name`) starts with: of
+    `base`'s class and constructor arguments, for `sources` matched by name (`init` names the
+    checkpoint source each new one starts from, see `finetune.remap_sources`), with the
+    training-only arguments of `changes`. Logs what was kept, created and dropped."""
+    model, remap = remap_sources(base, sources, init, changes)
+    logger.info("Starting from the pretrained model %s (%s): %s", name, type(base).__name__,
+                remap.describe())
+    return model
 
 
 def continue_from_xp(folder: Path, model: torch.nn.Module, best: bool,

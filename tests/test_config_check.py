@@ -186,3 +186,112 @@ def test_the_workers_of_dora_run_d_split_the_batch(monkeypatch, capsys):
     assert "batch_size=6 (3 for each of 2 workers) is not a multiple of " \
         "augment.remix.group_size=2" in capsys.readouterr().err
     main.get_xp(["batch_size=8", "augment.remix.group_size=2"])
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(lora__rank=-1), "lora.rank=-1 must be at least 0"),
+    (dict(lora__rank=1.5), "lora.rank=1.5 must be a whole number"),
+    (dict(lora__alpha=0), "lora.alpha=0 must be a number greater than 0, or null"),
+    (dict(lora__alpha="big"), "lora.alpha='big' must be a number greater than 0"),
+    (dict(lora__targets=["linear", "lstm"]),
+     "lora.targets=['linear', 'lstm'] must be a non-empty list of linear, attention, conv"),
+    (dict(lora__targets=[]), "lora.targets=[] must be a non-empty list"),
+    (dict(lora__rank=4, quant__diffq=1e-4), "lora.rank=4 cannot be combined with quant.diffq"),
+    (dict(lora__rank=4, quant__qat=8), "lora.rank=4 cannot be combined with quant.qat"),
+    (dict(optim__freeze=["encoder.*", 3]), "optim.freeze=['encoder.*', 3] must list parameter"),
+    (dict(continue_pretrained="base", continue_sources_init=["guitar"]),
+     "continue_sources_init=['guitar'] must map each new source to the checkpoint source"),
+    (dict(continue_pretrained="base", continue_sources_init={"guitar": 1}),
+     "continue_sources_init={'guitar': 1} must map"),
+    (dict(continue_sources_init={"guitar": "other"}),
+     "continue_sources_init is set without continue_pretrained"),
+])
+def test_fine_tuning_settings_are_checked(changes, message):
+    assert message in _problem(_with(**changes))
+
+
+def test_fine_tuning_settings_that_work_pass():
+    check_config(_with(lora__rank=4, lora__alpha=8, lora__targets=["linear", "conv"],
+                       optim__freeze=["encoder.*"], continue_pretrained="base",
+                       continue_sources_init={"guitar": "other"}), BASE, MODELS)
+
+
+def test_the_model_check_runs_last_and_only_on_sound_values():
+    calls = []
+
+    def model_check(cfg, base):
+        calls.append(cfg.epochs)
+        return ["optim.freeze pattern 'nothing.*' matches no parameter"]
+
+    assert _problem(_with(epochs="x"), model_check=model_check).startswith("epochs='x'")
+    assert calls == []
+    assert _problem(BASE, model_check=model_check) == \
+        "optim.freeze pattern 'nothing.*' matches no parameter"
+    assert calls == [360]
+
+
+@pytest.fixture(scope="module")
+def eight_channel_base(tmp_path_factory) -> Path:
+    """A folder holding `base.th`, a tiny 4-source HTDemucs with 8 channels at 44.1 kHz."""
+    import torch
+    from demucs.htdemucs import HTDemucs
+    from demucs.states import serialize_model
+    repo = tmp_path_factory.mktemp("released")
+    torch.manual_seed(0)
+    model = HTDemucs(["drums", "bass", "other", "vocals"], channels=8, depth=2, nfft=64,
+                     t_layers=1, t_heads=1, samplerate=44100, segment=4)
+    torch.save(serialize_model(model, {}), repo / "base.th")
+    return repo
+
+
+def test_dora_run_against_the_checkpoints_architecture_stops_before_training(
+        tmp_path, eight_channel_base):
+    """Issue 28: `htdemucs.channels=16` against an 8-channel base used to end in a 400-line
+    size-mismatch traceback once training had started; it stops with status 2, naming both
+    values, before the XP folder exists."""
+    outputs, toy = tmp_path / "outputs", tmp_path / "toy"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dora", "run", "dset=toy", f"dset.musdb={toy}", "model=htdemucs",
+         "htdemucs.channels=16", "continue_pretrained=base",
+         f"pretrained_repo={eight_channel_base}"], cwd=ROOT, env=dora_env(outputs),
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(
+        "demucs.train: invalid config: htdemucs.channels=16 contradicts continue_pretrained=base, "
+        "whose channels is 8: leave htdemucs.channels out")
+    assert "Traceback" not in proc.stderr
+    assert not Path(outputs, "xps").exists() and not toy.exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=hdemucs"], "model=hdemucs: continue_pretrained=base is a HTDemucs (model=htdemucs); "
+                        "leave model out or set model=htdemucs"),
+    (["dset.channels=1"], "dset.channels=1 contradicts continue_pretrained=base, whose "
+                          "audio_channels is 2"),
+    (["htdemucs.depth=3", "htdemucs.t_layers=2"], "htdemucs.depth=3 contradicts"),
+    (["dset.sources=[drums,guitar]", "weights=[1,1]", "continue_sources_init={guitar:piano}"],
+     "continue_sources_init initialises 'guitar' from 'piano', which the checkpoint does not "
+     "have"),
+    (["optim.freeze=[encoders.*]"], "freeze pattern 'encoders.*' matches no parameter of "
+                                    "HTDemucs; close names: encoder.*"),
+    (["lora.rank=2", "optim.freeze=[*]"], "optim.freeze=['*'] leaves no parameter to train"),
+    (["continue_pretrained=missing"], "continue_pretrained=missing: "),
+])
+def test_what_only_the_model_shows_is_refused_before_the_xp_folder(
+        overrides, message, eight_channel_base, tmp_path, monkeypatch, capsys):
+    from demucs.train import main
+    monkeypatch.setattr(main.dora, "dir", tmp_path)
+    argv = ["continue_pretrained=base", f"pretrained_repo={eight_channel_base}", *overrides]
+    with pytest.raises(SystemExit) as exit_:
+        main.get_xp(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "xps").exists()
+
+
+def test_restating_the_checkpoints_settings_passes(eight_channel_base, tmp_path, monkeypatch):
+    from demucs.train import main
+    monkeypatch.setattr(main.dora, "dir", tmp_path)
+    main.get_xp(["continue_pretrained=base", f"pretrained_repo={eight_channel_base}",
+                 "model=htdemucs", "htdemucs.channels=8", "htdemucs.t_dropout=0.1",
+                 "optim.freeze=[encoder.*]", "lora.rank=2"])

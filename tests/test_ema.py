@@ -68,3 +68,19 @@ def test_state_dict_round_trip():
     assert other.count == ema.count
     for key, value in ema.state.items():
         assert torch.equal(other.state[key], value)
+
+
+def test_frozen_parameters_are_left_out_and_keep_their_exact_value():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    ema = ModelEMA(model, decay=0.9)
+    assert "0.weight" not in ema.state and "0.bias" in ema.state
+    for value in [1., 3., -2.]:
+        with torch.no_grad():
+            model[0].bias.fill_(value)
+        ema.update()
+    with ema.swap():
+        assert torch.equal(model[0].weight, frozen)
+        assert not torch.equal(model[0].bias, torch.full((2,), -2.))  # the average is in
+    assert torch.equal(model[0].weight, frozen)

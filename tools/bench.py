@@ -3,6 +3,7 @@
     python3 -m tools.bench --train [--batch-sizes 1 2] [--steps 3] [--device cpu|cuda] [--json OUT]
     python3 -m tools.bench --separate [--seconds 30] [--shifts 1] [--overlap 0.25] [--threads 2]
                            [--package MODEL.th] [--repeat 2] [--device cpu|cuda] [--json OUT]
+    python3 -m tools.bench --profile [--threads 2] [--package MODEL.th] [--json OUT]
 
 Both take the opt-in speed options `--amp bf16|fp16` (`torch.autocast` around the forward, as
 `demucs --amp` and `optim.amp`) and `--compile` (`torch.compile`, as `demucs --compile` and
@@ -21,6 +22,12 @@ and reports the real-time factor, the peak memory and the time spent in each sta
 (STFT, each encoder/decoder layer, transformer, iSTFT; "other" is apply_model's own work: padding,
 cross-fades, normalisation). Stage times come from forward hooks, measured on one extra
 untimed run so that the hooks do not slow the timed ones.
+
+`--profile` separates one segment of the same model on the CPU and prints the time, GFLOP,
+achieved GFLOP/s and share of each class of operator (convolutions, GEMMs and attention,
+normalisation, elementwise, STFT/iSTFT, layout copies, overlap-add, other) against the float32
+GEMM peak measured in the same run, and the model's GFLOP per segment with its floor
+(`tools.bench_profile`).
 
 Other modes plug in as further `--<mode>` flags with their own `bench_<mode>` function.
 """
@@ -337,14 +344,16 @@ def get_parser() -> argparse.ArgumentParser:
                       help="training steps/s and peak memory of the released htdemucs")
     mode.add_argument("--separate", action="store_true",
                       help="separation speed, peak memory and per-stage times")
+    mode.add_argument("--profile", action="store_true",
+                      help="time and GFLOP per operator class of one separated segment")
     parser.add_argument("--seconds", type=float, default=30., help="separate: mixture length")
     parser.add_argument("--shifts", type=int, default=1, help="separate: random shifts")
     parser.add_argument("--overlap", type=float, default=0.25, help="separate: segment overlap")
     parser.add_argument("--repeat", type=int, default=2, help="separate: timed runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="separate: torch CPU threads")
-    parser.add_argument("--package", help="separate: a model package (.th) instead of the "
-                                          "released htdemucs configuration")
+                        help="separate, profile: torch CPU threads")
+    parser.add_argument("--package", help="separate, profile: a model package (.th) instead of "
+                                          "the released htdemucs configuration")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
@@ -365,6 +374,10 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> int:
         results = bench_train(args.batch_sizes, args.steps, args.warmup, args.device, args.amp,
                               args.compile)
         print(format_train(results))
+    elif args.profile:
+        from tools.bench_profile import format_profile, run_profile
+        results = run_profile(_separation_model(args.package), args.threads)
+        print(format_profile(results))
     else:
         results = bench_separate(args.seconds, args.shifts, args.overlap, args.repeat,
                                  args.threads, args.device, args.package, args.amp, args.compile)

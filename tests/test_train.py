@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from tests.training_helpers import (
-    RATE, ROOT, SOURCES, TINY_MODELS, base_argv, dora_env, dora_run, history, wait_for_history,
-    xp_folder)
+    RATE, ROOT, SOURCES, TINY_MODELS, base_argv, dora_env, dora_run, history, registered_xp,
+    wait_for_history, write_tiny_musdb, xp_folder)
 
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))
@@ -449,3 +449,185 @@ def test_only_fp16_gets_a_grad_scaler(monkeypatch):
     monkeypatch.setattr(train, "training_amp", lambda optim, device: optim.get("amp"))
     parts = get_training_parts(model, get_optimizer(model, args), args)
     assert isinstance(parts.scaler, torch.amp.GradScaler)
+
+
+# ---------------------------------------------------------------- fine-tuning (issue 28)
+SIX = ["drums", "bass", "guitar", "piano", "other", "vocals"]
+# (sources of the released model, sources of the fine-tuning): new ones start from `other`.
+REMAPS = {"4->6": (SOURCES, SIX), "6->2": (SIX, ["vocals", "drums"]),
+          "4->4 other names": (SOURCES, ["guitar", "piano", "vocals", "other"])}
+
+
+def _tiny_kwargs(family: str) -> dict:
+    """The constructor arguments of `TINY_MODELS[family]`, at `RATE`, with a 1 s segment."""
+    kwargs = {}
+    for override in TINY_MODELS[family]:
+        key, value = override.split(".", 1)[1].split("=")
+        kwargs[key] = int(value)
+    return dict(kwargs, samplerate=RATE, segment=1)
+
+
+def _release(repo: Path, family: str, sources: tp.List[str]) -> torch.nn.Module:
+    """Save a random tiny `family` model for `sources` as `repo/base.th`, as tools.export does."""
+    from demucs.states import serialize_model
+    from demucs.train import _model_classes
+    repo.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(3)
+    model = _model_classes()[family](sources=list(sources), **_tiny_kwargs(family))
+    torch.save(serialize_model(model, {}, half=False), repo / "base.th")
+    return model.eval()
+
+
+def _finetune_config(repo: Path, sources: tp.List[str], *overrides: str):
+    ones = ",".join("1" * len(sources))
+    return _config("continue_pretrained=base", f"pretrained_repo={repo}",
+                   f"dset.sources=[{','.join(sources)}]", f"weights=[{ones}]",
+                   f"dset.samplerate={RATE}", "model_segment=1", *overrides)
+
+
+@pytest.mark.parametrize("remap", list(REMAPS))
+@pytest.mark.parametrize("family", list(TINY_MODELS))
+def test_continue_pretrained_builds_the_checkpoints_model_for_the_sources_by_name(
+        family, remap, tmp_path):
+    """The model= and architecture keys are not restated: the class, the constructor arguments
+    and the weights come from the checkpoint; each output is matched by source name (4->4
+    with other names used to load drums as guitar, by position)."""
+    from demucs.train import build_model
+    old, new = REMAPS[remap]
+    base = _release(tmp_path, family, old)
+    model = build_model(_finetune_config(tmp_path, new)).eval()
+    assert type(model) is type(base) and model.sources == new
+    assert model._init_args_kwargs[1]["channels"] == base._init_args_kwargs[1]["channels"]
+    torch.manual_seed(1)
+    mix = torch.randn(1, 2, 1800)
+    with torch.no_grad():
+        before = dict(zip(old, base(mix).unbind(1)))
+        after = dict(zip(new, model(mix).unbind(1)))
+    for source in new:
+        origin = source if source in old else "other"
+        assert torch.equal(after[source], before[origin]), source
+
+
+def test_fine_tuning_log_says_what_was_kept_created_dropped_and_trained(tmp_path, caplog):
+    from demucs.train import build_model
+    _release(tmp_path, "htdemucs", SIX)
+    caplog.set_level("INFO")
+    build_model(_finetune_config(tmp_path, ["drums", "synth", "vocals"],
+                                 "continue_sources_init={synth:piano}", "lora.rank=2",
+                                 "optim.freeze=[decoder.*]"))
+    assert "sources kept: drums, vocals; created: synth (from piano); dropped: bass, guitar, " \
+        "piano, other" in caplog.text
+    assert "Low-rank adapters of rank 2 on" in caplog.text
+    assert "trainable weights:" in caplog.text
+
+
+def test_a_relative_pretrained_repo_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    """Outside Hydra's run (config check, export) the working directory is where the command
+    started; inside it, Hydra's original one (the story test runs it through `dora run`)."""
+    from demucs.train import pretrained_repo
+    monkeypatch.chdir(tmp_path)
+    assert pretrained_repo(_config("pretrained_repo=release_models")) == \
+        tmp_path / "release_models"
+    assert pretrained_repo(_config()) is None
+
+
+def test_the_optimizer_gets_only_trainable_parameters():
+    from demucs.finetune import count_trainable
+    from demucs.train import build_model, get_optimizer
+    args = _config("model=htdemucs", *TINY_MODELS["htdemucs"], "lora.rank=2")
+    model = build_model(args)
+    optimizer = get_optimizer(model, args)
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    assert params and all(param.requires_grad for param in params)
+    assert sum(param.numel() for param in params) == count_trainable(model)
+    assert count_trainable(model) < sum(param.numel() for param in model.parameters()) / 4
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optim.freeze=[encoder.*,crosstransformer.*]"],
+    ["lora.rank=2", "lora.targets=[linear,attention,conv]", "optim.freeze=[tencoder.*]"]])
+def test_frozen_parameters_stay_bit_unchanged_through_training(overrides, tiny_musdb, dora_dir):
+    """After real training steps, every frozen parameter is bit-unchanged in the model, the best
+    state and the EMAs (which leave them out: averaging an unchanged value may round it)."""
+    from demucs.train import get_solver
+    argv = base_argv(tiny_musdb, "htdemucs", epochs=1) + [
+        "ema.batch=[0.9]", "ema.epoch=[0.5]", "test.every=100", *overrides]
+    xp = registered_xp(argv)
+    with xp.enter():
+        solver = get_solver(xp.cfg)
+        frozen = {name: param.detach().clone() for name, param in solver.model.named_parameters()
+                  if not param.requires_grad}
+        trained = {name: param.detach().clone()
+                   for name, param in solver.model.named_parameters() if param.requires_grad}
+        solver.train()
+    assert frozen and trained
+    state = solver.model.state_dict()
+    assert any(not torch.equal(state[name], value) for name, value in trained.items())
+    emas = [ema for kind in solver.emas.values() for ema in kind]
+    assert len(emas) == 2
+    for name, value in frozen.items():
+        assert torch.equal(state[name], value), name
+        assert torch.equal(solver.best_state[name], value), name
+        assert all(name not in ema.state for ema in emas), name
+    for ema in emas:
+        with ema.swap():
+            for name, value in frozen.items():
+                assert torch.equal(solver.model.state_dict()[name], value), name
+
+
+@pytest.fixture(scope="module")
+def released_toy(tiny_musdb, tmp_path_factory) -> tp.Tuple[Path, str, Path]:
+    """A 4-stem tiny HTDemucs XP trained with `dora run` and written by `tools.export`:
+    (dora dir, its signature, the folder holding SIG.th)."""
+    root = tmp_path_factory.mktemp("released")
+    outputs, repo = root / "outputs", root / "release_models"
+    argv = base_argv(tiny_musdb, "htdemucs", epochs=1)
+    dora_run(outputs, argv)
+    from demucs.train import main
+    sig = main.get_xp(argv).sig
+    subprocess.run([sys.executable, "-m", "tools.export", sig, "-o", str(repo)], cwd=ROOT,
+                   env=dora_env(outputs), check=True, capture_output=True)
+    return outputs, sig, repo
+
+
+def test_dora_run_fine_tunes_an_exported_model_to_six_stems(released_toy, tmp_path, monkeypatch):
+    """The issue 28 story: a 4-stem XP exported by tools.export is fine-tuned to 6 stems by
+    `dora run` with continue_pretrained (a repo relative to where dora run starts),
+    continue_sources_init, optim.freeze and lora.rank, without restating its architecture; the
+    XP resumes from its checkpoint with its adapters, and tools.export merges them into an
+    ordinary 6-stem package that loads strictly and separates like the adapted model."""
+    from demucs.lora import has_adapters, merge_adapters
+    from demucs.states import load_model
+    from demucs.train import get_solver_from_sig, main
+    outputs, sig, repo = released_toy
+    six = write_tiny_musdb(tmp_path / "six", SIX)
+    argv = [arg for arg in base_argv(six, "htdemucs", epochs=1) if not arg.startswith("htdemucs.")
+            and not arg.startswith("model=")] + [
+        "dset.sources=[drums,bass,guitar,piano,other,vocals]", "weights=[1,1,1,1,1,1]",
+        f"continue_pretrained={sig}", f"pretrained_repo={os.path.relpath(repo, ROOT)}",
+        "continue_sources_init={guitar:other}", "optim.freeze=[encoder.*]", "lora.rank=2",
+        "ema.batch=[0.9]"]
+    proc = dora_run(outputs, argv)
+    assert "created: guitar (from other), piano (from other); dropped: none" in proc.stdout
+    assert "trainable weights:" in proc.stdout
+    monkeypatch.setattr(main.dora, "dir", outputs)
+    six_sig = main.get_xp(argv).sig
+    folder = outputs / "xps" / six_sig
+    assert history(folder)[0]["test"]["nsdr_piano"] is not None
+    solver = get_solver_from_sig(six_sig, model_only=True)  # resumes: strict loads
+    saved = torch.load(folder / "checkpoint.th", weights_only=True)
+    assert has_adapters(solver.model) and solver.model.sources == SIX
+    for key, value in solver.model.state_dict().items():
+        assert torch.equal(value, saved["state"][key]), key
+    subprocess.run([sys.executable, "-m", "tools.export", six_sig, "-o", str(tmp_path / "out")],
+                   cwd=ROOT, env=dora_env(outputs), check=True, capture_output=True)
+    exported = load_model(tmp_path / "out" / f"{six_sig}.th")  # strict load
+    assert type(exported).__name__ == "HTDemucs" and not has_adapters(exported)
+    solver.model.load_state_dict(saved["best_state"])
+    merged = merge_adapters(solver.model)
+    for key, value in merged.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value.half().float()), key
+    torch.manual_seed(2)
+    mix = torch.randn(1, 2, 4000)
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(mix), solver.model.eval()(mix), atol=1e-5, rtol=0)

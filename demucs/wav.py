@@ -264,12 +264,15 @@ def get_wav_datasets(dset) -> tp.Tuple[Wavset, Wavset]:
     return train_set, valid_set
 
 
-def _get_musdb_valid() -> tp.List[str]:
+def musdb_valid_tracks() -> tp.List[str]:
     """Names of the 14 MusDB training tracks that the musdb package reserves for validation."""
     import musdb
     config = Path(musdb.__file__).parent / "configs" / "mus.yaml"
     with open(config) as file:
         return list(yaml.safe_load(file)["validation_tracks"])
+
+
+_get_musdb_valid = musdb_valid_tracks  # Demucs 4.1's name
 
 
 def _count_hints(root: Path, count: int) -> str:
@@ -293,7 +296,7 @@ def choose_valid_tracks(names: tp.Sequence[str], choice: tp.Any, root: Path,
     that leaves no training song or a name that is not in `root`.
     """
     if choice is None:
-        return set(_get_musdb_valid()) & set(names)
+        return set(musdb_valid_tracks()) & set(names)
     if isinstance(choice, bool) or not isinstance(choice, (int, tp.Sequence)) \
             or isinstance(choice, str):
         raise DatasetError([f"dset.valid_tracks={choice!r} must be a number of songs or a list "

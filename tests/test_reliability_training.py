@@ -26,7 +26,7 @@ from demucs import checkpoint as checkpoint_module
 from demucs.checkpoint import CheckpointWriteError, XPLock, XPLockedError, save_atomic
 from demucs.files import partial_path
 from demucs.solver import NonFiniteLossError
-from demucs.wav import DatasetError, _get_musdb_valid
+from demucs.wav import DatasetError, musdb_valid_tracks
 from tests.training_helpers import (ROOT, base_argv, dora_env, dora_run, history,
                                     write_tiny_musdb, xp_folder)
 
@@ -313,7 +313,7 @@ def _break_dataset(root: Path, wav_root: Path) -> tp.Dict[str, str]:
     """Six different problems in the train, valid and test tracks of a tiny MusDB and a silent
     track in an extra `dset.wav` folder; returns {file that must be named: problem}."""
     train, test = root / "train", root / "test"
-    valid = _get_musdb_valid()[:2]
+    valid = musdb_valid_tracks()[:2]
     (train / "Toy - One" / "bass.wav").unlink()
     drums = train / "Toy - Two" / "drums.wav"
     data, rate = sf.read(drums)

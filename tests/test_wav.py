@@ -122,7 +122,7 @@ def test_wav_datasets_split_and_valid_subset(tmp_path):
 
 
 def musdb_folder(root: Path):
-    valid_name = wav._get_musdb_valid()[0]
+    valid_name = wav.musdb_valid_tracks()[0]
     for index, name in enumerate(["Artist A - Song", "Artist B - Song", valid_name]):
         write_track(root / "train" / name, seed=index, seconds=1.5)
     write_track(root / "test" / "Artist C - Test", seed=9)
@@ -131,7 +131,8 @@ def musdb_folder(root: Path):
 
 def test_musdb_split(tmp_path):
     valid_name = musdb_folder(tmp_path / "musdb")
-    assert len(wav._get_musdb_valid()) == 14
+    assert len(wav.musdb_valid_tracks()) == 14
+    assert wav._get_musdb_valid is wav.musdb_valid_tracks  # Demucs 4.1's name
     train, valid = wav.get_musdb_wav_datasets(make_dset(tmp_path))
     assert sorted(train.metadata) == ["Artist A - Song", "Artist B - Song"]
     assert list(valid.metadata) == [valid_name]

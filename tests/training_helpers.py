@@ -42,9 +42,9 @@ def write_track(folder: Path, rng: np.random.Generator, seconds: float,
 def write_tiny_musdb(root: Path, sources: tp.Sequence[str] = SOURCES) -> Path:
     """MusDB layout at 8 kHz under `root`: 4 train tracks (2 with musdb validation names), 2 test
     tracks, each with one wav per source of `sources`. Returns `root`."""
-    from demucs.wav import _get_musdb_valid
+    from demucs.wav import musdb_valid_tracks
     rng = np.random.default_rng(0)
-    train = ["Toy - One", "Toy - Two"] + _get_musdb_valid()[:2]
+    train = ["Toy - One", "Toy - Two"] + musdb_valid_tracks()[:2]
     for name in train:
         write_track(root / "train" / name, rng, seconds=3, sources=sources)
     for name in ["Toy - Test A", "Toy - Test B"]:

@@ -73,7 +73,7 @@ from demucs.audio import convert_audio, save_audio
 from demucs.files import atomic_open
 from demucs.pretrained import SOURCES
 from demucs.repitch import check_soundstretch, repitch
-from demucs.wav import MIXTURE, _get_musdb_valid, build_metadata
+from demucs.wav import MIXTURE, build_metadata, musdb_valid_tracks
 
 logger = logging.getLogger("automix")
 
@@ -399,7 +399,7 @@ def source_tracks(musdb: Path) -> tp.List[str]:
     if not (musdb / "train").is_dir():
         raise AutomixError(f"{musdb}/train does not exist: set --musdb (or MUSDB_PATH) to a "
                            "MusDB HQ like folder with train/<track>/<stem>.wav")
-    valid = set(_get_musdb_valid())
+    valid = set(musdb_valid_tracks())
     names = [name for name in build_metadata(musdb / "train", SOURCES, normalize=False)
              if name not in valid]
     if not names:

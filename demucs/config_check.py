@@ -8,8 +8,12 @@ can go wrong there into one message and exit status 2, without a Python tracebac
 - a value of the wrong type (`epochs=abc`, `optim.lr=abc`) or out of its range (`batch_size=0`,
   `epochs=-1`), an unknown `model=` name, `weights` of another length than `dset.sources`, a
   `batch_size` that does not split into the workers' batches and the remix groups, a `dset.shift`
-  that leaves nothing of `dset.segment`, or a `continue_from` / `continue_pretrained` that Hydra
-  read as something else than a name (`check_config`, one function per concern in `CHECKS`).
+  that leaves nothing of `dset.segment`, a `continue_from` / `continue_pretrained` that Hydra
+  read as something else than a name, fine-tuning settings of the wrong kind (`lora.*`,
+  `optim.freeze`, `continue_sources_init`) (`check_config`, one function per concern in `CHECKS`);
+- then, on sound values, what only the model shows (`model_check`, the training's
+  `train.model_problems`): a released model that contradicts the config, freeze patterns that
+  match nothing, sources that cannot be remapped.
 All of this runs in `get_xp`, before Dora makes the XP folder: a refused config leaves nothing.
 It also silences Hydra's migration warnings and its working-directory warning, which concern
 Hydra's own future defaults and not anything a Demucs user can act on.

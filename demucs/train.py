@@ -4,7 +4,12 @@ run (model, optimizer, loaders, quantizer, augmentation, EMAs) and the Solver's 
 This module and `training_data` (datasets and loaders) are the only ones that read the training
 config to build things: the Solver gets the objects (`TrainingParts`) and the scalar settings
 (`TrainingSettings`) it needs. The config has been checked by then (`config_check`, run by Dora's
-entry point before the XP folder exists).
+entry point before the XP folder exists; `model_problems` is its check of what only the model
+shows, such as a released model that contradicts the config).
+
+The model of an XP (`build_model`) comes from the config, or, with `continue_pretrained`, from
+the released model's own class, arguments and weights (`warm_start`, `finetune`), then gets its
+low-rank adapters (`lora.*`) and its frozen parameters (`optim.freeze`).
 
 The Hydra configuration lives in `conf/config.yaml`; every experiment (XP) is identified by the
 signature Dora computes from its config delta. The solver (and through it the evaluation, musdb and
@@ -233,9 +238,10 @@ def model_problems(cfg: DictConfig, base_cfg: DictConfig) -> tp.List[str]:
         with torch.random.fork_rng(devices=[]):
             build_model(cfg, pretrained)
     except _MODEL_ERRORS as error:
-        where = f"continue_pretrained={cfg.continue_pretrained}: " \
-            if cfg.continue_pretrained else ""
-        return [where + str(error).splitlines()[0]]
+        message = str(error).splitlines()[0]
+        if cfg.continue_pretrained and not message.startswith("continue_pretrained"):
+            message = f"continue_pretrained={cfg.continue_pretrained}: {message}"
+        return [message]
     return []
 
 

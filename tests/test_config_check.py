@@ -232,7 +232,8 @@ def test_the_model_check_runs_last_and_only_on_sound_values():
 
 @pytest.fixture(scope="module")
 def eight_channel_base(tmp_path_factory) -> Path:
-    """A folder holding `base.th`, a tiny 4-source HTDemucs with 8 channels at 44.1 kHz."""
+    """A folder holding `base.th`, a tiny 4-source HTDemucs with 8 channels at 44.1 kHz, and
+    `pair.yaml`, a bag of two of them."""
     import torch
     from demucs.htdemucs import HTDemucs
     from demucs.states import serialize_model
@@ -241,6 +242,7 @@ def eight_channel_base(tmp_path_factory) -> Path:
     model = HTDemucs(["drums", "bass", "other", "vocals"], channels=8, depth=2, nfft=64,
                      t_layers=1, t_heads=1, samplerate=44100, segment=4)
     torch.save(serialize_model(model, {}), repo / "base.th")
+    (repo / "pair.yaml").write_text("models: [base, base]\n")
     return repo
 
 
@@ -276,6 +278,8 @@ def test_dora_run_against_the_checkpoints_architecture_stops_before_training(
                                     "HTDemucs; close names: encoder.*"),
     (["lora.rank=2", "optim.freeze=[*]"], "optim.freeze=['*'] leaves no parameter to train"),
     (["continue_pretrained=missing"], "continue_pretrained=missing: "),
+    (["continue_pretrained=pair"], "continue_pretrained=pair is a bag of 2 models; fine-tuning "
+                                   "starts from a single model"),
 ])
 def test_what_only_the_model_shows_is_refused_before_the_xp_folder(
         overrides, message, eight_channel_base, tmp_path, monkeypatch, capsys):

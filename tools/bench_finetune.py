@@ -1,6 +1,6 @@
 """Evidence for fine-tuning a released model (issue 28), measured on the toy sets with this CPU.
 
-    python3 -m tools.bench_finetune [--out DIR] [--base-epochs 6] [--epochs 3] [--batches 5]
+    python3 -m tools.bench_finetune [--out DIR] [--base-epochs 10] [--epochs 4] [--batches 5]
     python3 -m tools.bench_finetune --lora [--lora-rank 8] [--batch-size 1] [--steps 2]
 
 The default run plays the story of docs/training.md "Fine-tune a released model" and compares,
@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SIX = ["drums", "bass", "guitar", "piano", "other", "vocals"]
 NEW_STEMS = ["guitar", "piano"]
 ARCHITECTURE = ["model=htdemucs", "htdemucs.channels=8"]
+# Smaller batches of shorter excerpts than dset=toy's, and no museval SDR, so that the whole
+# comparison fits in about 20 minutes on two CPU cores.
+BUDGET = ["batch_size=4", "dset.segment=2", "test.sdr=false"]
 
 
 @dataclass
@@ -70,14 +73,15 @@ def run_measured(command: tp.Sequence[str], cwd: Path) -> Measure:
 
 def base_argv(epochs: int, batches: int) -> tp.List[str]:
     """The 4-stem toy model that plays the released one."""
-    return ["dset=toy", *ARCHITECTURE, f"epochs={epochs}", f"max_batches={batches}"]
+    return ["dset=toy", *ARCHITECTURE, *BUDGET, f"epochs={epochs}", f"max_batches={batches}"]
 
 
 def arm_argvs(base_sig: str, epochs: int, batches: int, lora_rank: int
               ) -> tp.Dict[str, tp.List[str]]:
     """The `dora run` overrides of each arm, on the 6-stem toy set at data/toy6."""
     six = ["dset=toy", "dset.musdb=data/toy6", f"dset.sources=[{','.join(SIX)}]",
-           f"weights=[{','.join('1' * len(SIX))}]", f"epochs={epochs}", f"max_batches={batches}"]
+           f"weights=[{','.join('1' * len(SIX))}]", *BUDGET, f"epochs={epochs}",
+           f"max_batches={batches}"]
     init = ",".join(f"{stem}:other" for stem in NEW_STEMS)
     finetune = six + [f"continue_pretrained={base_sig}", "pretrained_repo=release_models",
                       f"continue_sources_init={{{init}}}"]
@@ -222,9 +226,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("tools.bench_finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_finetune"),
                         help="folder of the toy sets, the XPs and the results")
-    parser.add_argument("--base-epochs", type=int, default=6,
+    parser.add_argument("--base-epochs", type=int, default=10,
                         help="epochs of the 4-stem model playing the released one")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each arm")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each arm")
     parser.add_argument("--batches", type=int, default=5, help="batches per epoch")
     parser.add_argument("--lora", action="store_true",
                         help="measure a training step of the released htdemucs configuration "

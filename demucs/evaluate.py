@@ -1,4 +1,5 @@
-"""Test-set evaluation: MDX nSDR on every test, and the museval (BSS Eval v4) SDR at the end.
+"""Test-set evaluation: MDX nSDR on every test, and the museval (BSS Eval v4) SDR at the end;
+the nSDR of two baselines on the same songs (`baseline_scores`: equal split, scalar-gain oracle).
 
 Each worker separates its share of the MusDB test tracks; the scores are computed in a process pool
 (`test.workers`) and gathered on every worker.
@@ -227,6 +228,59 @@ def summarize(tracks: tp.Dict[str, TrackScores], sources: tp.Sequence[str]) -> t
         result[name] = sum(value / len(sources) for value in means)
         result[f"{name}_med"] = sum(value / len(sources) for value in medians)
     return result
+
+
+# The references a model's scores are read against, by key: the equal split (each stem
+# estimated as mixture / N: what a model that learned nothing but the stem count does) and the
+# scalar-gain oracle (each stem as the best multiple of the mixture, knowing the stem: an upper
+# bound of what any scalar gain can do, the floor a separating model must clear by far).
+BASELINES = {"equal_split": "equal split (mixture/N)",
+             "oracle_gain": "oracle gain (best g x mixture)"}
+
+
+def equal_split(mixture: torch.Tensor, count: int) -> torch.Tensor:
+    """The `[C, T]` mixture divided equally among `count` stems, `[count, C, T]`."""
+    return (mixture / count).expand(count, *mixture.shape)
+
+
+def oracle_gain(references: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
+    """Each `[S, C, T]` reference estimated as `g_s * mixture` with the gain of highest nSDR,
+    `g_s = <ref_s, mix> / <mix, mix>` (least squares in closed form; 0 for a silent mixture)."""
+    energy = mixture.square().sum()
+    if energy == 0:
+        return torch.zeros_like(references)
+    gains = (references * mixture).sum(dim=(1, 2)) / energy
+    return gains[:, None, None] * mixture
+
+
+def _baseline_estimates(references: torch.Tensor,
+                        mixture: torch.Tensor) -> tp.Dict[str, torch.Tensor]:
+    """The `[S, C, T]` estimates of each of `BASELINES` for one track."""
+    return {"equal_split": equal_split(mixture, len(references)),
+            "oracle_gain": oracle_gain(references, mixture)}
+
+
+def baseline_scores(settings: EvaluationSettings,
+                    sources: tp.Sequence[str]) -> tp.Dict[str, tp.Dict[str, float]]:
+    """nSDR of each of `BASELINES` on the test set of `settings`, for the stems `sources`,
+    aggregated as `evaluate` aggregates a model's (`summarize`): `{key: {"nsdr": ...,
+    "nsdr_<source>": ..., ...}}`. The tracks are scored as read, in float64, without any model
+    or separation: it takes the time of reading the test set."""
+    test_set = _test_set(settings, sources)
+    if len(test_set) == 0:
+        raise FileNotFoundError(f"No test tracks under {settings.nonhq or settings.musdb}/test "
+                                "to score the baselines on.")
+    tracks: tp.Dict[str, tp.Dict[str, TrackScores]] = {key: {} for key in BASELINES}
+    for track in test_set.tracks:
+        mixture = torch.from_numpy(track.audio).double().reshape(len(track.audio), -1).t()
+        references = torch.stack([
+            torch.from_numpy(track.targets[source].audio).double()
+            .reshape(len(track.audio), -1).t() for source in sources])
+        for key, estimates in _baseline_estimates(references, mixture).items():
+            nsdr = new_sdr(references.transpose(1, 2)[None], estimates.transpose(1, 2)[None])[0]
+            tracks[key][track.name] = {source: {"nsdr": [float(value)]}
+                                       for source, value in zip(sources, nsdr)}
+    return {key: summarize(scores, sources) for key, scores in tracks.items()}
 
 
 def _ignore_interrupts() -> None:

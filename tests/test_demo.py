@@ -1,5 +1,5 @@
 """`python3 -m tools.demo` (`make demo`): each step's outputs and printed figures, with the quick
-setup in a temporary folder; the baseline and report helpers against hand computations. The full
+setup in a temporary folder; the baselines and report helpers against hand computations. The full
 demo (minutes of training) is marked slow."""
 import contextlib
 import io
@@ -13,7 +13,10 @@ import pytest
 import soundfile
 
 from tools import demo as demo_tool
-from tools.demo import FULL, QUICK, STEPS, Demo, mixture_baseline, score_table, verdict
+from tools.demo import FULL, QUICK, STEPS, Demo, baselines, verdict
+from tools.machine import cpu_kind
+from tools.test_pretrained import score_table
+from demucs.evaluate import BASELINES
 from demucs.toy_musdb import MIXTURE, SOURCES
 
 FLOAT = r"(-?\d+\.\d+)"
@@ -75,16 +78,26 @@ def test_quick_demo_trains_exports_and_separates(quick_demo):
         assert (stem.frames, stem.channels) == (length, 2)
 
 
-def test_quick_demo_compares_the_model_with_the_mixture_baseline(quick_demo):
+def test_quick_demo_prints_the_model_beside_both_baselines(quick_demo):
     workdir, report = quick_demo
     sig = signature(report)
-    baseline = mixture_baseline(workdir / "data" / "toy_musdb" / "test")
-    printed = score_row(report, "mixture baseline")
-    expected = [baseline[f"nsdr_{source}"] for source in SOURCES] + [baseline["nsdr"]]
-    assert printed == pytest.approx(expected, abs=0.006)
+    expected = baselines(Demo(workdir, QUICK))
+    rows = {key: score_row(report, label) for key, label in BASELINES.items()}
+    for key, printed in rows.items():
+        values = [expected[key][f"nsdr_{source}"] for source in SOURCES] + [expected[key]["nsdr"]]
+        assert printed == pytest.approx(values, abs=0.006)
     model = score_row(report, f"model {sig}")
     assert model[-1] == pytest.approx(np.mean(model[:4]), abs=0.01)
-    assert verdict(model[-1], printed[-1]).split(" by ")[0].split(" (")[0] in report
+    assert rows["oracle_gain"][-1] > rows["equal_split"][-1]
+    assert verdict(model[-1], rows["equal_split"][-1]).split(" by ")[0].split(" (")[0] in report
+    assert "mixture baseline" not in report
+
+
+def test_quick_demo_ends_with_its_time_and_cpu(quick_demo):
+    _, report = quick_demo
+    last = report.strip().splitlines()[-1]
+    assert re.fullmatch(rf"Demo done in \d+ s on .+ \({re.escape(cpu_kind())}, \d+ cores usable, "
+                        r"load average [\d.]+, [\d.]+, [\d.]+\)\.", last), last
 
 
 def test_generation_step_reuses_an_existing_set(tmp_path, capsys):
@@ -109,32 +122,53 @@ def test_steps_after_training_need_a_trained_xp(tmp_path):
         demo_tool.export_xp(Demo(tmp_path, QUICK))
 
 
-def test_mixture_baseline_matches_hand_computation(tmp_path):
+def write_song(folder: Path, stems: tp.Dict[str, np.ndarray]
+               ) -> tp.Tuple[tp.Dict[str, np.ndarray], np.ndarray]:
+    """A MusDB-layout song of `stems` and their sum as mixture, in 16-bit wavs (musdb reads
+    16-bit samples); returns the stems and mixture as written, read back in float64."""
+    folder.mkdir(parents=True)
+    files = {**stems, MIXTURE: sum(stems.values())}
+    for name, audio in files.items():
+        soundfile.write(folder / f"{name}.wav", audio, 44100, subtype="PCM_16")
+    written = {name: soundfile.read(str(folder / f"{name}.wav"))[0] for name in files}
+    return {source: written[source] for source in stems}, written[MIXTURE]
+
+
+def hand_nsdr(stem: np.ndarray, estimate: np.ndarray) -> float:
+    return 10 * np.log10(((stem ** 2).sum() + 1e-7) / (((stem - estimate) ** 2).sum() + 1e-7))
+
+
+def test_baselines_match_hand_computation(tmp_path):
+    """The demo's baselines on two songs: mixture/4 and the least-squares gain of the mixture,
+    scored per song and averaged per source, then over sources."""
     rng = np.random.default_rng(0)
-    expected = {source: [] for source in SOURCES}
+    expected = {key: {source: [] for source in SOURCES} for key in BASELINES}
+    test_dir = tmp_path / "data" / "toy_musdb" / "test"
     for name in ["A - a", "B - b"]:
-        folder = tmp_path / name
-        folder.mkdir()
-        stems = {source: 0.1 * rng.standard_normal((1000, 2)) for source in SOURCES}
-        mixture = sum(stems.values())
+        stems = {source: scale * rng.standard_normal((1000, 2))
+                 for source, scale in zip(SOURCES, [0.1, 0.2, 0.05, 0.3])}
+        stems, mixture = write_song(test_dir / name, stems)
         for source, stem in stems.items():
-            soundfile.write(folder / f"{source}.wav", stem, 8000, subtype="FLOAT")
-            noise = ((stem - mixture) ** 2).sum() + 1e-7
-            expected[source].append(10 * np.log10(((stem ** 2).sum() + 1e-7) / noise))
-        soundfile.write(folder / f"{MIXTURE}.wav", mixture, 8000, subtype="FLOAT")
-    result = mixture_baseline(tmp_path)
-    for source in SOURCES:
-        assert result[f"nsdr_{source}"] == pytest.approx(np.mean(expected[source]), abs=1e-4)
-    assert result["nsdr"] == pytest.approx(np.mean([np.mean(v) for v in expected.values()]))
+            gain = (stem * mixture).sum() / (mixture ** 2).sum()
+            expected["equal_split"][source].append(hand_nsdr(stem, mixture / 4))
+            expected["oracle_gain"][source].append(hand_nsdr(stem, gain * mixture))
+    result = baselines(Demo(tmp_path, QUICK))
+    for key in BASELINES:
+        for source in SOURCES:
+            mean = np.mean(expected[key][source])
+            assert result[key][f"nsdr_{source}"] == pytest.approx(mean, abs=1e-6)
+        overall = np.mean([np.mean(values) for values in expected[key].values()])
+        assert result[key]["nsdr"] == pytest.approx(overall, abs=1e-6)
+    assert result["oracle_gain"]["nsdr"] > result["equal_split"]["nsdr"]
 
 
 def test_score_table_and_verdict():
     scores = {f"nsdr_{source}": float(index) for index, source in enumerate(SOURCES)}
     scores["nsdr"] = 1.5
-    table = score_table({"model x": scores, "mixture baseline": scores})
+    table = score_table({"model x": scores, "equal split": scores}, SOURCES)
     assert score_row(table, "model x") == [0, 1, 2, 3, 1.5]
-    assert "BEATS" in verdict(2.0, -5.0) and "by 7.00 dB" in verdict(2.0, -5.0)
-    assert "does NOT beat" in verdict(-6.0, -5.0)
+    assert "BEATS the equal split" in verdict(2.0, 1.0) and "by 1.00 dB" in verdict(2.0, 1.0)
+    assert "does NOT beat the equal split (-1.00 dB" in verdict(0.0, 1.0)
 
 
 @pytest.mark.slow
@@ -143,13 +177,14 @@ def test_rerun_reuses_the_finished_xp(quick_demo):
     code, again = run_demo("--quick", "--workdir", str(workdir))
     assert code == 0 and signature(again) == signature(first)
     assert "Already present" in again
-    assert score_row(again, "mixture baseline") == score_row(first, "mixture baseline")
+    label = BASELINES["equal_split"]
+    assert score_row(again, label) == score_row(first, label)
 
 
 @pytest.mark.slow
-def test_full_demo_model_beats_the_mixture_baseline(tmp_path):
+def test_full_demo_model_beats_the_equal_split(tmp_path):
     code, report = run_demo("--workdir", str(tmp_path))
     assert code == 0, report
     model = score_row(report, f"model {signature(report)}")
-    assert model[-1] > score_row(report, "mixture baseline")[-1] + 3
-    assert "BEATS" in report
+    assert model[-1] > score_row(report, BASELINES["equal_split"])[-1] + 0.5
+    assert "BEATS the equal split" in report

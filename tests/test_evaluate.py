@@ -10,10 +10,45 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from demucs.evaluate import EvaluationSettings, eval_track, evaluate, new_sdr, si_sdr, summarize
+from demucs.evaluate import EvaluationSettings, equal_split, eval_track, evaluate, new_sdr, \
+    oracle_gain, si_sdr, summarize
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 RATE = 8000
+
+
+def nsdr_of(references: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
+    """new_sdr of `[S, C, T]` tensors, `[S]`."""
+    return new_sdr(references.transpose(1, 2)[None], estimates.transpose(1, 2)[None])[0]
+
+
+def test_equal_split_scores_as_computed_by_hand():
+    """Two stems: the first twice the second; mixture/2 is off by half the second stem's
+    energy for each, so nSDR = 10 log10(|r|^2 / |r - m/2|^2) per stem."""
+    second = torch.tensor([[1., -2., 3.], [0.5, 0., -1.]], dtype=torch.float64)
+    references = torch.stack([2 * second, second])
+    mixture = references.sum(0)
+    estimates = equal_split(mixture, 2)
+    assert torch.equal(estimates[0], 1.5 * second) and torch.equal(estimates[1], 1.5 * second)
+    energy = float(second.square().sum())
+    expected = [10 * np.log10((4 * energy + 1e-7) / (0.25 * energy + 1e-7)),
+                10 * np.log10((energy + 1e-7) / (0.25 * energy + 1e-7))]
+    assert nsdr_of(references, estimates).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_oracle_gain_is_the_best_scalar_gain_of_the_mixture():
+    torch.manual_seed(0)
+    references = torch.randn(3, 2, 100, dtype=torch.float64)
+    mixture = references.sum(0)
+    best = nsdr_of(references, oracle_gain(references, mixture))
+    for step in (-1e-3, 1e-3):  # any other gain scores lower
+        gains = (references * mixture).sum(dim=(1, 2)) / mixture.square().sum() + step
+        worse = nsdr_of(references, gains[:, None, None] * mixture)
+        assert (worse < best).all()
+    # a stem that is half the mixture is found exactly: only the 1e-7 floor bounds its nSDR
+    half = torch.stack([mixture / 2, mixture / 2])
+    assert (nsdr_of(half, oracle_gain(half, mixture)) > 80).all()
+    assert torch.equal(oracle_gain(half, torch.zeros_like(mixture)), torch.zeros_like(half))
 
 
 def test_new_sdr_matches_hand_computation():

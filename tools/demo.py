@@ -2,10 +2,12 @@
 
 The demo is a list of steps run in order, each printing the real command it runs and what it did:
 it generates the toy MusDB under ./data/toy_musdb, trains a small HTDemucs on it with Dora,
-exports the XP to ./release_models, separates a toy test track into ./separated, and compares the
-model's test nSDR with the input-mixture baseline (the mixture used as the estimate of every
-stem). Everything is kept between runs: a second run finds the finished XP (same signature) and
-only re-exports, re-separates and re-evaluates it.
+exports the XP to ./release_models, separates a toy test track into ./separated, and prints the
+model's test nSDR beside two baselines on the same songs (`demucs.evaluate.BASELINES`): the equal
+split (mixture/4 for every stem), which the verdict compares the model with, and the scalar-gain
+oracle (each stem as its best multiple of the mixture). The last line says how long the demo took
+and on which CPU. Everything is kept between runs: a second run finds the finished XP (same
+signature) and only re-exports, re-separates and re-evaluates it.
 """
 import argparse
 from dataclasses import dataclass, field
@@ -19,12 +21,13 @@ import sys
 import time
 import typing as tp
 
-import numpy as np
 from omegaconf import OmegaConf
 import soundfile
-import torch
 
+from demucs.evaluate import BASELINES, EvaluationSettings, baseline_scores
 from demucs.toy_musdb import MIXTURE, SOURCES, describe, ensure_toy_musdb, is_toy_musdb
+from tools import machine
+from tools.test_pretrained import score_table
 
 logger = logging.getLogger(__name__)
 
@@ -221,45 +224,23 @@ def separate_track(demo: Demo) -> str:
     return "\n".join(lines)
 
 
-def mixture_baseline(test_dir: Path) -> tp.Dict[str, float]:
-    """nSDR of the input mixture used as the estimate of every stem, over the test songs: the
-    score of a model that separates nothing. Same aggregation as the training test (per source
-    the mean over songs, `nsdr` the mean over sources)."""
-    from demucs.evaluate import new_sdr
-    scores = []
-    for track in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        stems = [soundfile.read(str(track / f"{source}.wav"), dtype="float32")[0]
-                 for source in SOURCES]
-        mixture = soundfile.read(str(track / f"{MIXTURE}.wav"), dtype="float32")[0]
-        references = torch.from_numpy(np.stack(stems)).double()
-        estimates = torch.from_numpy(mixture).double().expand_as(references)
-        scores.append(new_sdr(references[None], estimates[None])[0])
-    per_source = torch.stack(scores).mean(dim=0)
-    result = {f"nsdr_{source}": float(value) for source, value in zip(SOURCES, per_source)}
-    result["nsdr"] = float(per_source.mean())
-    return result
+def baselines(demo: Demo) -> tp.Dict[str, tp.Dict[str, float]]:
+    """nSDR of `demucs.evaluate.BASELINES` on the toy test songs the model is scored on."""
+    settings = EvaluationSettings(musdb=str(demo.toy_path),
+                                  samplerate=int(demo.toy_settings["musdb_samplerate"]))
+    return baseline_scores(settings, SOURCES)
 
 
-def score_table(rows: tp.Dict[str, tp.Dict[str, float]]) -> str:
-    """nSDR per source and averaged, one row per named score dict."""
-    width = max(len(name) for name in rows)
-    header = " " * width + "".join(f"{source:>9}" for source in SOURCES) + f"{'mean':>9}"
-    lines = [header]
-    for name, scores in rows.items():
-        values = [scores[f"nsdr_{source}"] for source in SOURCES] + [scores["nsdr"]]
-        lines.append(f"{name:<{width}}" + "".join(f"{value:9.2f}" for value in values))
-    return "\n".join(lines)
-
-
-def verdict(model: float, baseline: float) -> str:
-    gap = model - baseline
+def verdict(model: float, equal_split: float) -> str:
+    """Whether the model's nSDR beats the equal split's, and by how much."""
+    gap = model - equal_split
     if gap > 0:
-        return f"The trained model BEATS the input-mixture baseline by {gap:.2f} dB of nSDR."
-    return f"The trained model does NOT beat the input-mixture baseline ({gap:.2f} dB of nSDR)."
+        return f"The trained model BEATS the equal split by {gap:.2f} dB of nSDR."
+    return f"The trained model does NOT beat the equal split ({gap:.2f} dB of nSDR)."
 
 
 def evaluate_model(demo: Demo) -> str:
-    """Test nSDR of the exported model (tools.test_pretrained) next to the mixture baseline."""
+    """Test nSDR of the exported model (tools.test_pretrained) next to the baselines."""
     sig = demo.trained_sig
     output = run_command(demo, [sys.executable, "-m", "tools.test_pretrained", "--repo",
                                 f"./{RELEASE_DIR}", "-n", sig, "dset=toy", "test.sdr=false",
@@ -269,12 +250,14 @@ def evaluate_model(demo: Demo) -> str:
     if not lines:
         raise DemoError("tools.test_pretrained printed no scores.")
     model = json.loads(lines[-1])
-    baseline = mixture_baseline(demo.toy_path / "test")
+    references = baselines(demo)
+    rows = {f"model {sig}": model}
+    rows.update({BASELINES[key]: scores for key, scores in references.items()})
     test_dir = demo.toy_path / "test"
     count = sum(p.is_dir() for p in test_dir.iterdir())
-    table = score_table({f"model {sig}": model, "mixture baseline": baseline})
-    return (f"Test nSDR in dB on the {count} toy test songs of {test_dir}:\n{table}\n"
-            f"{verdict(model['nsdr'], baseline['nsdr'])}")
+    return (f"Test nSDR in dB on the {count} toy test songs of {test_dir}:\n"
+            f"{score_table(rows, SOURCES)}\n"
+            f"{verdict(model['nsdr'], references['equal_split']['nsdr'])}")
 
 
 Step = tp.Tuple[str, tp.Callable[[Demo], str]]
@@ -296,7 +279,7 @@ def run(demo: Demo, steps: tp.Sequence[Step] = STEPS) -> None:
         report = step(demo)
         print(report)
         print(f"    ({time.time() - start:.1f} s)", flush=True)
-    print(f"Demo done in {time.time() - begin:.0f} s.", flush=True)
+    print(f"Demo done in {time.time() - begin:.0f} s on {machine.describe()}.", flush=True)
 
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> int:

@@ -4,7 +4,11 @@
                                     [--backend onnxruntime [--onnx-dir DIR]]
                                     [hydra overrides, e.g. dset=toy test.sdr=true]
 
-Reports the nSDR (always) and the museval SDR (when `test.sdr` is true), per source and averaged.
+Reports the nSDR (always) and the museval SDR (when `test.sdr` is true), per source and averaged,
+as one JSON line printed last. Before it, a table shows the model's nSDR beside two baselines on
+the same songs (`demucs.evaluate.baseline_scores`): the equal split (mixture/N for each stem) and
+the scalar-gain oracle (each stem as the best multiple of the mixture). A model that separates
+anything beats the equal split; the oracle says how far a mere gain on the mixture can go.
 `--amp`, `--compile` and `--backend onnxruntime` (e.g. with an int8 export as `--onnx-dir`) score
 the speed options of the `demucs` command, to compare with the default float32 scores.
 
@@ -73,6 +77,32 @@ def run(name: tp.Optional[str], repo, overrides: tp.List[str], amp: tp.Optional[
             return evaluate.evaluate(solver, compute_sdr=xp.cfg.test.sdr, amp=amp)
 
 
+def run_baselines(overrides: tp.List[str],
+                  sources: tp.Sequence[str]) -> tp.Dict[str, tp.Dict[str, float]]:
+    """nSDR of `demucs.evaluate.BASELINES` for `sources` on the test set of the configuration
+    `overrides` (the songs `run` scores the model on)."""
+    xp = train.main.get_xp(overrides)
+    settings = evaluate.EvaluationSettings.from_config(xp.cfg)
+    return evaluate.baseline_scores(settings, sources)
+
+
+def scored_sources(scores: tp.Dict[str, float]) -> tp.List[str]:
+    """The sources of `evaluate.summarize`'s scores, in order (each has a `nsdr_med_<source>`)."""
+    prefix = "nsdr_med_"
+    return [key[len(prefix):] for key in scores if key.startswith(prefix)]
+
+
+def score_table(rows: tp.Dict[str, tp.Dict[str, float]], sources: tp.Sequence[str]) -> str:
+    """nSDR per source and averaged (`nsdr_<source>`, `nsdr`), one row per named score dict."""
+    width = max(len(name) for name in rows)
+    header = " " * width + "".join(f"{source:>9}" for source in sources) + f"{'mean':>9}"
+    lines = [header]
+    for name, scores in rows.items():
+        values = [scores[f"nsdr_{source}"] for source in sources] + [scores["nsdr"]]
+        lines.append(f"{name:<{width}}" + "".join(f"{value:9.2f}" for value in values))
+    return "\n".join(lines)
+
+
 def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -84,6 +114,11 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
         logger.error("tools.test_pretrained: %s", error)
         sys.exit(1)
     logger.info("Test scores of %s: %s", args.name, json.dumps(scores, indent=2))
+    sources = scored_sources(scores)
+    rows = {f"model {args.name or args.sig or pretrained.DEFAULT_MODEL}": scores}
+    for key, baseline in run_baselines(args.overrides, sources).items():
+        rows[evaluate.BASELINES[key]] = baseline
+    print(f"nSDR in dB on the test set:\n{score_table(rows, sources)}")
     print(json.dumps(scores))
 
 

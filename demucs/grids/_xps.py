@@ -138,3 +138,13 @@ def checked_argv(main: DecoratedMain, overrides: tp.Any, sig: str) -> tp.List[st
             "differs from the one the XP was defined with. Restore the original default (add a "
             "new key instead of changing an existing one).")
     return argv
+
+
+def mdx_2021_argvs(launcher: tp.Any, main: DecoratedMain, sigs: tp.Sequence[str],
+                   base_of: tp.Callable[[str], str]) -> tp.Iterator[tp.List[str]]:
+    """Gives `launcher` the MDX 2021 Slurm resources (8 GPUs, 3 days, partition learnlab), then
+    yields, for each XP of `sigs`, the checked argv of the XP `base_of(sig)` it starts from."""
+    launcher.slurm_(gpus=8, time=3 * 24 * 60, partition="learnlab")
+    for sig in sigs:
+        base = base_of(sig)
+        yield checked_argv(main, overrides_of(base), base)

@@ -6,7 +6,7 @@ Once they are trained, `dora grid mdx_refine` runs the fine-tunings themselves.
 from dora import Launcher
 
 from ._explorers import MyExplorer
-from ._xps import TRACK_A, checked_argv, overrides_of, parent_of
+from ._xps import TRACK_A, mdx_2021_argvs, parent_of
 from ..train import main
 
 __all__ = ["TRACK_A", "explorer"]
@@ -16,10 +16,7 @@ DIFFQ_PENALTIES = [1e-4, 3e-4]
 
 @MyExplorer
 def explorer(launcher: Launcher) -> None:
-    launcher.slurm_(gpus=8, time=3 * 24 * 60, partition="learnlab")
-    for sig in TRACK_A:
-        parent = parent_of(sig)
-        argv = checked_argv(main, overrides_of(parent), parent)
+    for argv in mdx_2021_argvs(launcher, main, TRACK_A, parent_of):
         launcher(argv)
         for penalty in DIFFQ_PENALTIES:
             launcher(argv, {"quant.diffq": penalty})

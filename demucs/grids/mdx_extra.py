@@ -6,17 +6,14 @@ MusDB test set (`extra_test`, also with DiffQ); its later stages are listed by `
 from dora import Launcher
 
 from ._explorers import MyExplorer
-from ._xps import TRACK_B, checked_argv, overrides_of, root_of
+from ._xps import TRACK_B, mdx_2021_argvs, root_of
 from ..train import main
 from .mdx import DIFFQ_PENALTIES
 
 
 @MyExplorer
 def explorer(launcher: Launcher) -> None:
-    launcher.slurm_(gpus=8, time=3 * 24 * 60, partition="learnlab")
-    for sig in TRACK_B:
-        root = root_of(sig)
-        argv = checked_argv(main, overrides_of(root), root)
+    for argv in mdx_2021_argvs(launcher, main, TRACK_B, root_of):
         for dset in ["extra44", "extra_test"]:
             sub = launcher.bind(argv, dset=dset)
             sub()

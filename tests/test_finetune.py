@@ -129,6 +129,17 @@ def test_package_remapping_keeps_class_and_kwargs():
     assert reloaded.sources == SIX
 
 
+def test_only_training_settings_follow_the_caller():
+    """The segment and the transformer's training-only settings may change; an argument that
+    shapes the weights may not (it would not fit the checkpoint's)."""
+    base = _model("htdemucs", FOUR)
+    model, _ = remap_sources(base, SIX, changes={"segment": 2, "t_dropout": 0.1})
+    assert model.segment == 2 and model._init_args_kwargs[1]["t_dropout"] == 0.1
+    assert model._init_args_kwargs[1]["channels"] == 8
+    with pytest.raises(SourceRemapError, match=r"not \['channels'\]: these shape"):
+        remap_sources(base, SIX, changes={"channels": 16})
+
+
 def test_default_init_is_other_and_errors_name_the_sources():
     plan = plan_sources(FOUR, ["piano", "vocals"])
     assert plan.origins == {"piano": "other", "vocals": "vocals"}

@@ -2,6 +2,7 @@
 (`--sig`) and the test model. The lookups themselves are tested in test_catalogue.py."""
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,11 @@ def test_test_pretrained_tool_scores_a_local_model(toy_musdb: Path, tmp_path: Pa
     torch.save(serialize_model(model, {}), tmp_path / "tiny.th")
     main(["-n", "tiny", "--repo", str(tmp_path), "dset=toy", f"dset.musdb={toy_musdb}",
           "test.sdr=false", "test.workers=0", "test.shifts=0", f"dora.dir={tmp_path / 'dora'}"])
-    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    scores = json.loads(out.strip().splitlines()[-1])
     assert set(scores) >= {f"nsdr_{name}" for name in SOURCES} | {"nsdr"}
+    for row in ["model tiny", "equal split (mixture/N)", "oracle gain (best g x mixture)"]:
+        assert re.search(rf"^{re.escape(row)}( +-?\d+\.\d\d){{5}}$", out, re.MULTILINE), out
     assert abs(scores["nsdr"] - sum(scores[f"nsdr_{name}"] for name in SOURCES) / 4) < 1e-6
     main(["-n", "tiny", "--repo", str(tmp_path), "--amp", "bf16", "dset=toy",
           f"dset.musdb={toy_musdb}", "test.sdr=false", "test.workers=0", "test.shifts=0",

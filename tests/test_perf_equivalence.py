@@ -358,3 +358,17 @@ def test_in_place_gelu_of_dconv_branches_leaves_the_input_alone():
     dconv = DConv(16, compress=4, depth=2, init=0.5)
     fast, plain = _eval_with_and_without_grad(dconv, torch.randn(2, 16, 30))
     assert rel_err(fast, plain) < TOL  # the fused branch rounds differently
+
+
+def test_token_group_norm_writes_its_affine_over_its_own_output():
+    torch.manual_seed(0)
+    norm = transformer.MyGroupNorm(1, 16)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 9, 16)
+    copy = x.clone()
+    with torch.no_grad():
+        out = norm(x)
+        expected = torch.addcmul(norm.bias, F.layer_norm(x, x.shape[1:], eps=norm.eps),
+                                 norm.weight)
+    assert torch.equal(out, expected) and torch.equal(x, copy)

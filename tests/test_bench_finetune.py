@@ -29,11 +29,12 @@ def released(tmp_path, monkeypatch) -> Path:
 
 def test_every_arm_is_a_valid_config_with_the_same_budget(released):
     from demucs.train import main
-    arms = arm_argvs("base", epochs=3, batches=5, lora_rank=8)
+    arms = arm_argvs("base", epochs=3, batches=5, lora_rank=8, segment=1.5)
     assert list(arms) == ["scratch", "finetune", "adapters", "frozen encoder"]
     configs = {arm: main.get_xp(argv).cfg for arm, argv in arms.items()}  # checked, model built
     for cfg in configs.values():
         assert (cfg.epochs, cfg.max_batches, list(cfg.dset.sources)) == (3, 5, SIX)
+        assert (cfg.dset.segment, cfg.dset.shift, cfg.batch_size) == (1.5, 0.75, 4)
     assert configs["scratch"].continue_pretrained is None
     assert dict(configs["finetune"].continue_sources_init) == {"guitar": "other",
                                                                "piano": "other"}

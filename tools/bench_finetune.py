@@ -1,6 +1,7 @@
 """Evidence for fine-tuning a released model (issue 28), measured on the toy sets with this CPU.
 
     python3 -m tools.bench_finetune [--out DIR] [--base-epochs 10] [--epochs 4] [--batches 5]
+                                    [--segment 2]
     python3 -m tools.bench_finetune --lora [--lora-rank 8] [--batch-size 1] [--steps 2]
 
 The default run plays the story of docs/training.md "Fine-tune a released model" and compares,
@@ -38,9 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SIX = ["drums", "bass", "guitar", "piano", "other", "vocals"]
 NEW_STEMS = ["guitar", "piano"]
 ARCHITECTURE = ["model=htdemucs", "htdemucs.channels=8"]
-# Smaller batches of shorter excerpts than dset=toy's, and no museval SDR, so that the whole
-# comparison fits in about 20 minutes on two CPU cores.
-BUDGET = ["batch_size=4", "dset.segment=2", "test.sdr=false"]
+
+
+def budget(segment: float) -> tp.List[str]:
+    """Smaller batches of shorter excerpts (`segment` seconds) than dset=toy's, and no museval
+    SDR, so that the whole comparison fits in about 20 minutes on two idle CPU cores."""
+    return ["batch_size=4", f"dset.segment={segment}", f"dset.shift={segment / 2}",
+            "test.sdr=false"]
 
 
 @dataclass
@@ -71,16 +76,17 @@ def run_measured(command: tp.Sequence[str], cwd: Path) -> Measure:
     return Measure(seconds, usage.ru_maxrss / 1024, (load_before, os.getloadavg()[0]), output)
 
 
-def base_argv(epochs: int, batches: int) -> tp.List[str]:
+def base_argv(epochs: int, batches: int, segment: float) -> tp.List[str]:
     """The 4-stem toy model that plays the released one."""
-    return ["dset=toy", *ARCHITECTURE, *BUDGET, f"epochs={epochs}", f"max_batches={batches}"]
+    return ["dset=toy", *ARCHITECTURE, *budget(segment), f"epochs={epochs}",
+            f"max_batches={batches}"]
 
 
-def arm_argvs(base_sig: str, epochs: int, batches: int, lora_rank: int
+def arm_argvs(base_sig: str, epochs: int, batches: int, lora_rank: int, segment: float
               ) -> tp.Dict[str, tp.List[str]]:
     """The `dora run` overrides of each arm, on the 6-stem toy set at data/toy6."""
     six = ["dset=toy", "dset.musdb=data/toy6", f"dset.sources=[{','.join(SIX)}]",
-           f"weights=[{','.join('1' * len(SIX))}]", *BUDGET, f"epochs={epochs}",
+           f"weights=[{','.join('1' * len(SIX))}]", *budget(segment), f"epochs={epochs}",
            f"max_batches={batches}"]
     init = ",".join(f"{stem}:other" for stem in NEW_STEMS)
     finetune = six + [f"continue_pretrained={base_sig}", "pretrained_repo=release_models",
@@ -133,17 +139,18 @@ def _commit() -> str:
     return proc.stdout.strip() or "unknown"
 
 
-def run_arms(out: Path, base_epochs: int, epochs: int, batches: int, lora_rank: int) -> str:
+def run_arms(out: Path, base_epochs: int, epochs: int, batches: int, lora_rank: int,
+             segment: float) -> str:
     """The whole comparison in `out`; returns the report (also written to out/results.md)."""
     out.mkdir(parents=True, exist_ok=True)
     python = [sys.executable, "-m"]
     for folder, sources in [("data/toy_musdb", []), ("data/toy6", ["--sources", ",".join(SIX)])]:
         if not (out / folder).is_dir():
             run_measured([*python, "tools.toy_musdb", folder, *sources], out)
-    base_sig, base_cost = dora_run(base_argv(base_epochs, batches), out)
+    base_sig, base_cost = dora_run(base_argv(base_epochs, batches, segment), out)
     run_measured([*python, "tools.export", base_sig, "-o", "release_models"], out)
     rows = {}
-    for arm, argv in arm_argvs(base_sig, epochs, batches, lora_rank).items():
+    for arm, argv in arm_argvs(base_sig, epochs, batches, lora_rank, segment).items():
         sig, measure = dora_run(argv, out)
         rows[arm] = (sig, measure, test_nsdrs(out, sig))
         print(f"{arm}: {sig} {measure.seconds:.0f} s", flush=True)
@@ -152,7 +159,8 @@ def run_arms(out: Path, base_epochs: int, epochs: int, batches: int, lora_rank: 
     report = "\n".join([
         f"CPU: {_cpu_name()}, {os.cpu_count()} cores; {datetime.date.today()}, commit "
         f"{_commit()}; the 4-stem base: {base_epochs} epochs of {batches} batches "
-        f"({base_cost.seconds:.0f} s); each arm: {epochs} epochs of {batches} batches.", "",
+        f"({base_cost.seconds:.0f} s); each arm: {epochs} epochs of {batches} batches; batches "
+        f"of 4 excerpts of {segment:g} s.", "",
         format_table(rows), "", f"Curves: {out / 'curves.png'}"])
     (out / "results.md").write_text(report + "\n")
     return report
@@ -230,6 +238,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="epochs of the 4-stem model playing the released one")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each arm")
     parser.add_argument("--batches", type=int, default=5, help="batches per epoch")
+    parser.add_argument("--segment", type=float, default=2.,
+                        help="seconds of each training excerpt")
     parser.add_argument("--lora", action="store_true",
                         help="measure a training step of the released htdemucs configuration "
                              "with and without adapters instead")
@@ -252,7 +262,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     if args.lora:
         print(run_lora(args.lora_rank, args.batch_size, args.steps, args.out))
     else:
-        print(run_arms(args.out, args.base_epochs, args.epochs, args.batches, args.lora_rank))
+        print(run_arms(args.out, args.base_epochs, args.epochs, args.batches, args.lora_rank,
+                       args.segment))
 
 
 if __name__ == "__main__":

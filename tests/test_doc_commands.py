@@ -61,6 +61,7 @@ COMMANDS: tp.Dict[str, str] = {
     "demucs track.mp3": RUN,
     "demucs --repo ./release_models -n SIG track.mp3": RUN,
     "demucs --two-stems vocals --mp3 track.mp3": RUN,
+    "demucs --stems vocals,drums track.mp3": RUN,
     "demucs --list-models --repo ./release_models": RUN,
     "dora run -d -f SIG": "needs GPUs (Dora: DDP is only available on GPU); `dora run -f SIG` "
                           "runs in the story",
@@ -155,6 +156,7 @@ STORY = [
     "demucs --list-models --repo ./release_models",
     "demucs track.mp3",
     "demucs --two-stems vocals --mp3 track.mp3",
+    "demucs --stems vocals,drums track.mp3",
     "python3 -m tools.test_pretrained -n SIG --repo ./release_models dset.musdb=/path/to/musdbhq",
     "python3 -m tools.test_pretrained -n SIG --repo ./release_models dset.musdb=/path/to/musdbhq "
     "test.shifts=2",

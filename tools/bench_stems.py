@@ -77,6 +77,7 @@ def _timed(settings: tp.Dict[str, tp.List[str]], name: str, track: Path, repo: P
             result = measure(track, out / key, name, ["--repo", str(repo), *flags],
                              threads=threads)
             walls[key].append(result["wall_s"])
+            print(f"{name} {key}: {result['wall_s']:.2f} s", file=sys.stderr, flush=True)
     return walls
 
 

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.sysdeps
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: all setup sysdeps test test-all test-slurm test-clients test-compat test-docs demo golden lint clean dist bench-separate bench-speed bench-train
+.PHONY: all setup sysdeps test test-all test-slurm test-clients test-compat test-docs demo golden lint clean dist bench-separate bench-speed bench-train figures
 
 all: test
 
@@ -54,6 +54,11 @@ test-compat: setup
 
 demo: setup
 	$(PY) -m tools.demo
+
+# Rerun the measurements behind the figures of README.md and docs/ into docs/figures/CPU-KIND.json
+# (under 30 minutes on 2 cores); FIGURES=demo,onnx reruns some of them.
+figures: setup
+	$(PY) -m tools.figures $(if $(FIGURES),--only $(FIGURES))
 
 bench-separate: setup
 	$(PY) -m tools.bench_separate --minutes 10 60

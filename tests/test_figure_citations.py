@@ -74,3 +74,10 @@ def test_cite_values_rewrites_the_cited_numbers_at_their_precision(tmp_path, mon
     doc.write_text(text)
     assert update_docs("fake", [doc, tmp_path / "fake.json"]) == [doc]
     assert doc.read_text() == cited
+
+
+def test_the_generated_table_is_not_checked_as_prose():
+    table = f"{figures.TABLE_BEGIN}\n| demo | 1.5 s | 2.05 dB |\n{figures.TABLE_END}\n"
+    assert doc_problems(table + "\n2.5 dB\n", FAKE) == [
+        "line 5: 2.5 dB look measured but cite no figure: add [fig:NAME.KEY] or "
+        "[hand: WHERE, YYYY-MM-DD]"]

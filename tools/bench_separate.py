@@ -49,7 +49,8 @@ _STDERR_TAIL_BYTES = 4000
 def measure(track: Path, out: Path, model: str, extra: tp.List[str],
             python: str = sys.executable, threads: int = 1) -> tp.Dict[str, float]:
     """Run the separation with `python -m demucs` in a child process with `threads` OpenMP
-    threads; its peak RSS (MiB) and wall time (s). A failing child raises RuntimeError with
+    threads; its peak RSS (MiB), wall time (s) and CPU time (s, user and system: less sensitive
+    than the wall time to other work on the machine). A failing child raises RuntimeError with
     the end of its stderr.
 
     The child runs in the track's folder: `python -m` puts the working directory first on
@@ -68,7 +69,8 @@ def measure(track: Path, out: Path, model: str, extra: tp.List[str],
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed with status {process.returncode}; "
                                f"the end of its stderr:\n{_tail(log)}")
-    return {"peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": wall}
+    return {"peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": wall,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def _tail(file: tp.BinaryIO) -> str:

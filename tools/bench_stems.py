@@ -69,16 +69,17 @@ def forwards(seconds: float, shifts: int, overlap: float) -> int:
 
 
 def _timed(settings: tp.Dict[str, tp.List[str]], name: str, track: Path, repo: Path,
-           out: Path, repeat: int, threads: int) -> tp.Dict[str, tp.List[float]]:
-    """Wall times of each setting's `demucs` run, interleaved."""
-    walls: tp.Dict[str, tp.List[float]] = {key: [] for key in settings}
+           out: Path, repeat: int, threads: int) -> tp.Dict[str, tp.List[tp.Dict[str, float]]]:
+    """Wall and CPU times of each setting's `demucs` run, interleaved."""
+    runs: tp.Dict[str, tp.List[tp.Dict[str, float]]] = {key: [] for key in settings}
     for _ in range(repeat):
         for key, flags in settings.items():
             result = measure(track, out / key, name, ["--repo", str(repo), *flags],
                              threads=threads)
-            walls[key].append(result["wall_s"])
-            print(f"{name} {key}: {result['wall_s']:.2f} s", file=sys.stderr, flush=True)
-    return walls
+            runs[key].append(result)
+            print(f"{name} {key}: {result['wall_s']:.2f} s wall, {result['cpu_s']:.2f} s CPU",
+                  file=sys.stderr, flush=True)
+    return runs
 
 
 def _vocals(folder: Path) -> np.ndarray:
@@ -106,36 +107,40 @@ def bench(seconds: float, repeat: int, threads: int) -> dict:
                         for key, (shifts, overlap) in passes.items()},
                        names[0], track, root, root / "passes", repeat, threads)
     result = {"seconds": seconds, "threads": threads, "torch": torch.__version__,
-              "stems_wall_s": stems, "vocals_bit_identical": identical,
-              "passes_wall_s": costs,
+              "stems_runs": stems, "vocals_bit_identical": identical, "passes_runs": costs,
               "passes_forwards": {key: forwards(seconds, *setting)
                                   for key, setting in passes.items()}}
     return result
 
 
-def _median(values: tp.Sequence[float]) -> float:
-    return float(np.median(values))
+def _median(runs: tp.Sequence[tp.Dict[str, float]], key: str) -> float:
+    return float(np.median([run[key] for run in runs]))
+
+
+def _timing(runs: tp.Sequence[tp.Dict[str, float]], base: tp.Sequence[tp.Dict[str, float]]
+            ) -> str:
+    """Median wall and CPU time of `runs`, and their ratios to those of `base`."""
+    wall, cpu = _median(runs, "wall_s"), _median(runs, "cpu_s")
+    return (f"{wall:7.2f} s wall (ratio {wall / _median(base, 'wall_s'):.3f}), {cpu:7.2f} s CPU "
+            f"(ratio {cpu / _median(base, 'cpu_s'):.3f})")
 
 
 def report(result: dict) -> str:
-    stems = result["stems_wall_s"]
-    full = _median(stems["full"])
+    stems = result["stems_runs"]
     lines = [f"{SPECIALISTS} specialists of the released htdemucs, {result['seconds']:g} s track, "
-             f"{result['threads']} threads, torch {result['torch']} (median wall of the demucs "
+             f"{result['threads']} threads, torch {result['torch']} (medians of the demucs "
              f"command, loading and writing included):"]
-    for key, walls in stems.items():
+    for key, runs in stems.items():
         same = result["vocals_bit_identical"].get(key)
         note = "" if same is None else f", vocals bit-identical: {same}"
-        lines.append(f"  {key:18s} {_median(walls):7.2f} s  ratio {_median(walls) / full:.3f}"
-                     f"{note}")
+        lines.append(f"  {key:18s} {_timing(runs, stems['full'])}{note}")
     lines.append("One specialist, cost against its forwards:")
-    base_key = "shifts1_overlap0.25"
-    base = _median(result["passes_wall_s"][base_key])
+    passes, base_key = result["passes_runs"], "shifts1_overlap0.25"
     base_forwards = result["passes_forwards"][base_key]
-    for key, walls in result["passes_wall_s"].items():
+    for key, runs in passes.items():
         count = result["passes_forwards"][key]
-        lines.append(f"  {key:20s} {_median(walls):7.2f} s  {count:3d} forwards  time ratio "
-                     f"{_median(walls) / base:.2f} (forwards ratio {count / base_forwards:.2f})")
+        lines.append(f"  {key:20s} {_timing(runs, passes[base_key])}, {count} forwards "
+                     f"(ratio {count / base_forwards:.2f})")
     return "\n".join(lines)
 
 

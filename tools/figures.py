@@ -267,7 +267,8 @@ MEASUREMENTS: tp.List[Measurement] = [
                                           3)}),
     Measurement("training_vs_official", "../shared/bench/peer_compare.py --task train --pairs 3",
                 measure_training_vs_official, {
-                    "time_ratio": Value("training step, ours/official time (median)", RATIO, 3),
+                    "time_ratio": Value("training step, ours/official time (median; without the "
+                                        "allocator tuning dora run does)", RATIO, 3),
                     "memory_ratio": Value("training step, ours/official peak memory", RATIO,
                                           3)}),
     Measurement("memory", "python3 -m tools.bench_separate --minutes 1 4 [--compare PEER]",
@@ -451,13 +452,14 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> int:
 
 
 def measure_into(path: Path, names: tp.Sequence[str], scratch: tp.Optional[Path]) -> None:
-    """Take the measurements `names` and write them into the figures file `path` after each,
-    keeping the others it holds, and the table of docs/figures/README.md with them."""
-    figures = read_figures(path)
+    """Take the measurements `names` and write each into the figures file `path` as soon as it
+    is taken (read again first: the others it holds are kept, even when another run wrote some
+    meanwhile), and the table of docs/figures/README.md with it."""
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
         for name in names:
             logger.info("== %s (load average %s)", name, machine.load_average())
             record = take(BY_NAME[name], Path(folder))
+            figures = read_figures(path)
             figures["figures"][name] = record
             describe_machine(figures)
             path.parent.mkdir(parents=True, exist_ok=True)

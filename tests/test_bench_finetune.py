@@ -35,6 +35,7 @@ def test_every_arm_is_a_valid_config_with_the_same_budget(released):
     for cfg in configs.values():
         assert (cfg.epochs, cfg.max_batches, list(cfg.dset.sources)) == (3, 5, SIX)
         assert (cfg.dset.segment, cfg.dset.shift, cfg.batch_size) == (1.5, 0.75, 4)
+        assert cfg.dset.valid_tracks == 0 and not cfg.test.sdr
     assert configs["scratch"].continue_pretrained is None
     assert dict(configs["finetune"].continue_sources_init) == {"guitar": "other",
                                                                "piano": "other"}

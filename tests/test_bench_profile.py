@@ -58,6 +58,8 @@ def test_format_and_json(profile: dict, tmp_path: Path):
     ("aten::_scaled_dot_product_flash_attention_for_cpu", MODEL_SCOPE, "gemm_attention"),
     ("aten::native_group_norm", MODEL_SCOPE, "normalisation"),
     ("aten::glu", MODEL_SCOPE, "elementwise"),
+    ("aten::gelu_", MODEL_SCOPE, "elementwise"),
+    ("aten.relu_.default", MODEL_SCOPE, "elementwise"),
     ("aten.add_.Tensor", MODEL_SCOPE, "elementwise"),
     ("aten::copy_", MODEL_SCOPE, "layout"),
     ("aten::constant_pad_nd", MODEL_SCOPE, "layout"),

@@ -92,7 +92,9 @@ def op_class(name: str, scope: tp.Optional[str] = MODEL_SCOPE) -> str:
         return "overlap_add"
     if scope == SPEC_SCOPE:
         return "stft_istft"
-    return _CLASS_OF_OP.get(op_name(name), "other")
+    base = op_name(name)
+    # in-place variants (gelu_, mul_, ...) belong with their out-of-place operator
+    return _CLASS_OF_OP.get(base) or _CLASS_OF_OP.get(base.rstrip("_"), "other")
 
 
 class Scopes:
@@ -151,7 +153,7 @@ def op_flop(func_name: str, func_packet, args: tp.Sequence, kwargs: dict, out: t
         return 4 * batch * heads * length * key.shape[-2] * dim
     if func_name in ("_fft_r2c", "_fft_c2r", "_fft_c2c"):
         return _fft_flop(func_name, args, out)
-    if _CLASS_OF_OP.get(func_name) in ("elementwise", "normalisation"):
+    if op_class(func_name) in ("elementwise", "normalisation"):
         first = out[0] if isinstance(out, (tuple, list)) else out
         return first.numel() if isinstance(first, torch.Tensor) else 0
     return 0

@@ -160,3 +160,15 @@ def test_training_parity_is_skipped_when_the_official_venv_cannot_train(tmp_path
     monkeypatch.setattr(figures, "PEER_PYTHON", peer)
     with pytest.raises(Skipped, match="cannot train .*No module named 'dora'.*pip install"):
         figures.measure_train_parity(tmp_path)
+
+
+def test_a_command_over_its_time_is_killed_with_its_children(tmp_path):
+    script = "sleep 30 & echo $! > child.pid; wait"
+    with pytest.raises(FigureError, match="ran over 1 s"):
+        figures.run(["sh", "-c", script], tmp_path, timeout=1)
+    child = int((tmp_path / "child.pid").read_text())
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"
+    assert figures.run(["sh", "-c", "echo out; echo err >&2"], tmp_path, 10) == "out\nerr\n"
+    with pytest.raises(FigureError, match="failed with status 3"):
+        figures.run(["sh", "-c", "exit 3"], tmp_path, 10)

@@ -23,6 +23,7 @@ from pathlib import Path
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,18 +81,23 @@ def environment(checkout: bool) -> tp.Dict[str, str]:
 
 def run(command: tp.Sequence[str], cwd: Path, timeout: float, checkout: bool = True) -> str:
     """Run `command` in `cwd` (with this checkout on PYTHONPATH when `checkout`); its stdout
-    and stderr together. Raises FigureError on failure."""
-    logger.info("$ %s", " ".join(str(part) for part in command))
+    and stderr together. Raises FigureError on failure, and when it runs over `timeout`
+    seconds, after killing it with every process it started (its own process group)."""
+    shown = " ".join(str(part) for part in command)
+    logger.info("$ %s", shown)
+    proc = subprocess.Popen([str(part) for part in command], cwd=cwd, env=environment(checkout),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
-        proc = subprocess.run([str(part) for part in command], cwd=cwd, env=environment(checkout),
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as error:
-        raise FigureError(f"`{' '.join(map(str, command))}` ran over {timeout:.0f} s") from error
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise FigureError(f"`{shown}` ran over {timeout:.0f} s (load average "
+                          f"{machine.load_average()})") from error
     if proc.returncode != 0:
-        raise FigureError(f"`{' '.join(map(str, command))}` failed with status "
-                          f"{proc.returncode}:\n{proc.stdout[-2000:]}")
-    return proc.stdout
+        raise FigureError(f"`{shown}` failed with status {proc.returncode}:\n{output[-2000:]}")
+    return output
 
 
 def find(pattern: str, output: str, what: str) -> tp.Tuple[str, ...]:

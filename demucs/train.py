@@ -143,6 +143,11 @@ def pretrained_repo(args: DictConfig) -> tp.Optional[Path]:
     return Path(hydra.utils.to_absolute_path(str(args.pretrained_repo)))
 
 
+def _plain(value: tp.Any) -> tp.Any:
+    """A config value as Python values (lists, dicts), as a constructor receives it."""
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
 def _training_changes(args: DictConfig, base: nn.Module) -> tp.Dict[str, tp.Any]:
     """The constructor arguments of a model fine-tuned from `base` that follow the config
     (`finetune.TRAINING_KEYS`): its segment, as `get_model` sets it, and the training-only
@@ -151,8 +156,7 @@ def _training_changes(args: DictConfig, base: nn.Module) -> tp.Dict[str, tp.Any]
     changes = {"segment": args.model_segment or 4 * args.dset.segment}
     for key in sorted(TRAINING_KEYS - {"segment"}):
         if key in section:
-            changes[key] = OmegaConf.to_object(section[key]) \
-                if OmegaConf.is_config(section[key]) else section[key]
+            changes[key] = _plain(section[key])
     return changes
 
 
@@ -203,8 +207,8 @@ def _architecture_conflicts(cfg: DictConfig, base_cfg: DictConfig,
     if cfg.model != base_cfg.model and cfg.model != section:
         problems.append(f"model={cfg.model}: continue_pretrained={name} is a {klass.__name__} "
                         f"(model={section}); leave model out or set model={section}")
-    requested = {key: OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-                 for key, value in cfg[section].items() if base_cfg[section].get(key) != value}
+    requested = {key: _plain(value) for key, value in cfg[section].items()
+                 if base_cfg[section].get(key) != value}
     requested.update(samplerate=cfg.dset.samplerate, audio_channels=cfg.dset.channels)
     keys = {"samplerate": "dset.samplerate", "audio_channels": "dset.channels"}
     for conflict in architecture_conflicts(klass, pretrained._init_args_kwargs[1], requested):

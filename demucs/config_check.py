@@ -247,8 +247,9 @@ def continued_signature(value: tp.Any, xp_folder: Path) -> tp.Optional[str]:
 
 
 def _continue_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
-    """`continue_pretrained` names a model and `continue_from` an XP: Hydra reads a signature
-    such as 955717e8 as a number, which only `continue_from` can match (against the XPs)."""
+    """`continue_pretrained` names a model and `continue_from` an XP, not both: Hydra reads a
+    signature such as 955717e8 as a number, which only `continue_from` can match (against the
+    XPs)."""
     problems = []
     pretrained = OmegaConf.select(cfg, "continue_pretrained")
     if pretrained is not None and not isinstance(pretrained, str):
@@ -257,6 +258,9 @@ def _continue_problems(cfg: DictConfig, context: CheckContext) -> tp.List[str]:
             "(Hydra parses signatures such as 955717e8 as numbers): quote the name, e.g. "
             "continue_pretrained=\"'955717e8'\"")
     value = OmegaConf.select(cfg, "continue_from")
+    if pretrained and value not in (None, ""):
+        problems.append(f"continue_pretrained={pretrained} and continue_from={value} both name "
+                        "where the XP starts: keep one")
     if value is not None and not isinstance(value, str) and not _is_number(value):
         problems.append(f"continue_from={value!r} is not an XP signature: give the signature "
                         "of the XP to start from")

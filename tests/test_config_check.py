@@ -205,6 +205,8 @@ def test_the_workers_of_dora_run_d_split_the_batch(monkeypatch, capsys):
      "continue_sources_init={'guitar': 1} must map"),
     (dict(continue_sources_init={"guitar": "other"}),
      "continue_sources_init is set without continue_pretrained"),
+    (dict(continue_pretrained="base", continue_from="ab12cd34"),
+     "continue_pretrained=base and continue_from=ab12cd34 both name where the XP starts"),
 ])
 def test_fine_tuning_settings_are_checked(changes, message):
     assert message in _problem(_with(**changes))

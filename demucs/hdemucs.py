@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .demucs import (DConv, conv_transpose_polyphase, gelu_in_place, polyphase_applies,
-                     rescale_module)
+from .demucs import DConv, conv_transpose_polyphase, polyphase_applies, rescale_module
 from .rounding import fast_cpu_inference
 from .spec import ispectro, spectro
 from .utils import capture_init
@@ -167,8 +166,7 @@ class HEncLayer(nn.Module):
             if inject.dim() == 3 and y.dim() == 4:
                 inject = inject[:, :, None]
             y = y + inject
-        y = self.norm1(y)  # a new tensor: the convolution's output or its normalised copy
-        y = gelu_in_place(y) if fast_cpu_inference(y) else F.gelu(y)
+        y = F.gelu(self.norm1(y))
         if self.dconv is not None:
             y = _dconv_over_freqs(self.dconv, y, self.freq)
         if self.rewrite is None:

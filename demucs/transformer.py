@@ -234,14 +234,8 @@ class MyGroupNorm(nn.GroupNorm):
             normalized = F.layer_norm(x, x.shape[1:], eps=self.eps)
             if not self.affine:
                 return normalized
-            # the affine written over the new normalised tensor (same kernel, one tensor less)
-            return torch.addcmul(self.bias, normalized, self.weight, out=normalized)
+            return torch.addcmul(self.bias, normalized, self.weight)
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
-
-
-# In-place twins of the activations, for the feed-forward hidden tensor in CPU inference.
-_IN_PLACE_ACTIVATIONS: tp.Dict[tp.Callable, tp.Callable[[torch.Tensor], torch.Tensor]] = {
-    F.gelu: torch.ops.aten.gelu_, F.relu: torch.relu_}
 
 
 def _activation_fn(activation: Activation) -> tp.Callable[[torch.Tensor], torch.Tensor]:
@@ -459,23 +453,7 @@ class _AttentionLayer(nn.Module):
         self.activation = _activation_fn(activation)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.linear1(x)
-        in_place = _IN_PLACE_ACTIVATIONS.get(self.activation)
-        if in_place is not None and fast_cpu_inference(hidden):
-            hidden = in_place(hidden)  # same kernel, no second hidden-sized tensor
-        else:
-            hidden = self.activation(hidden)
-        return self.dropout2(self.linear2(self.dropout(hidden)))
-
-    def _residual(self, x: torch.Tensor, gamma: nn.Module, branch: torch.Tensor) -> torch.Tensor:
-        """`x + gamma(branch)`; for CPU inference computed in the memory of `branch`, which
-        only this layer holds: the same two roundings (the product, then the sum, whose
-        operands commute) without two new token-sized tensors per residual."""
-        if not fast_cpu_inference(branch):
-            return x + gamma(branch)
-        if isinstance(gamma, LayerScale):
-            branch.mul_(gamma.scale)
-        return branch.add_(x)
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_out(x) if self.norm_out is not None else x
@@ -548,13 +526,11 @@ class MyTransformerEncoderLayer(_AttentionLayer):
             src_mask = self._sparse_mask(length, length, src.device)
         x = src
         if self.norm_first:
-            x = self._residual(x, self.gamma_1,
-                               self._sa_block(self.norm1(x), src_mask, src_key_padding_mask))
-            x = self._residual(x, self.gamma_2, self._ff_block(self.norm2(x)))
+            x = x + self.gamma_1(self._sa_block(self.norm1(x), src_mask, src_key_padding_mask))
+            x = x + self.gamma_2(self._ff_block(self.norm2(x)))
             return self._finish(x)
-        x = self.norm1(self._residual(x, self.gamma_1,
-                                      self._sa_block(x, src_mask, src_key_padding_mask)))
-        return self.norm2(self._residual(x, self.gamma_2, self._ff_block(x)))
+        x = self.norm1(x + self.gamma_1(self._sa_block(x, src_mask, src_key_padding_mask)))
+        return self.norm2(x + self.gamma_2(self._ff_block(x)))
 
 
 class CrossTransformerEncoderLayer(_AttentionLayer):
@@ -591,12 +567,11 @@ class CrossTransformerEncoderLayer(_AttentionLayer):
         if mask is None:
             mask = self._sparse_mask(self._length(q), self._length(k), q.device)
         if self.norm_first:
-            x = self._residual(q, self.gamma_1,
-                               self._ca_block(self.norm1(q), self.norm2(k), mask))
-            x = self._residual(x, self.gamma_2, self._ff_block(self.norm3(x)))
+            x = q + self.gamma_1(self._ca_block(self.norm1(q), self.norm2(k), mask))
+            x = x + self.gamma_2(self._ff_block(self.norm3(x)))
             return self._finish(x)
-        x = self.norm1(self._residual(q, self.gamma_1, self._ca_block(q, k, mask)))
-        return self.norm2(self._residual(x, self.gamma_2, self._ff_block(x)))
+        x = self.norm1(q + self.gamma_1(self._ca_block(q, k, mask)))
+        return self.norm2(x + self.gamma_2(self._ff_block(x)))
 
 
 class CrossTransformerEncoder(nn.Module):

@@ -70,7 +70,7 @@ SUBSET: tp.Dict[str, tp.List[str]] = {
     "checkpoint loading": ["tests/test_checkpoint.py", "tests/test_states.py",
                            "tests/test_pretrained.py"],
     "ONNX export": [
-        "tests/test_onnx.py::test_real_transforms_match_torch_stft",
+        "tests/test_onnx_spectrogram.py::test_real_transforms_match_torch_stft",
         "tests/test_onnx.py::test_exported_graph_matches_pytorch_forward[demucs_v2]",
         "tests/test_onnx.py::test_exported_graph_matches_pytorch_forward[htdemucs_small]",
         "tests/test_onnx.py::test_export_bag_writes_every_member_and_the_weights",

@@ -19,11 +19,12 @@ from pathlib import Path
 import subprocess
 import sys
 import tempfile
-import time
 import typing as tp
 
 import numpy as np
 import soundfile
+
+from tools.child_usage import run_measured
 
 SAMPLERATE = 44100
 _BLOCK_SECONDS = 60
@@ -60,17 +61,12 @@ def measure(track: Path, out: Path, model: str, extra: tp.List[str],
     command = [python, "-m", "demucs", "-n", model, "-d", "cpu", "-o", str(out),
                *extra, str(track)]
     with tempfile.TemporaryFile() as log:
-        begin = time.time()
-        process = subprocess.Popen(command, env=env, cwd=track.parent,
-                                   stdout=subprocess.DEVNULL, stderr=log)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.time() - begin
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed with status {process.returncode}; "
+        usage = run_measured(command, cwd=track.parent, env=env, stdout=subprocess.DEVNULL,
+                             stderr=log)
+        if usage.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed with status {usage.returncode}; "
                                f"the end of its stderr:\n{_tail(log)}")
-    return {"peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": wall,
-            "cpu_s": usage.ru_utime + usage.ru_stime}
+    return {"peak_rss_mib": usage.peak_rss_mib, "wall_s": usage.wall_s, "cpu_s": usage.cpu_s}
 
 
 def _tail(file: tp.BinaryIO) -> str:

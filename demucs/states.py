@@ -43,7 +43,7 @@ ALLOWED_GLOBALS: tp.Dict[str, tp.Tuple[str, str]] = {
     "demucs.hdemucs.HDemucs": ("demucs.hdemucs", "HDemucs"),
     "demucs.wdemucs.WDemucs": ("demucs.wdemucs", "WDemucs"),
     "demucs.htdemucs.HTDemucs": ("demucs.htdemucs", "HTDemucs"),
-    "demucs.train.TorchHDemucsWrapper": ("demucs.train", "TorchHDemucsWrapper"),
+    "demucs.train.TorchHDemucsWrapper": ("demucs.torch_hdemucs", "TorchHDemucsWrapper"),
     "fractions.Fraction": ("fractions", "Fraction"),
     # numpy scalars (e.g. metrics stored next to the model), numpy 1.x and 2.x names.
     "numpy.core.multiarray.scalar": ("numpy._core.multiarray|numpy.core.multiarray", "scalar"),
@@ -260,7 +260,7 @@ def _torch_load_legacy(path: Path) -> tp.Any:
                 f"{path} is truncated, corrupted or not a model package: neither a zip "
                 "archive (torch >= 1.6) nor torch's legacy format. Check that the file is "
                 "complete and is a Demucs model (.th) or a safetensors file.")
-    light = [name for name in ALLOWED_GLOBALS if not name.startswith(("demucs.train", "diffq."))]
+    light = [name for name in ALLOWED_GLOBALS if not name.startswith("diffq.")]
     try:
         with torch.serialization.safe_globals(_safe_globals(light)):
             return torch.load(path, map_location="cpu", weights_only=True)

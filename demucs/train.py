@@ -48,12 +48,14 @@ from .lora import add_adapters
 from .precision import warn_if_bf16_is_emulated
 from .repitch import RepitchError, SoundstretchMissingError
 from .repo import ModelLoadingError
-from .states import capture_init, get_quantizer
+from .states import get_quantizer
 from .training_data import get_loaders, log_missing_test_set
 from .utils import INTERRUPT_STATUS, Terminated, check_amp
 from .warm_start import pretrained_base, start_from_pretrained
 from .wav import DatasetError
+from .torch_hdemucs import TorchHDemucsWrapper
 # importable from here, as in Demucs 4.1
+from .states import capture_init  # noqa: F401
 from .repitch import RepitchedWrapper  # noqa: F401
 from .training_data import get_datasets  # noqa: F401
 from .utils import random_subset  # noqa: F401
@@ -63,41 +65,6 @@ if tp.TYPE_CHECKING:
     from .solver import Solver, TrainingParts, TrainingSettings
 
 logger = logging.getLogger(__name__)
-
-TORCHAUDIO_HINT = (
-    "model=torch_hdemucs needs torchaudio, which is not installed. Install the torchaudio release "
-    "matching your torch ({torch}), e.g. `pip install \"torch=={torch}\" torchaudio`, or pick "
-    "model=hdemucs, which is the same architecture implemented in Demucs itself.")
-
-
-class TorchHDemucsWrapper(nn.Module):
-    """Hybrid Demucs as implemented in torchaudio (`torchaudio.models.HDemucs`), kept as child
-    `torch_hdemucs` so that checkpoints use torchaudio's parameter names.
-
-    Args:
-        samplerate: sample rate the model is trained at (kept as an attribute, like other models).
-        segment: training segment length in seconds (attribute only).
-        **kwargs: forwarded to `torchaudio.models.HDemucs` (`sources`, `audio_channels`, `channels`,
-            `growth`, `nfft`, `depth`, ...).
-    """
-
-    @capture_init
-    def __init__(self, **kwargs):
-        super().__init__()
-        try:
-            from torchaudio.models import HDemucs as TorchHDemucs
-        except ImportError as error:
-            version = torch.__version__.split("+")[0]
-            raise ImportError(TORCHAUDIO_HINT.format(torch=version)) from error
-        self.samplerate = kwargs.pop("samplerate")
-        self.segment = kwargs.pop("segment")
-        self.sources = kwargs["sources"]
-        self.audio_channels = kwargs.get("audio_channels", 2)
-        self.torch_hdemucs = TorchHDemucs(**kwargs)
-
-    def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        """Separate `mix` [B, C, T] into [B, S, C, T]."""
-        return self.torch_hdemucs(mix)
 
 
 def _model_classes() -> tp.Dict[str, type]:

@@ -267,3 +267,15 @@ def test_legacy_wdemucs_class_path_loads_as_hdemucs(tmp_path: Path):
     loaded = load_model(tmp_path / "w.th")
     assert type(loaded) is hdemucs.HDemucs
     assert_same_weights(loaded, model)
+
+
+def test_torchaudio_wrapper_keeps_its_4_1_path_without_the_training_code():
+    """Demucs 4.1 pickles the torchaudio wrapper as demucs.train.TorchHDemucsWrapper: packages
+    name it so, and loading one resolves it in the models layer, without importing training."""
+    import subprocess
+    import sys
+    code = ("import sys; from demucs import states; "
+            "klass = states._resolve_global('demucs.train.TorchHDemucsWrapper'); "
+            "print(klass.__module__, klass.__qualname__, 'demucs.train' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["demucs.train", "TorchHDemucsWrapper", "False"]

@@ -107,7 +107,7 @@ def test_cli_profile_mode_is_wired(monkeypatch, capsys, tmp_path: Path):
         return {"stub": True}
     monkeypatch.setattr("tools.bench_profile.run_profile", fake_run_profile)
     monkeypatch.setattr("tools.bench_profile.format_profile", lambda result: "TABLE")
-    monkeypatch.setattr(bench, "_separation_model", lambda package: torch.nn.Identity())
+    monkeypatch.setattr(bench, "separation_model", lambda package: torch.nn.Identity())
     out = tmp_path / "p.json"
     assert bench.main(["--profile", "--threads", "1", "--json", str(out)]) == 0
     assert calls == [1] and "TABLE" in capsys.readouterr().out

@@ -293,8 +293,8 @@ def test_bench_uses_the_released_htdemucs_training_length():
 
 def test_bench_separation_model_has_the_released_segment():
     from fractions import Fraction
-    from tools.bench import _separation_model
-    model = _separation_model(None)
+    from tools.bench_models import separation_model
+    model = separation_model(None)
     assert model.segment == Fraction(39, 5)  # as exported, not the configured 4 x 10 s
     assert model.valid_length(1000) == 343980
 

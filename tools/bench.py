@@ -33,10 +33,8 @@ Other modes plug in as further `--<mode>` flags with their own `bench_<mode>` fu
 """
 import argparse
 import collections
-from fractions import Fraction
 import json
 import logging
-import math
 import multiprocessing as mp
 import random
 import resource
@@ -46,30 +44,10 @@ import typing as tp
 
 import torch
 
+from tools.bench_models import RELEASED_HTDEMUCS_SIG, released_htdemucs_config, \
+    separation_model, synthetic_mix, training_length
+
 logger = logging.getLogger(__name__)
-
-RELEASED_HTDEMUCS_SIG = "955717e8"
-
-
-def released_htdemucs_config():
-    """Config of the released htdemucs XP, from the `mmi` grid definition."""
-    from demucs.grids.mmi import HTDEMUCS
-    from demucs.train import main
-    xp = main.get_xp(main.value_to_argv(HTDEMUCS))
-    if xp.sig != RELEASED_HTDEMUCS_SIG:
-        logger.warning("grid config has signature %s, not the released %s", xp.sig,
-                       RELEASED_HTDEMUCS_SIG)
-    return xp.cfg
-
-
-def training_length(cfg) -> int:
-    """Samples per training example as the model sees it: the dataset segment, cropped by the
-    repitch augmentation (by its largest tempo change) and then by the random shift."""
-    samplerate = cfg.dset.samplerate
-    length = int(cfg.dset.segment * samplerate)
-    if cfg.augment.repitch.proba:
-        length = int((1 - cfg.augment.repitch.max_tempo / 100) * length)
-    return length - int(cfg.dset.shift * samplerate)
 
 
 def _sync(device: torch.device) -> None:
@@ -160,17 +138,6 @@ def bench_train(batch_sizes: tp.Sequence[int], steps: int, warmup: int, device: 
     return results
 
 
-def synthetic_mix(seconds: float, samplerate: int, channels: int, seed: int = 0) -> torch.Tensor:
-    """A [1, channels, T] mixture: noise plus a few harmonic tones (as the peer benchmark)."""
-    generator = torch.Generator().manual_seed(seed)
-    length = int(seconds * samplerate)
-    times = torch.arange(length) / samplerate
-    mix = 0.1 * torch.randn(channels, length, generator=generator)
-    for frequency in (55., 110., 220., 440., 880.):
-        mix += 0.05 * torch.sin(2 * math.pi * frequency * times)
-    return mix[None]
-
-
 class StageTimer:
     """Wall time spent in each top-level stage of a model's forward, from hooks.
 
@@ -233,21 +200,6 @@ class StageTimer:
             self.model.__dict__.pop(method_name, None)
 
 
-def _separation_model(package: tp.Optional[str]) -> torch.nn.Module:
-    """The model package `package`, or the released htdemucs configuration with random weights
-    and the segment its package has (7.8 s, set by `tools.export`): a model fresh from
-    `get_model` still has the configured 40 s, and would separate in 40 s segments."""
-    if package:
-        from demucs.states import load_model
-        return load_model(package)
-    from demucs.train import get_model
-    torch.manual_seed(0)
-    cfg = released_htdemucs_config()
-    model = get_model(cfg)
-    model.segment = Fraction(training_length(cfg), cfg.dset.samplerate)
-    return model
-
-
 def run_separation(seconds: float, shifts: int, overlap: float, repeat: int, threads: int,
                    device_name: str, package: tp.Optional[str], amp: tp.Optional[str] = None,
                    compile_model: bool = False) -> dict:
@@ -256,7 +208,7 @@ def run_separation(seconds: float, shifts: int, overlap: float, repeat: int, thr
     from demucs.apply import apply_model
     torch.set_num_threads(threads)
     device = torch.device(device_name)
-    model = _separation_model(package).to(device).eval()
+    model = separation_model(package).to(device).eval()
     if compile_model:
         model.compile()
     mix = synthetic_mix(seconds, model.samplerate, model.audio_channels).to(device)
@@ -376,7 +328,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> int:
         print(format_train(results))
     elif args.profile:
         from tools.bench_profile import format_profile, run_profile
-        results = run_profile(_separation_model(args.package), args.threads)
+        results = run_profile(separation_model(args.package), args.threads)
         print(format_profile(results))
     else:
         results = bench_separate(args.seconds, args.shifts, args.overlap, args.repeat,

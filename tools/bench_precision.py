@@ -28,7 +28,7 @@ from demucs.apply import apply_model
 from demucs.hdemucs import HDemucs
 from demucs.precision import cpu_has_bf16_units, cpu_isa
 from demucs.pretrained import SOURCES
-from tools.bench import _separation_model, synthetic_mix
+from tools.bench_models import separation_model, synthetic_mix
 
 CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
@@ -36,7 +36,7 @@ CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 def build_model(name: str) -> torch.nn.Module:
     """The released htdemucs configuration, or the MDX hdemucs one, with seeded random weights."""
     if name == "htdemucs":
-        return _separation_model(None).eval()
+        return separation_model(None).eval()
     torch.manual_seed(0)
     return HDemucs(SOURCES, segment=Fraction(44)).eval()
 

@@ -296,7 +296,7 @@ def one_segment_mix(model: torch.nn.Module) -> torch.Tensor:
     """Synthetic audio as long as one stride of `model`'s segment at the default overlap: the
     longest mixture `apply_model` (without shifts) separates in exactly one forward of a full
     segment (the segment's context comes from zero padding)."""
-    from tools.bench import synthetic_mix
+    from tools.bench_models import synthetic_mix
     length = int((1 - OVERLAP) * float(model.segment) * model.samplerate)
     return synthetic_mix(length / model.samplerate, model.samplerate, model.audio_channels)
 

@@ -30,7 +30,7 @@ import yaml
 
 from demucs.plan import ApplyOptions, make_plan
 from demucs.states import serialize_model
-from tools.bench import released_htdemucs_config, training_length
+from tools.bench_models import released_htdemucs_config, training_length
 from tools.bench_separate import generate_track, measure
 
 SPECIALISTS = 4

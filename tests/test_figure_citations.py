@@ -63,10 +63,11 @@ def test_a_table_is_covered_by_a_marker_in_it_or_in_the_paragraph_before():
 
 def test_cite_values_rewrites_the_cited_numbers_at_their_precision(tmp_path, monkeypatch):
     text = ("took 100 s [fig:demo.seconds], scored 1.88 dB [fig:demo.model_nsdr]; "
-            "0.5 [fig:onnx.fp32_ratio] is not measured there; 7 songs")
+            "0.5 [fig:onnx.fp32_ratio] is not measured there; 7 songs; `1.0 [fig:demo.seconds]`")
     cited = cite_values(text, FAKE[0])
     assert cited == ("took 131 s [fig:demo.seconds], scored 2.05 dB [fig:demo.model_nsdr]; "
-                     "0.5 [fig:onnx.fp32_ratio] is not measured there; 7 songs")
+                     "0.5 [fig:onnx.fp32_ratio] is not measured there; 7 songs; "
+                     "`1.0 [fig:demo.seconds]`")
     assert doc_problems(cited.replace("0.5 [fig:onnx.fp32_ratio]", ""), FAKE) == []
     monkeypatch.setattr(figures, "FIGURES_DIR", tmp_path)
     (tmp_path / "fake.json").write_text(json.dumps(FAKE[0]))

@@ -21,7 +21,7 @@ def test_a_doctored_readme_fails():
     """The real README with one cited figure changed (or its marker dropped) is caught."""
     text = (figures.ROOT / "README.md").read_text()
     real = list(load_all().values())
-    cited = re.search(r"(-?\d+\.\d+)( dB \[fig:demo\.model_nsdr\])", text)
+    cited = re.search(r"(-?\d+\.\d+)(\s+dB\s+\[fig:demo\.model_nsdr\])", text)
     assert cited, "README.md cites the demo's nSDR"
     wrong = f"{float(cited.group(1)) + 0.3:.2f}"
     doctored = text.replace(cited.group(0), wrong + cited.group(2))

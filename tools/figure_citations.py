@@ -172,13 +172,14 @@ def docs_problems(paths: tp.Sequence[Path] = DOCS) -> tp.List[str]:
             for problem in doc_problems(path.read_text(), figures)]
 
 
+INLINE_CODE_SPAN = re.compile(r"(`[^`]*`)")
 CITED = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)(?=[^\d\[\]]{0,12}\[fig:([\w.]+)\])")
 
 
 def cite_values(text: str, figures: tp.Dict[str, tp.Any]) -> str:
     """`text` with each number cited as `NUMBER ... [fig:KEY]` replaced by KEY's value in the
     figures file `figures`, printed with as many decimals as the number had (a key the file
-    lacks leaves its number as it is)."""
+    lacks leaves its number as it is, and so does code between backticks)."""
     def replace(match: tp.Match) -> str:
         name, _, field = match.group(2).partition(".")
         values = figures["figures"].get(name, {}).get("values", {})
@@ -186,7 +187,9 @@ def cite_values(text: str, figures: tp.Dict[str, tp.Any]) -> str:
             return match.group(1)
         decimals = max(0, -decimal.Decimal(match.group(1)).as_tuple().exponent)
         return f"{values[field]:.{decimals}f}"
-    return CITED.sub(replace, text)
+    pieces = INLINE_CODE_SPAN.split(text)  # odd pieces are code: examples, not citations
+    return "".join(piece if index % 2 else CITED.sub(replace, piece)
+                   for index, piece in enumerate(pieces))
 
 
 def update_docs(kind: str, paths: tp.Sequence[Path] = DOCS) -> tp.List[Path]:

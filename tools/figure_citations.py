@@ -4,13 +4,15 @@ by tests/test_figures.py: `NUMBER [fig:NAME.KEY]` cites a value of a figures fil
 YYYY-MM-DD]` marks a number measured by hand (on a line of its own right under a heading: the
 whole section), and a measured-looking number needs one or the other.
 
-`python3 -m tools.figures --check` lists the breaches; `--update-docs CPU_KIND` rewrites the cited
-numbers from that CPU kind's file (`update_docs`).
+`python3 -m tools.figure_citations --check` lists the breaches; `--update-docs CPU_KIND` rewrites
+the cited numbers from that CPU kind's file (`update_docs`).
 """
+import argparse
 import decimal
 import json
 from pathlib import Path
 import re
+import sys
 import typing as tp
 
 from tools.figures import (ROOT, TABLE_BEGIN, TABLE_END, TABLE_FILE, figures_path, load_all,
@@ -204,3 +206,26 @@ def update_docs(kind: str, paths: tp.Sequence[Path] = DOCS) -> tp.List[Path]:
             path.write_text(cited)
             changed.append(path)
     return changed
+
+
+def main(argv: tp.Optional[tp.List[str]] = None) -> int:
+    parser = argparse.ArgumentParser("tools.figure_citations",
+                                     description=__doc__.splitlines()[0])
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", action="store_true",
+                        help="list the docs' figures that break the convention")
+    action.add_argument("--update-docs", metavar="CPU_KIND",
+                        help="rewrite the numbers the docs cite as [fig:KEY] from "
+                             "docs/figures/CPU_KIND.json (the CPU the docs name)")
+    args = parser.parse_args(argv)
+    if args.update_docs:
+        for path in update_docs(args.update_docs):
+            print(f"Updated the cited figures of {path.relative_to(ROOT)}")
+        return 0
+    problems = docs_problems()
+    print("\n".join(problems) or "Every measured figure of the docs is cited.")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -429,22 +429,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> int:
                         help="folder for the measurements' files (default: a temporary one)")
     parser.add_argument("--table-only", action="store_true",
                         help="measure nothing: rewrite the table of docs/figures/README.md")
-    parser.add_argument("--update-docs", metavar="CPU_KIND",
-                        help="measure nothing: rewrite the numbers the docs cite as [fig:KEY] "
-                             "from docs/figures/CPU_KIND.json (the CPU the docs name)")
-    parser.add_argument("--check", action="store_true",
-                        help="measure nothing: list the docs' figures that break the convention")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from tools import figure_citations
-    if args.update_docs:
-        for path in figure_citations.update_docs(args.update_docs):
-            print(f"Updated the cited figures of {path.relative_to(ROOT)}")
-        return 0
-    if args.check:
-        problems = figure_citations.docs_problems()
-        print("\n".join(problems) or "Every measured figure of the docs is cited.")
-        return 1 if problems else 0
     names = list(BY_NAME) if args.only is None else args.only.split(",")
     unknown = [name for name in names if name not in BY_NAME]
     if unknown:

@@ -10,7 +10,6 @@ and separated block by block. `python -m demucs.api` is the `demucs` command.
 """
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
-import numbers
 import os
 from pathlib import Path
 import runpy
@@ -21,7 +20,7 @@ import torch
 
 from .allocator import tune_malloc
 from .apply import ApplyOptions, apply_with_options
-from .plan import stem_indices
+from .plan import is_real, is_whole, stem_indices
 from .audio import AudioFile, AudioReadError, DecodedAudio, check_finite, convert_audio, \
     convert_audio_channels, save_audio
 from .backends import LoadModelError, check_backend, check_device, compile_leaves, \
@@ -105,14 +104,10 @@ def model_name(model: tp.Any, onnx_dir: tp.Optional[Path] = None) -> str:
     return model
 
 
-def _is_number(value: tp.Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_jobs(jobs: tp.Any) -> None:
     """`TypeError`/`ValueError` unless `jobs` (threads processing segments) is a whole number
     >= 0."""
-    if not isinstance(jobs, numbers.Integral) or isinstance(jobs, bool):
+    if not is_whole(jobs):
         raise TypeError(f"jobs must be a whole number, got {jobs!r}")
     if jobs < 0:
         raise ValueError(f"jobs must be 0 or more, got {jobs}")
@@ -139,7 +134,7 @@ def check_samplerate(sr: tp.Any) -> None:
     """`TypeError`/`ValueError` unless `sr` is None or a positive whole number of Hz."""
     if sr is None:
         return
-    if not _is_number(sr) or int(sr) != sr:
+    if not is_real(sr) or int(sr) != sr:
         raise TypeError(f"sr must be the sample rate of the audio in Hz, a whole number, got "
                         f"{sr!r}")
     if sr <= 0:

@@ -143,11 +143,11 @@ class ApplyOptions:
     def _check_types(self) -> None:
         """`TypeError` naming the setting for a value of the wrong kind (e.g. `shifts=1.5`, or a
         number given as a string), before the values are checked."""
-        expected = {"shifts": ("a whole number", _is_whole(self.shifts)),
-                    "overlap": ("a number", _is_real(self.overlap)),
-                    "transition_power": ("a number", _is_real(self.transition_power)),
+        expected = {"shifts": ("a whole number", is_whole(self.shifts)),
+                    "overlap": ("a number", is_real(self.overlap)),
+                    "transition_power": ("a number", is_real(self.transition_power)),
                     "segment": ("a number of seconds or None",
-                                self.segment is None or _is_real(self.segment))}
+                                self.segment is None or is_real(self.segment))}
         for name, (kind, valid) in expected.items():
             if not valid:
                 raise TypeError(f"{name} must be {kind}, got {getattr(self, name)!r}")
@@ -181,11 +181,13 @@ def stem_indices(sources: tp.Sequence[str], stems: tp.Optional[tp.Sequence[str]]
     return [list(sources).index(stem) for stem in stems]
 
 
-def _is_real(value: tp.Any) -> bool:
+def is_real(value: tp.Any) -> bool:
+    """A real number, not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_whole(value: tp.Any) -> bool:
+def is_whole(value: tp.Any) -> bool:
+    """A whole number, not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

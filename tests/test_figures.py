@@ -4,6 +4,7 @@ parsing of each measurement's output."""
 import json
 from pathlib import Path
 import re
+import subprocess
 
 import pytest
 
@@ -41,15 +42,18 @@ def test_the_table_is_generated_from_the_figures_files():
 def test_render_table_shows_each_cpu_kind_and_what_was_skipped():
     skipped = {"cpu_kind": "other", "cpu": "Some CPU", "cores": 2, "torch": "2.13.0",
                "figures": {"demo": {"date": "2026-12-06T00:00:00Z", "load_before": [3.2],
-                                    "skipped": "no peer"}}}
+                                    "took_s": 30.0, "skipped": "no peer"}}}
     measured = {"cpu_kind": "fake", "figures": {"demo": {
-        "date": "2026-12-07T09:00:00Z", "load_before": [0.5], "values": {"model_nsdr": 2.0512}}}}
+        "date": "2026-12-07T09:00:00Z", "load_before": [0.5], "took_s": 90.0,
+        "values": {"model_nsdr": 2.0512}}, "onnx": {
+        "date": "2026-12-07T09:02:00Z", "load_before": [1.5], "took_s": 60.0, "error": "failed"}}}
     table = render_table({"fake": measured, "other": skipped})
     row = next(line for line in table.splitlines() if "`demo.model_nsdr`" in line)
     assert row.endswith("| 2.05 dB | skipped |")
     onnx = next(line for line in table.splitlines() if "`onnx.fp32_s`" in line)
-    assert onnx.endswith("| not measured | not measured |")
+    assert onnx.endswith("| failed | not measured |")
     assert "`other`: Some CPU, 2 cores, torch 2.13.0, measured 2026-12-06" in table
+    assert "average 0.5-1.5 at the start of each measurement, 2.5 minutes for all" in table
 
 
 def test_figures_files_say_where_when_and_under_which_load():
@@ -61,7 +65,8 @@ def test_figures_files_say_where_when_and_under_which_load():
             assert field in data, (kind, field)
         for name, record in data["figures"].items():
             assert name in BY_NAME
-            assert {"command", "date", "commit", "load_before", "load_after"} <= set(record)
+            fields = {"command", "date", "commit", "load_before", "load_after", "took_s"}
+            assert fields <= set(record)
             assert ("values" in record) + ("skipped" in record) + ("error" in record) == 1
             assert set(record.get("values", {})) <= set(BY_NAME[name].values)
 
@@ -172,3 +177,17 @@ def test_a_command_over_its_time_is_killed_with_its_children(tmp_path):
     assert figures.run(["sh", "-c", "echo out; echo err >&2"], tmp_path, 10) == "out\nerr\n"
     with pytest.raises(FigureError, match="failed with status 3"):
         figures.run(["sh", "-c", "exit 3"], tmp_path, 10)
+
+
+def test_tuned_interpreter_runs_the_script_with_its_arguments_after_tuning(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text("import json, sys\n"
+                      "print(json.dumps([sys.argv, 'demucs.allocator' in sys.modules, "
+                      "__name__]))\n")
+    launcher = figures.tuned_interpreter(tmp_path)
+    result = subprocess.run([str(launcher), str(script), "train", "--seconds", "3"],
+                            capture_output=True, text=True, check=True,
+                            env=figures.environment(checkout=True))
+    argv, tuned, name = json.loads(result.stdout)
+    assert argv == [str(script), "train", "--seconds", "3"]
+    assert tuned and name == "__main__"

@@ -16,7 +16,8 @@ of the toy set (drums, bass, guitar, piano, other, vocals):
 4. `frozen encoder`: the same with `optim.freeze=[encoder.*,tencoder.*]`.
 
 Each arm is a `dora run` in its own process: its wall time, its peak resident memory (that
-process's, from `wait4`) and the machine load around it are recorded with its test nSDR per stem.
+process's alone, `tools.child_usage`) and the machine load around it are recorded with its test
+nSDR per stem.
 DIR gets `results.md` (the table) and `curves.png` (`tools.plot_xp` of the four XPs).
 
 `--lora` measures one training step of the released htdemucs configuration (that of
@@ -34,6 +35,8 @@ import subprocess
 import sys
 import time
 import typing as tp
+
+from tools import child_usage, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SIX = ["drums", "bass", "guitar", "piano", "other", "vocals"]
@@ -59,23 +62,19 @@ class Measure:
 
 
 def run_measured(command: tp.Sequence[str], cwd: Path) -> Measure:
-    """Run `command` in `cwd` (the repository importable) and measure it; raise with the end of
-    its output when it fails. Linux counts in a child's peak the memory its parent had when it
-    forked: this tool's own process imports no torch, so that share stays small (about 15 MB)."""
+    """Run `command` in `cwd` (the repository importable) and measure it alone
+    (`tools.child_usage`: the memory of this process does not count); raise with the end of its
+    output when it fails."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DORA_PACKAGE="demucs")
     load_before = os.getloadavg()[0]
-    begin = time.perf_counter()
     with open(cwd / "last_command.log", "w+") as log:
-        proc = subprocess.Popen(list(command), cwd=cwd, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - begin
+        usage = child_usage.run_measured(command, cwd=cwd, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
         log.seek(0)
         output = log.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return Measure(seconds, usage.ru_maxrss / 1024, (load_before, os.getloadavg()[0]), output)
+    if usage.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({usage.returncode}):\n{output[-3000:]}")
+    return Measure(usage.wall_s, usage.peak_rss_mib, (load_before, os.getloadavg()[0]), output)
 
 
 def base_argv(epochs: int, batches: int, segment: float) -> tp.List[str]:
@@ -164,19 +163,12 @@ def run_arms(out: Path, base_epochs: int, epochs: int, batches: int, lora_rank: 
     sigs = [sig for sig, _, _ in rows.values()]
     run_measured([*python, "tools.plot_xp", *sigs, "-o", str(out / "curves.png")], out)
     report = "\n".join([
-        f"CPU: {_cpu_name()}, {os.cpu_count()} cores; {datetime.date.today()}, commit "
+        f"CPU: {machine.cpu_name()}, {os.cpu_count()} cores; {datetime.date.today()}, commit "
         f"{_commit()}; {base_note}; each arm: {epochs} epochs of {batches} batches; batches "
         f"of 4 excerpts of {segment:g} s.", "",
         format_table(rows), "", f"Curves: {out / 'curves.png'}"])
     (out / "results.md").write_text(report + "\n")
     return report
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def lora_step(cfg: tp.Any, rank: int, batch_size: int, steps: int) -> dict:
@@ -231,7 +223,7 @@ def run_lora(rank: int, batch_size: int, steps: int, out: Path) -> str:
     saved_mb = full["peak_mb"] - adapted["peak_mb"]
     saved_s = full["step_s"] - adapted["step_s"]
     lines.append(f"\nSaved per batch of {batch_size}: {saved_mb:.0f} MB of peak memory, "
-                 f"{saved_s:.2f} s per step ({_cpu_name()}, {datetime.date.today()}, commit "
+                 f"{saved_s:.2f} s per step ({machine.cpu_name()}, {datetime.date.today()}, commit "
                  f"{_commit()}).")
     return "\n".join(lines)
 

@@ -11,12 +11,13 @@ import typing as tp
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from tools import demo as demo_tool
 from tools.demo import FULL, QUICK, STEPS, Demo, baselines, verdict
 from tools.machine import cpu_kind
 from tools.test_pretrained import score_table
-from demucs.evaluate import BASELINES
+from demucs.evaluate import BASELINES, oracle_mask
 from demucs.toy_musdb import MIXTURE, SOURCES
 
 FLOAT = r"(-?\d+\.\d+)"
@@ -78,7 +79,7 @@ def test_quick_demo_trains_exports_and_separates(quick_demo):
         assert (stem.frames, stem.channels) == (length, 2)
 
 
-def test_quick_demo_prints_the_model_beside_both_baselines(quick_demo):
+def test_quick_demo_prints_the_model_beside_every_baseline(quick_demo):
     workdir, report = quick_demo
     sig = signature(report)
     expected = baselines(Demo(workdir, QUICK))
@@ -88,7 +89,8 @@ def test_quick_demo_prints_the_model_beside_both_baselines(quick_demo):
         assert printed == pytest.approx(values, abs=0.006)
     model = score_row(report, f"model {sig}")
     assert model[-1] == pytest.approx(np.mean(model[:4]), abs=0.01)
-    assert rows["oracle_gain"][-1] > rows["equal_split"][-1]
+    assert rows["oracle_mask"][-1] > rows["oracle_gain"][-1] > rows["equal_split"][-1]
+    assert rows["oracle_mask"][-1] > model[-1]
     assert verdict(model[-1], rows["equal_split"][-1]).split(" by ")[0].split(" (")[0] in report
     assert "mixture baseline" not in report
 
@@ -139,8 +141,9 @@ def hand_nsdr(stem: np.ndarray, estimate: np.ndarray) -> float:
 
 
 def test_baselines_match_hand_computation(tmp_path):
-    """The demo's baselines on two songs: mixture/4 and the least-squares gain of the mixture,
-    scored per song and averaged per source, then over sources."""
+    """The demo's baselines on two songs: mixture/4, the least-squares gain of the mixture and
+    the ideal ratio mask (`oracle_mask`, tested in test_evaluate), scored per song and averaged
+    per source, then over sources."""
     rng = np.random.default_rng(0)
     expected = {key: {source: [] for source in SOURCES} for key in BASELINES}
     test_dir = tmp_path / "data" / "toy_musdb" / "test"
@@ -148,10 +151,13 @@ def test_baselines_match_hand_computation(tmp_path):
         stems = {source: scale * rng.standard_normal((1000, 2))
                  for source, scale in zip(SOURCES, [0.1, 0.2, 0.05, 0.3])}
         stems, mixture = write_song(test_dir / name, stems)
-        for source, stem in stems.items():
+        masked = oracle_mask(torch.from_numpy(np.stack(list(stems.values()))).transpose(1, 2),
+                             torch.from_numpy(mixture).t()).transpose(1, 2).numpy()
+        for (source, stem), stem_masked in zip(stems.items(), masked):
             gain = (stem * mixture).sum() / (mixture ** 2).sum()
             expected["equal_split"][source].append(hand_nsdr(stem, mixture / 4))
             expected["oracle_gain"][source].append(hand_nsdr(stem, gain * mixture))
+            expected["oracle_mask"][source].append(hand_nsdr(stem, stem_masked))
     result = baselines(Demo(tmp_path, QUICK))
     for key in BASELINES:
         for source in SOURCES:

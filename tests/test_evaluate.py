@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from demucs.evaluate import EvaluationSettings, equal_split, eval_track, evaluate, new_sdr, \
-    oracle_gain, si_sdr, summarize
+    oracle_gain, oracle_mask, si_sdr, summarize
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 RATE = 8000
@@ -49,6 +49,37 @@ def test_oracle_gain_is_the_best_scalar_gain_of_the_mixture():
     half = torch.stack([mixture / 2, mixture / 2])
     assert (nsdr_of(half, oracle_gain(half, mixture)) > 80).all()
     assert torch.equal(oracle_gain(half, torch.zeros_like(mixture)), torch.zeros_like(half))
+
+
+def test_oracle_mask_separates_what_its_stft_resolves():
+    """Two tones far apart in frequency are found almost exactly, where no gain of the mixture
+    can; one stem is the mixture itself; silence gives zeros, not NaN."""
+    time = torch.arange(2 * 44100, dtype=torch.float64) / 44100
+    low = torch.sin(2 * np.pi * 440 * time).expand(2, -1)
+    high = 0.5 * torch.sin(2 * np.pi * 5000 * time + 1).expand(2, -1)
+    references = torch.stack([low, high])
+    mixture = references.sum(0)
+    estimates = oracle_mask(references, mixture)
+    assert estimates.shape == references.shape and estimates.dtype == torch.float64
+    assert (nsdr_of(references, estimates) > 45).all()
+    assert (nsdr_of(references, oracle_gain(references, mixture)) < 10).all()
+    alone = references[:1]
+    assert (nsdr_of(alone, oracle_mask(alone, low)) > 80).all()
+    silence = torch.zeros(3, 2, 500, dtype=torch.float64)
+    assert torch.equal(oracle_mask(silence, silence[0]), silence)
+
+
+@settings(max_examples=15, deadline=None)
+@given(length=st.integers(1, 9000), stems=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+def test_oracle_mask_keeps_shape_and_sums_to_the_mixture(length, stems, seed):
+    """Any length (shorter than a window too): the masks of a bin add up to 1 wherever a stem
+    sounds, so the estimates add up to the mixture."""
+    generator = torch.Generator().manual_seed(seed)
+    references = torch.randn(stems, 2, length, generator=generator, dtype=torch.float64)
+    mixture = references.sum(0)
+    estimates = oracle_mask(references, mixture)
+    assert estimates.shape == references.shape
+    assert torch.allclose(estimates.sum(0), mixture, atol=1e-4 * float(mixture.abs().max()))
 
 
 def test_new_sdr_matches_hand_computation():

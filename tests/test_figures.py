@@ -118,6 +118,7 @@ Test nSDR in dB on the 2 toy test songs of /x:
 model 1a2b3c4d                     3.00     2.00     1.00     2.20     2.05
 equal split (mixture/N)            1.00     1.00     0.50     1.34     0.96
 oracle gain (best g x mixture)     4.00     3.00     2.00     3.00     3.00
+oracle mask (ideal ratio mask)    12.00    11.00    10.00     9.00    10.50
 The trained model BEATS the equal split by 1.09 dB of nSDR.
 Demo done in 312 s on AMD EPYC (amd-f25-m17-avx512_bf16, 2 cores usable, load 1.0, 1.0, 1.0).
 """
@@ -127,7 +128,8 @@ def test_demo_figures_are_read_from_its_output(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "run", lambda command, cwd, timeout, **_: DEMO_OUTPUT)
     values = figures.measure_demo(tmp_path)
     assert values == pytest.approx({"seconds": 312, "model_nsdr": 2.05, "equal_split_nsdr": 0.96,
-                                    "oracle_gain_nsdr": 3.0, "margin_nsdr": 1.09})
+                                    "oracle_gain_nsdr": 3.0, "oracle_mask_nsdr": 10.5,
+                                    "margin_nsdr": 1.09})
     monkeypatch.setattr(figures, "run", lambda command, cwd, timeout, **_: "nothing")
     with pytest.raises(FigureError, match="no XP signature"):
         figures.measure_demo(tmp_path)

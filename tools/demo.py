@@ -3,11 +3,12 @@
 The demo is a list of steps run in order, each printing the real command it runs and what it did:
 it generates the toy MusDB under ./data/toy_musdb, trains a small HTDemucs on it with Dora,
 exports the XP to ./release_models, separates a toy test track into ./separated, and prints the
-model's test nSDR beside two baselines on the same songs (`demucs.evaluate.BASELINES`): the equal
-split (mixture/4 for every stem), which the verdict compares the model with, and the scalar-gain
-oracle (each stem as its best multiple of the mixture). The last line says how long the demo took
-and on which CPU. Everything is kept between runs: a second run finds the finished XP (same
-signature) and only re-exports, re-separates and re-evaluates it.
+model's test nSDR beside three baselines on the same songs (`demucs.evaluate.BASELINES`): the
+equal split (mixture/4 for every stem), which the verdict compares the model with, the
+scalar-gain oracle (each stem as its best multiple of the mixture) and the ideal ratio mask (the
+mixture's spectrogram masked knowing the stems: the ceiling). The last line says how long the
+demo took and on which CPU. Everything is kept between runs: a second run finds the finished XP
+(same signature) and only re-exports, re-separates and re-evaluates it.
 """
 import argparse
 from dataclasses import dataclass, field

@@ -150,6 +150,7 @@ def measure_demo(workdir: Path) -> tp.Dict[str, float]:
     return {"seconds": float(find(r"^Demo done in (\d+) s", output, "demo time")[0]),
             "model_nsdr": model, "equal_split_nsdr": split,
             "oracle_gain_nsdr": mean_row(output, BASELINES["oracle_gain"]),
+            "oracle_mask_nsdr": mean_row(output, BASELINES["oracle_mask"]),
             "margin_nsdr": model - split}
 
 
@@ -281,6 +282,7 @@ MEASUREMENTS: tp.List[Measurement] = [
         "model_nsdr": Value("`make demo`: the trained model's test nSDR", DB, 2),
         "equal_split_nsdr": Value("`make demo`: equal split (mixture/4) nSDR", DB, 2),
         "oracle_gain_nsdr": Value("`make demo`: scalar-gain oracle nSDR", DB, 2),
+        "oracle_mask_nsdr": Value("`make demo`: ideal-ratio-mask oracle nSDR", DB, 2),
         "margin_nsdr": Value("`make demo`: model minus equal split", DB, 2)}),
     Measurement("toy_training", "dora run " + " ".join(TOY_TRAINING) + " (fresh folder)",
                 measure_toy_training, {

@@ -5,10 +5,12 @@
                                     [hydra overrides, e.g. dset=toy test.sdr=true]
 
 Reports the nSDR (always) and the museval SDR (when `test.sdr` is true), per source and averaged,
-as one JSON line printed last. Before it, a table shows the model's nSDR beside two baselines on
-the same songs (`demucs.evaluate.baseline_scores`): the equal split (mixture/N for each stem) and
-the scalar-gain oracle (each stem as the best multiple of the mixture). A model that separates
-anything beats the equal split; the oracle says how far a mere gain on the mixture can go.
+as one JSON line printed last. Before it, a table shows the model's nSDR beside three baselines
+on the same songs (`demucs.evaluate.baseline_scores`): the equal split (mixture/N for each stem),
+the scalar-gain oracle (each stem as the best multiple of the mixture) and the ideal ratio mask
+(the mixture's STFT masked by each stem's share of the power, knowing the stems). A model that
+separates anything beats the equal split; the gain oracle says how far a mere gain on the mixture
+can go, the mask oracle about how far a spectrogram mask can.
 `--amp`, `--compile` and `--backend onnxruntime` (e.g. with an int8 export as `--onnx-dir`) score
 the speed options of the `demucs` command, to compare with the default float32 scores.
 

@@ -284,7 +284,7 @@ def test_dset_toy_generates_the_missing_set_and_trains(tmp_path, dora_dir):
 def test_bench_uses_the_released_htdemucs_training_length():
     from demucs.grids.mmi import HTDEMUCS
     from demucs.train import main
-    from tools.bench import RELEASED_HTDEMUCS_SIG, released_htdemucs_config, training_length
+    from tools.bench_models import RELEASED_HTDEMUCS_SIG, released_htdemucs_config, training_length
     assert main.get_xp(main.value_to_argv(HTDEMUCS)).sig == RELEASED_HTDEMUCS_SIG
     cfg = released_htdemucs_config()
     assert cfg.htdemucs.bottom_channels == 512 and cfg.htdemucs.t_layers == 5

@@ -37,6 +37,7 @@ import time
 import typing as tp
 
 from tools import child_usage, machine
+from tools.figures import commit
 
 ROOT = Path(__file__).resolve().parent.parent
 SIX = ["drums", "bass", "guitar", "piano", "other", "vocals"]
@@ -134,12 +135,6 @@ def format_table(rows: tp.Mapping[str, tp.Tuple[str, Measure, tp.Mapping[str, fl
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True)
-    return proc.stdout.strip() or "unknown"
-
-
 def run_arms(out: Path, base_epochs: int, epochs: int, batches: int, lora_rank: int,
              segment: float, base_sig: tp.Optional[str] = None) -> str:
     """The whole comparison in `out` (from the 4-stem model `base_sig` already exported to
@@ -164,7 +159,7 @@ def run_arms(out: Path, base_epochs: int, epochs: int, batches: int, lora_rank: 
     run_measured([*python, "tools.plot_xp", *sigs, "-o", str(out / "curves.png")], out)
     report = "\n".join([
         f"CPU: {machine.cpu_name()}, {os.cpu_count()} cores; {datetime.date.today()}, commit "
-        f"{_commit()}; {base_note}; each arm: {epochs} epochs of {batches} batches; batches "
+        f"{commit()}; {base_note}; each arm: {epochs} epochs of {batches} batches; batches "
         f"of 4 excerpts of {segment:g} s.", "",
         format_table(rows), "", f"Curves: {out / 'curves.png'}"])
     (out / "results.md").write_text(report + "\n")
@@ -178,7 +173,7 @@ def lora_step(cfg: tp.Any, rank: int, batch_size: int, steps: int) -> dict:
     from demucs.finetune import count_trainable
     from demucs.lora import add_adapters
     from demucs.train import get_model, get_optimizer
-    from tools.bench import training_length
+    from tools.bench_models import training_length
     torch.manual_seed(0)
     model = get_model(cfg)
     if rank:
@@ -224,7 +219,7 @@ def run_lora(rank: int, batch_size: int, steps: int, out: Path) -> str:
     saved_s = full["step_s"] - adapted["step_s"]
     lines.append(f"\nSaved per batch of {batch_size}: {saved_mb:.0f} MB of peak memory, "
                  f"{saved_s:.2f} s per step ({machine.cpu_name()}, {datetime.date.today()}, commit "
-                 f"{_commit()}).")
+                 f"{commit()}).")
     return "\n".join(lines)
 
 
@@ -254,7 +249,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     if args.lora_child is not None:  # one arm of --lora, in its own process
-        from tools.bench import released_htdemucs_config
+        from tools.bench_models import released_htdemucs_config
         print(json.dumps(lora_step(released_htdemucs_config(), args.lora_child,
                                    args.batch_size, args.steps)))
         return

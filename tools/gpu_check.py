@@ -576,7 +576,7 @@ def released_kwargs(tiny: bool) -> dict:
     """Constructor kwargs of the released htdemucs (XP 955717e8, as tools.bench builds it) with
     the exported segment (7.8 s); the dry run's tiny sizes with `tiny`."""
     from demucs.train import get_model
-    from tools.bench import released_htdemucs_config, training_length
+    from tools.bench_models import released_htdemucs_config, training_length
     cfg = released_htdemucs_config()
     with torch.device("meta"):
         model = get_model(cfg)
@@ -593,7 +593,7 @@ def reference(ctx: Context) -> dict:
     if ctx.reference is not None:
         return ctx.reference
     from demucs.htdemucs import HTDemucs
-    from tools.bench import synthetic_mix
+    from tools.bench_models import synthetic_mix
     kwargs = released_kwargs(tiny=ctx.dry_run)
     torch.manual_seed(0)
     model = HTDemucs(**kwargs).eval()

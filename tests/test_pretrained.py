@@ -57,11 +57,13 @@ def test_test_pretrained_tool_scores_a_local_model(toy_musdb: Path, tmp_path: Pa
     for row in ["model tiny", *BASELINES.values()]:
         assert re.search(rf"^{re.escape(row)}( +-?\d+\.\d\d){{5}}$", out, re.MULTILINE), out
     assert abs(scores["nsdr"] - sum(scores[f"nsdr_{name}"] for name in SOURCES) / 4) < 1e-6
-    main(["-n", "tiny", "--repo", str(tmp_path), "--amp", "bf16", "dset=toy",
+    main(["-n", "tiny", "--repo", str(tmp_path), "--amp", "bf16", "--no-baselines", "dset=toy",
           f"dset.musdb={toy_musdb}", "test.sdr=false", "test.workers=0", "test.shifts=0",
           f"dora.dir={tmp_path / 'dora'}"])
-    mixed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    mixed_out = capsys.readouterr().out
+    mixed = json.loads(mixed_out.strip().splitlines()[-1])
     assert 0 < abs(mixed["nsdr"] - scores["nsdr"]) < 0.5
+    assert not any(label in mixed_out for label in BASELINES.values())
 
 
 class _FakeSolver:

@@ -1,7 +1,7 @@
 """Evaluate a pre-trained model or bag on the test set configured in `conf/`.
 
     python -m tools.test_pretrained -n NAME [--repo DIR] [--amp bf16|fp16] [--compile]
-                                    [--backend onnxruntime [--onnx-dir DIR]]
+                                    [--backend onnxruntime [--onnx-dir DIR]] [--no-baselines]
                                     [hydra overrides, e.g. dset=toy test.sdr=true]
 
 Reports the nSDR (always) and the museval SDR (when `test.sdr` is true), per source and averaged,
@@ -10,7 +10,8 @@ on the same songs (`demucs.evaluate.baseline_scores`): the equal split (mixture/
 the scalar-gain oracle (each stem as the best multiple of the mixture) and the ideal ratio mask
 (the mixture's STFT masked by each stem's share of the power, knowing the stems). A model that
 separates anything beats the equal split; the gain oracle says how far a mere gain on the mixture
-can go, the mask oracle about how far a spectrogram mask can.
+can go, the mask oracle about how far a spectrogram mask can. `--no-baselines` leaves them out
+(they read the whole test set again).
 `--amp`, `--compile` and `--backend onnxruntime` (e.g. with an int8 export as `--onnx-dir`) score
 the speed options of the `demucs` command, to compare with the default float32 scores.
 
@@ -45,6 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="Separate with PyTorch or ONNX Runtime, like `demucs --backend`.")
     parser.add_argument("--onnx-dir", type=Path, default=None,
                         help="The ONNX export to score, like `demucs --onnx-dir`.")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="Print only the model's scores, without the baselines' table "
+                             "(which reads the whole test set again).")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="Hydra overrides of conf/config.yaml (dataset, test options).")
     return parser
@@ -116,11 +120,12 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
         logger.error("tools.test_pretrained: %s", error)
         sys.exit(1)
     logger.info("Test scores of %s: %s", args.name, json.dumps(scores, indent=2))
-    sources = scored_sources(scores)
-    rows = {f"model {args.name or args.sig or pretrained.DEFAULT_MODEL}": scores}
-    for key, baseline in run_baselines(args.overrides, sources).items():
-        rows[evaluate.BASELINES[key]] = baseline
-    print(f"nSDR in dB on the test set:\n{score_table(rows, sources)}")
+    if not args.no_baselines:
+        sources = scored_sources(scores)
+        rows = {f"model {args.name or args.sig or pretrained.DEFAULT_MODEL}": scores}
+        for key, baseline in run_baselines(args.overrides, sources).items():
+            rows[evaluate.BASELINES[key]] = baseline
+        print(f"nSDR in dB on the test set:\n{score_table(rows, sources)}")
     print(json.dumps(scores))
 
 
